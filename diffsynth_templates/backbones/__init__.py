@@ -1,0 +1,1 @@
+"""backbones layer (see DESIGN.md section 3)."""

@@ -1,0 +1,134 @@
+"""The one attention function every DiT block calls, the KV door of Diffusion Templates, and RoPE.
+
+Template caches enter here and only here: extra key/value tokens are appended to a block's keys and
+values after QK-norm and after RoPE, with no norm, no rotation and no mask (DESIGN.md 4.1). Keeping a
+single function means every backbone honours the same contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KVCache = Mapping[str, tuple[Tensor, Tensor]]
+
+
+class KVCacheError(ValueError):
+    """A KV cache does not fit the model it is given to."""
+
+
+@dataclass(frozen=True)
+class KVBlockSpec:
+    """What a block accepts: its attention heads and head size."""
+
+    heads: int
+    head_dim: int
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, extra_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Scaled dot-product attention over ``[B, S, H, D]`` tensors; returns ``[B, S, H * D]``.
+
+    ``extra_kv`` holds template tokens ``[B or 1, L, H, D]`` appended to the keys and values. A
+    batch-1 cache is broadcast to the batch, so one cache serves both CFG sides or any batch.
+    """
+    if extra_kv is not None and extra_kv[0].shape[1] > 0:
+        extra_k, extra_v = extra_kv
+        batch = k.shape[0]
+        k = torch.cat([k, extra_k.to(k.dtype).expand(batch, -1, -1, -1)], dim=1)
+        v = torch.cat([v, extra_v.to(v.dtype).expand(batch, -1, -1, -1)], dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
+
+
+def validate_kv_cache(
+    kv_cache: KVCache | None,
+    specs: Mapping[str, KVBlockSpec],
+    batch_size: int | None = None,
+    source: str | None = None,
+) -> None:
+    """Check a whole cache against a model before any compute; raise ``KVCacheError`` naming the block.
+
+    ``source`` names who produced the cache (e.g. a template) so the message points at the culprit.
+    """
+    if kv_cache is None:
+        return
+    who = f" (from {source})" if source else ""
+    if not isinstance(kv_cache, Mapping):
+        raise KVCacheError(
+            f"kv_cache{who} must be a dict of block name -> (k, v), got {type(kv_cache).__name__}"
+        )
+    for name, entry in kv_cache.items():
+        spec = specs.get(name)
+        if spec is None:
+            known = _summarize_names(specs)
+            raise KVCacheError(
+                f"kv_cache{who} has unknown block name {name!r}; this model's blocks are {known}"
+            )
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise KVCacheError(f"kv_cache{who}[{name!r}] must be a (k, v) pair of tensors")
+        k, v = entry
+        if not (isinstance(k, Tensor) and isinstance(v, Tensor)):
+            raise KVCacheError(
+                f"kv_cache{who}[{name!r}] must hold tensors, got {type(k).__name__}, {type(v).__name__}"
+            )
+        if k.ndim != 4:
+            raise KVCacheError(
+                f"kv_cache{who}[{name!r}] k has shape {tuple(k.shape)}; expected 4 dims "
+                f"[batch, tokens, {spec.heads}, {spec.head_dim}]"
+            )
+        if k.shape != v.shape:
+            raise KVCacheError(
+                f"kv_cache{who}[{name!r}] k shape {tuple(k.shape)} and v shape {tuple(v.shape)} differ; they must match"
+            )
+        if k.shape[2] != spec.heads or k.shape[3] != spec.head_dim:
+            raise KVCacheError(
+                f"kv_cache{who}[{name!r}] has heads x head_dim = {k.shape[2]} x {k.shape[3]}; "
+                f"block {name!r} expects {spec.heads} x {spec.head_dim}"
+            )
+        if batch_size is not None and k.shape[0] not in (1, batch_size):
+            raise KVCacheError(
+                f"kv_cache{who}[{name!r}] has batch {k.shape[0]}; expected 1 (broadcast) or the batch size {batch_size}"
+            )
+        if not k.is_floating_point() or not v.is_floating_point():
+            raise KVCacheError(f"kv_cache{who}[{name!r}] must be floating point, got {k.dtype}/{v.dtype}")
+
+
+def _summarize_names(specs: Mapping[str, KVBlockSpec]) -> str:
+    names = list(specs)
+    return f"[{names[0]!r} ... {names[-1]!r}] ({len(names)} blocks)" if len(names) > 6 else repr(names)
+
+
+# --- rotary position embedding -------------------------------------------------------------------
+
+
+def rope_cos_sin(ids: Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[Tensor, Tensor]:
+    """Per-axis rotary tables for position ids ``[..., N, n_axes]``; returns cos, sin ``[..., N, sum(axes)]``.
+
+    Angles are computed in float64 and rounded to float32 once, as the reference does, so positions
+    in the thousands (edit images sit at t = 10, 20, ...) keep their precision.
+    """
+    if ids.shape[-1] != len(axes_dims):
+        raise ValueError(
+            f"position ids have {ids.shape[-1]} axes; this model's RoPE expects {len(axes_dims)}"
+        )
+    float64 = torch.float64 if ids.device.type != "mps" else torch.float32
+    pos = ids.to(float64)
+    cos, sin = [], []
+    for axis, dim in enumerate(axes_dims):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=float64, device=ids.device) / dim))
+        angles = pos[..., axis, None] * inv_freq  # [..., N, dim/2]
+        cos.append(angles.cos().repeat_interleave(2, dim=-1))
+        sin.append(angles.sin().repeat_interleave(2, dim=-1))
+    return torch.cat(cos, dim=-1).float(), torch.cat(sin, dim=-1).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs of ``x [B, S, H, D]`` by tables ``[S, D]`` or ``[B, S, D]`` (in float32)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    pairs = x.float().unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated * sin).to(x.dtype)

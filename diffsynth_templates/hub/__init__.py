@@ -1,0 +1,1 @@
+"""hub layer (see DESIGN.md section 3)."""

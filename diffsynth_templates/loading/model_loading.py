@@ -1,0 +1,137 @@
+"""Build a module on the meta device and fill it straight from safetensors.
+
+The module is created without allocating memory, then each checkpoint tensor is read, cast to the
+target dtype and moved to the target device one at a time and assigned in place, so peak host
+memory is about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from .safetensors_io import CheckpointError, find_weight_files, iter_tensors, read_header_keys
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
+    path = Path(folder) / name
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} not found: a component folder needs its {name}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e})") from e
+
+
+def _format_keys(keys: Iterable[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_module_from_files(
+    build: Callable[[], M],
+    files: list[Path],
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    key_map: Callable[[str], str | None] | None = None,
+    ignore_keys: Callable[[str], bool] | None = None,
+    keep_fp32: Callable[[str], bool] | None = None,
+) -> M:
+    """Create ``build()`` on the meta device and load ``files`` into it.
+
+    ``key_map`` renames checkpoint keys (return None to drop one); ``ignore_keys`` marks checkpoint
+    keys that may be present without a matching parameter (e.g. an unused ``lm_head``);
+    ``keep_fp32`` names parameters kept in float32 whatever ``torch_dtype`` is.
+    Missing, unexpected or mis-shaped keys raise ``CheckpointError`` listing all of them.
+    """
+    with torch.device("meta"):
+        model = build()
+    expected = dict(model.state_dict(keep_vars=True))
+    header = read_header_keys(files)
+
+    mapped: dict[str, str] = {}
+    unexpected = []
+    for ckpt_key in header:
+        name = key_map(ckpt_key) if key_map else ckpt_key
+        if name is None or (ignore_keys and ignore_keys(ckpt_key)):
+            continue
+        if name not in expected:
+            unexpected.append(ckpt_key)
+        else:
+            mapped[ckpt_key] = name
+    missing = set(expected) - set(mapped.values())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_format_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_format_keys(unexpected)}")
+        raise CheckpointError(
+            f"checkpoint {[str(f) for f in files]} does not match {type(model).__name__}: " + "; ".join(parts)
+        )
+
+    loaded: dict[str, torch.Tensor] = {}
+    bad_shapes = []
+    for ckpt_key, tensor in iter_tensors(files, device="cpu"):
+        name = mapped.get(ckpt_key)
+        if name is None:
+            continue
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            bad_shapes.append(f"{ckpt_key}: checkpoint {tuple(tensor.shape)} vs model {tuple(want.shape)}")
+            continue
+        dtype = want.dtype if not tensor.is_floating_point() else torch_dtype or tensor.dtype
+        if keep_fp32 and keep_fp32(name):
+            dtype = torch.float32
+        loaded[name] = tensor.to(device=device, dtype=dtype)
+        if len(bad_shapes) == 0 and len(loaded) % 64 == 0:
+            # assign in batches so the meta placeholders are replaced as we go
+            model.load_state_dict(loaded, strict=False, assign=True)
+            loaded.clear()
+    if bad_shapes:
+        raise CheckpointError(
+            f"checkpoint {[str(f) for f in files]} has mis-shaped tensors for {type(model).__name__}: "
+            + "; ".join(bad_shapes[:20])
+        )
+    model.load_state_dict(loaded, strict=False, assign=True)
+    _materialize_buffers(model, device, torch_dtype)
+    return model
+
+
+def _materialize_buffers(model: nn.Module, device, torch_dtype) -> None:
+    """Non-persistent buffers (e.g. RoPE tables) are not in the checkpoint: rebuild them for real."""
+    for module in model.modules():
+        if hasattr(module, "reset_buffers") and any(b.is_meta for b in module.buffers(recurse=False)):
+            module.reset_buffers(device=device)
+    leftovers = [n for n, t in model.state_dict().items() if t.is_meta]
+    leftovers += [n for n, b in model.named_buffers() if b.is_meta]
+    if leftovers:
+        raise CheckpointError(f"{type(model).__name__} still has uninitialized tensors after loading: {leftovers}")
+
+
+def load_component(
+    build: Callable[[], M],
+    folder: str | os.PathLike,
+    *,
+    stem: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    **kwargs,
+) -> M:
+    files = find_weight_files(folder, stem)
+    logger.info("loading %s from %d file(s) in %s", getattr(build, "__name__", "model"), len(files), folder)
+    model = load_module_from_files(build, files, torch_dtype=torch_dtype, device=device, **kwargs)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,1 @@
+"""pipelines layer (see DESIGN.md section 3)."""

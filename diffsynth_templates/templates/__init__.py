@@ -1,0 +1,1 @@
+"""templates layer (see DESIGN.md section 3)."""

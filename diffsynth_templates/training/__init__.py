@@ -1,0 +1,1 @@
+"""training layer (see DESIGN.md section 3)."""
