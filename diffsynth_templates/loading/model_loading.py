@@ -119,7 +119,9 @@ def _materialize_buffers(model: nn.Module, device, torch_dtype) -> None:
     leftovers = [n for n, t in model.state_dict().items() if t.is_meta]
     leftovers += [n for n, b in model.named_buffers() if b.is_meta]
     if leftovers:
-        raise CheckpointError(f"{type(model).__name__} still has uninitialized tensors after loading: {leftovers}")
+        raise CheckpointError(
+            f"{type(model).__name__} still has uninitialized tensors after loading: {leftovers}"
+        )
 
 
 def load_component(

@@ -1,0 +1,440 @@
+"""The FLUX.2-klein text-to-image pipeline, with the inputs Diffusion Templates feed it.
+
+Text -> Qwen3 embeddings; noise -> Euler steps of the Flux2DiT velocity (real CFG, both sides batched
+into one DiT call when they fit) -> FLUX.2 VAE decode. Template caches arrive as ordinary arguments:
+``kv_cache`` / ``negative_kv_cache`` (extra attention tokens per block), ``lora`` / ``negative_lora``
+(runtime low-rank branches), ``extra_text_embedding`` (extra text tokens) and ``inpaint_mask`` with
+``input_image`` (a hard constraint: outside the mask the result is the input).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..backbones.attention import KVCache
+from ..backbones.flux2_dit import Flux2DiT
+from ..backbones.flux2_vae import Flux2VAE
+from ..backbones.qwen3 import Qwen3TextEncoder
+from ..loading.resolve import resolve_model_path
+from .flow_match import add_noise, euler_step, klein_schedule, velocity_towards
+from .flux2_prompt import Flux2PromptEncoder, load_tokenizer, read_tokenizer_settings
+from .image_io import ImageLike, fit_to_area, image_to_tensor, mask_to_tensor, resize_image, tensor_to_output
+from .lora import LoRACache, applied_lora, validate_lora
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
+EDIT_TIME_STEP = 10  # reference images sit at t = 10, 20, ... in the position ids
+MAX_EDIT_AREA = 1024 * 1024
+
+
+@dataclass
+class Conditioning:
+    """Everything one CFG side feeds the DiT besides the latents."""
+
+    prompt_embeds: Tensor  # [B, L, D]
+    text_ids: Tensor  # [L, 4]
+    kv_cache: KVCache | None = None
+    lora: LoRACache | None = None
+
+
+class Flux2ImagePipeline:
+    """``Flux2ImagePipeline.from_pretrained(...)(prompt, ...)`` -> images."""
+
+    def __init__(
+        self,
+        dit: Flux2DiT,
+        vae: Flux2VAE,
+        text_encoder: Qwen3TextEncoder,
+        tokenizer,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+        prompt_encoder: Flux2PromptEncoder | None = None,
+    ):
+        self.dit, self.vae, self.text_encoder, self.tokenizer = dit, vae, text_encoder, tokenizer
+        self.prompt_encoder = prompt_encoder or Flux2PromptEncoder(tokenizer, text_encoder)
+        # pixels per DiT token side: the VAE's downsampling, then the 2x2 patchify
+        self.pixels_per_token = vae.config.downsample_factor * 2
+        self.device = torch.device(device) if device is not None else next(dit.parameters()).device
+        self.torch_dtype = torch_dtype or next(dit.parameters()).dtype
+        self.offload_device: torch.device | None = None
+        self.vae_tile_size: int | None = None
+
+    # -- construction -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        *,
+        transformer: str | os.PathLike | None = None,
+        text_encoder: str | os.PathLike | None = None,
+        vae: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        offline: bool | None = None,
+    ) -> Flux2ImagePipeline:
+        """Load the official layout (``transformer/``, ``text_encoder/``, ``vae/``, ``tokenizer/``).
+
+        ``source`` is a local folder or a ModelScope id. Any component can come from elsewhere
+        (klein-base repos may take the text encoder, VAE and tokenizer from the klein repo): pass a
+        folder or id holding that component, either as its ``{component}/`` subfolder or directly.
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        overrides = {
+            "transformer": transformer,
+            "text_encoder": text_encoder,
+            "vae": vae,
+            "tokenizer": tokenizer,
+        }
+        folders = {
+            name: _component_folder(overrides[name] or source, name, revision, cache_dir, offline)
+            for name in COMPONENTS
+        }
+        dit = Flux2DiT.from_pretrained(folders["transformer"], torch_dtype=torch_dtype, device=device)
+        te = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=torch_dtype, device=device)
+        vae_model = Flux2VAE.from_pretrained(folders["vae"], torch_dtype=torch_dtype, device=device)
+        tok = load_tokenizer(folders["tokenizer"])
+        pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
+        prompt_encoder = Flux2PromptEncoder(tok, te, pad_token=pad_token, padding_side=padding_side)
+        return cls(dit, vae_model, te, tok, device, torch_dtype, prompt_encoder)
+
+    # -- memory modes -----------------------------------------------------------------------------
+
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> Flux2ImagePipeline:
+        """Keep components in host memory; each moves to ``device`` only while it runs."""
+        self.offload_device = torch.device(device)
+        for module in (self.dit, self.vae, self.text_encoder):
+            module.to("cpu")
+        self.device = self.offload_device
+        return self
+
+    def enable_vae_tiling(self, tile_size: int = 64) -> Flux2ImagePipeline:
+        """Decode latents in overlapping tiles of ``tile_size`` VAE latent pixels (bounded memory)."""
+        self.vae_tile_size = tile_size
+        return self
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if self.offload_device is None:
+            yield module
+            return
+        module.to(self.offload_device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+
+    # -- building blocks --------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512) -> tuple[Tensor, Tensor]:
+        """Prompt embeddings ``[B, L, 3 * hidden]`` (pipeline dtype) and text position ids ``[L, 4]``."""
+        with self._on_device(self.text_encoder):
+            embeds, text_ids = self.prompt_encoder.encode(
+                prompts, max_sequence_length=max_sequence_length, device=self.device, dtype=self.torch_dtype
+            )
+        return embeds, text_ids.reshape(-1, text_ids.shape[-1])[: embeds.shape[1]].to(self.device)
+
+    def encode_image(self, image: ImageLike, height: int, width: int, name: str = "image") -> Tensor:
+        """An image resized/cropped to ``height x width`` as normalized DiT latents ``[1, 128, h, w]``."""
+        pixels = resize_image(image_to_tensor(image, name), height, width)
+        with self._on_device(self.vae):
+            return self.vae.encode_to_dit(pixels.to(self.device, self.vae_dtype)).float()
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Normalized DiT latents ``[B, 128, h, w]`` to images in [-1, 1]."""
+        with self._on_device(self.vae):
+            return self.vae.decode_from_dit(
+                latents.to(self.device, self.vae_dtype), tile_size=self.vae_tile_size
+            )
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    # -- generation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 50,
+        cfg_scale: float = 4.0,
+        seed: int | None = None,
+        latents: Tensor | None = None,
+        max_sequence_length: int = 512,
+        input_image: ImageLike | None = None,
+        denoising_strength: float = 1.0,
+        edit_image: ImageLike | list[ImageLike] | None = None,
+        inpaint_mask: ImageLike | None = None,
+        kv_cache: KVCache | None = None,
+        negative_kv_cache: KVCache | None = None,
+        lora: LoRACache | None = None,
+        negative_lora: LoRACache | None = None,
+        extra_text_embedding: Tensor | None = None,
+        negative_extra_text_embedding: Tensor | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        callback_on_step_end: Callable[[Flux2ImagePipeline, int, Tensor, dict], dict | None] | None = None,
+    ):
+        """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
+        (``output_type="np"``) or VAE latents ``[B, 32, H/8, W/8]`` (``output_type="latent"``)."""
+        prompts = _as_prompt_list(prompt, "prompt")
+        batch = len(prompts)
+        negatives = _as_prompt_list(negative_prompt, "negative_prompt", batch)
+        _check_size(height, width, self.pixels_per_token)
+        _check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask)
+        do_cfg = cfg_scale != 1.0
+        h, w = height // self.pixels_per_token, width // self.pixels_per_token
+
+        cond = self._conditioning(prompts, max_sequence_length, kv_cache, lora, extra_text_embedding, "")
+        uncond = None
+        if do_cfg:
+            uncond = self._conditioning(
+                negatives,
+                max_sequence_length,
+                negative_kv_cache,
+                negative_lora,
+                negative_extra_text_embedding,
+                "negative_",
+            )
+
+        noise = self._initial_noise(batch, h, w, seed, latents)
+        clean = None if input_image is None else self.encode_image(input_image, height, width, "input_image")
+        schedule = klein_schedule(
+            num_inference_steps,
+            h * w,
+            denoising_strength if input_image is not None else 1.0,
+            device=self.device,
+        )
+        x = _pack(noise if clean is None else add_noise(clean, noise, schedule.sigmas[0]))
+        clean_tokens = None if clean is None else _pack(clean).expand(batch, -1, -1)
+        img_ids = _grid_ids(h, w, t=0).to(self.device)
+        edit_tokens, edit_ids = self._edit_tokens(edit_image)
+        mask_tokens = None
+        if inpaint_mask is not None:
+            mask_tokens = _pack(mask_to_tensor(inpaint_mask, h, w).to(self.device))
+
+        with self._on_device(self.dit):
+            for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
+                velocity = self._velocity(x, t, cond, uncond, cfg_scale, img_ids, edit_tokens, edit_ids)
+                if mask_tokens is not None:  # outside the mask, steer straight onto the input's latents
+                    keep = velocity_towards(x, clean_tokens, schedule.sigmas[i])
+                    velocity = keep * (1 - mask_tokens) + velocity * mask_tokens
+                x = euler_step(x, velocity, schedule.sigmas[i], schedule.sigmas[i + 1]).float()
+                if callback_on_step_end is not None:
+                    out = callback_on_step_end(self, i, t, {"latents": x})
+                    x = (out or {}).get("latents", x)
+
+        latents_out = _unpack(x, h, w)
+        if output_type == "latent":
+            with self._on_device(self.vae):
+                return self.vae.unpatchify(self.vae.denormalize(latents_out.to(self.device)))
+        images = self.decode_latents(latents_out).float()
+        if inpaint_mask is not None:  # pixels outside the mask: exactly the input's VAE round trip
+            pixel_mask = mask_to_tensor(inpaint_mask, height, width).to(images.device)
+            kept = self.decode_latents(clean).float()
+            images = kept * (1 - pixel_mask) + images * pixel_mask
+        return tensor_to_output(images, output_type)
+
+    def _conditioning(self, prompts, max_len, kv_cache, lora, extra_embedding, side: str) -> Conditioning:
+        embeds, text_ids = self.encode_prompt(prompts, max_len)
+        if extra_embedding is not None:
+            embeds, text_ids = _append_text_tokens(
+                embeds, text_ids, extra_embedding, f"{side}extra_text_embedding"
+            )
+        self.dit.validate_kv_cache(kv_cache, batch_size=len(prompts), source=f"{side}kv_cache")
+        if kv_cache:
+            kv_cache = {
+                n: (k.to(self.device, self.torch_dtype), v.to(self.device, self.torch_dtype))
+                for n, (k, v) in kv_cache.items()
+            }
+        if lora:
+            validate_lora(self.dit, lora, source=f"{side}lora")
+        return Conditioning(embeds, text_ids, kv_cache or None, lora or None)
+
+    def _initial_noise(self, batch: int, h: int, w: int, seed: int | None, latents: Tensor | None) -> Tensor:
+        shape = (batch, self.dit.config.in_channels, h, w)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"latents have shape {tuple(latents.shape)}; expected {shape} for this size and batch"
+                )
+            return latents.to(self.device, torch.float32)
+        # sampled on the CPU in float32 so a seed gives the same image on any device
+        generator = torch.Generator("cpu")
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    def _edit_tokens(self, edit_image) -> tuple[Tensor | None, Tensor | None]:
+        """Reference images as extra image tokens, each at its own time position t = 10, 20, ..."""
+        if edit_image is None:
+            return None, None
+        images = edit_image if isinstance(edit_image, list) else [edit_image]
+        tokens, ids = [], []
+        for index, image in enumerate(images):
+            pixels = image_to_tensor(image, f"edit_image[{index}]")
+            height, width = fit_to_area(*pixels.shape[-2:], MAX_EDIT_AREA, self.pixels_per_token)
+            latents = self.encode_image(image, height, width, f"edit_image[{index}]")
+            tokens.append(_pack(latents))
+            ids.append(
+                _grid_ids(
+                    height // self.pixels_per_token,
+                    width // self.pixels_per_token,
+                    t=EDIT_TIME_STEP * (index + 1),
+                )
+            )
+        return torch.cat(tokens, dim=1), torch.cat(ids).to(self.device)
+
+    def _velocity(
+        self, x, t, cond: Conditioning, uncond: Conditioning | None, cfg_scale, img_ids, edit_tokens, edit_ids
+    ):
+        n_img = x.shape[1]
+        hidden = x
+        if edit_tokens is not None:
+            hidden = torch.cat([x, edit_tokens.expand(x.shape[0], -1, -1)], dim=1)
+            img_ids = torch.cat([img_ids, edit_ids])
+        hidden = hidden.to(self.torch_dtype)
+        # the reference feeds sigma as (sigma * 1000) / 1000 in the latents' dtype; so do we
+        sigma = (t.expand(x.shape[0]).to(self.torch_dtype)) / 1000
+
+        if uncond is None:
+            return self._dit(hidden, sigma, img_ids, cond)[:, :n_img].float()
+        batched = _batch_sides(cond, uncond)
+        if batched is not None:
+            both = self._dit(torch.cat([hidden, hidden]), torch.cat([sigma, sigma]), img_ids, batched)
+            pos, neg = both[:, :n_img].float().chunk(2)
+        else:
+            pos = self._dit(hidden, sigma, img_ids, cond)[:, :n_img].float()
+            neg = self._dit(hidden, sigma, img_ids, uncond)[:, :n_img].float()
+        return neg + cfg_scale * (pos - neg)
+
+    def _dit(self, hidden: Tensor, sigma: Tensor, img_ids: Tensor, c: Conditioning) -> Tensor:
+        with applied_lora(self.dit, c.lora):
+            return self.dit(
+                hidden_states=hidden,
+                encoder_hidden_states=c.prompt_embeds,
+                timestep=sigma,
+                img_ids=img_ids,
+                txt_ids=c.text_ids,
+                kv_cache=c.kv_cache,
+            )
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _component_folder(source, name: str, revision, cache_dir, offline) -> Path:
+    patterns = [f"{name}/*", "model_index.json"]
+    root = resolve_model_path(
+        source, allow_patterns=patterns, revision=revision, cache_dir=cache_dir, offline=offline
+    )
+    if (root / name).is_dir():
+        return root / name
+    marker = "tokenizer.json" if name == "tokenizer" else "config.json"
+    if (root / marker).is_file():
+        return root
+    raise FileNotFoundError(
+        f"{str(source)!r} has no {name}/ folder (and no {marker} of its own); pass {name}=... pointing at one"
+    )
+
+
+def _as_prompt_list(prompt, name: str, batch: int | None = None) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    if batch is not None and len(prompts) != batch:
+        if len(prompts) == 1:
+            return prompts * batch
+        raise ValueError(f"{name} has {len(prompts)} entries; expected 1 or {batch} (one per prompt)")
+    return prompts
+
+
+def _check_size(height: int, width: int, multiple: int) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value < multiple:
+            raise ValueError(f"{name} must be an integer >= {multiple}, got {value!r}")
+        if value % multiple:
+            lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
+            raise ValueError(f"{name}={value} is not a multiple of {multiple}; use {lower} or {upper}")
+
+
+def _check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask) -> None:
+    if output_type not in ("pil", "np", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
+    if denoising_strength != 1.0 and input_image is None:
+        raise ValueError(f"denoising_strength={denoising_strength} needs an input_image to start from")
+    if inpaint_mask is not None and input_image is None:
+        raise ValueError(
+            "inpaint_mask needs input_image: the mask says which pixels of input_image to regenerate"
+        )
+
+
+def _append_text_tokens(embeds: Tensor, text_ids: Tensor, extra: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """Extra text tokens go after the prompt, continuing its sequence positions."""
+    if extra.ndim != 3 or extra.shape[-1] != embeds.shape[-1] or extra.shape[0] not in (1, embeds.shape[0]):
+        raise ValueError(
+            f"{name} has shape {tuple(extra.shape)}; expected [1 or {embeds.shape[0]}, L, {embeds.shape[-1]}]"
+        )
+    length = embeds.shape[1]
+    extra_ids = torch.zeros(extra.shape[1], text_ids.shape[-1], dtype=text_ids.dtype, device=text_ids.device)
+    extra_ids[:, -1] = torch.arange(length, length + extra.shape[1], device=text_ids.device)
+    extra = extra.to(embeds.device, embeds.dtype).expand(embeds.shape[0], -1, -1)
+    return torch.cat([embeds, extra], dim=1), torch.cat([text_ids, extra_ids])
+
+
+def _batch_sides(cond: Conditioning, uncond: Conditioning) -> Conditioning | None:
+    """Both CFG sides as one batch when the DiT call can be shared (same shapes, same LoRA)."""
+    if cond.lora is not uncond.lora or cond.prompt_embeds.shape != uncond.prompt_embeds.shape:
+        return None
+    if not torch.equal(cond.text_ids, uncond.text_ids):
+        return None
+    kv = None
+    if cond.kv_cache or uncond.kv_cache:
+        a, b = cond.kv_cache or {}, uncond.kv_cache or {}
+        if a.keys() != b.keys() or any(a[n][0].shape[1] != b[n][0].shape[1] for n in a):
+            return None
+        batch = cond.prompt_embeds.shape[0]
+        kv = {
+            n: tuple(
+                torch.cat([a[n][i].expand(batch, -1, -1, -1), b[n][i].expand(batch, -1, -1, -1)])
+                for i in (0, 1)
+            )
+            for n in a
+        }
+    embeds = torch.cat([cond.prompt_embeds, uncond.prompt_embeds])
+    return replace(cond, prompt_embeds=embeds, kv_cache=kv)
+
+
+def _pack(latents: Tensor) -> Tensor:
+    """``[B, C, h, w]`` -> tokens ``[B, h * w, C]`` in row-major order."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def _unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+def _grid_ids(h: int, w: int, t: int) -> Tensor:
+    """Position ids (t, row, col, 0) for an ``h x w`` token grid, row-major."""
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    return torch.stack([torch.full_like(rows, t), rows, cols, torch.zeros_like(rows)], dim=-1)

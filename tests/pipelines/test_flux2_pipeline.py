@@ -1,0 +1,279 @@
+"""Flux2ImagePipeline end to end against diffusers' Flux2KleinPipeline on a tiny official-layout folder."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffsynth_templates.loading.resolve import ModelNotFoundError, resolve_model_path
+from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline
+
+H = W = 64
+PROMPT = "a photo of a cat sitting on a windowsill"
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_klein_root):
+    return Flux2ImagePipeline.from_pretrained(tiny_klein_root, torch_dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_klein_root):
+    from tests.tiny_klein import diffusers_klein_pipeline
+
+    return diffusers_klein_pipeline(tiny_klein_root)
+
+
+def noise(batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 128, H // 16, W // 16, generator=g)
+
+
+def run(pipe, **kw):
+    args = dict(
+        prompt=PROMPT, height=H, width=W, num_inference_steps=STEPS, latents=noise(), output_type="np"
+    )
+    args.update(kw)
+    return pipe(**args, progress=False)
+
+
+def photo(size=(W, H), name="astronaut"):
+    import skimage.data
+
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize(size)
+
+
+@pytest.mark.parametrize("cfg_scale", [4.0, 1.0])
+def test_matches_diffusers(pipe, reference, cfg_scale):
+    ours = run(pipe, cfg_scale=cfg_scale, max_sequence_length=64)
+    with torch.no_grad():
+        theirs = reference(
+            prompt=PROMPT,
+            height=H,
+            width=W,
+            num_inference_steps=STEPS,
+            guidance_scale=cfg_scale,
+            latents=noise(),
+            output_type="np",
+            max_sequence_length=64,
+        ).images
+    assert ours.shape == theirs.shape == (1, H, W, 3)
+    assert np.abs(ours - theirs).max() <= 1e-3
+    assert ours.std() > 0.01  # a real image, not a constant
+
+
+def test_edit_image_matches_diffusers(pipe, reference):
+    edit = photo()
+    ours = run(pipe, cfg_scale=4.0, max_sequence_length=32, edit_image=[edit])
+    with torch.no_grad():
+        theirs = reference(
+            image=[edit],
+            prompt=PROMPT,
+            height=H,
+            width=W,
+            num_inference_steps=STEPS,
+            guidance_scale=4.0,
+            latents=noise(),
+            output_type="np",
+            max_sequence_length=32,
+        ).images
+    assert np.abs(ours - theirs).max() <= 1e-3
+    assert np.abs(ours - run(pipe, cfg_scale=4.0, max_sequence_length=32)).max() > 1e-3
+
+
+def test_latent_output_matches_diffusers(pipe, reference):
+    ours = run(pipe, cfg_scale=1.0, max_sequence_length=32, output_type="latent")
+    with torch.no_grad():
+        theirs = reference(
+            prompt=PROMPT,
+            height=H,
+            width=W,
+            num_inference_steps=STEPS,
+            guidance_scale=1.0,
+            latents=noise(),
+            output_type="latent",
+            max_sequence_length=32,
+        ).images
+    assert ours.shape == theirs.shape == (1, 32, H // 8, W // 8)
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_batched_cfg_equals_two_passes(pipe, monkeypatch):
+    batched = run(pipe, cfg_scale=3.0, max_sequence_length=32, negative_prompt="blurry")
+    import diffsynth_templates.pipelines.flux2_pipeline as mod
+
+    monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
+    sequential = run(pipe, cfg_scale=3.0, max_sequence_length=32, negative_prompt="blurry")
+    assert np.abs(batched - sequential).max() <= 1e-5
+
+
+def test_cfg_one_runs_one_dit_pass_per_step(pipe):
+    calls = []
+    handle = pipe.dit.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    try:
+        run(pipe, cfg_scale=1.0, max_sequence_length=16)
+        assert calls == [1] * STEPS
+        calls.clear()
+        run(pipe, cfg_scale=2.0, max_sequence_length=16)
+        assert calls == [2] * STEPS  # both sides in one batched call
+    finally:
+        handle.remove()
+
+
+def test_seed_reproducible_and_output_types(pipe):
+    a = run(pipe, latents=None, seed=7, cfg_scale=1.0, max_sequence_length=16)
+    b = run(pipe, latents=None, seed=7, cfg_scale=1.0, max_sequence_length=16)
+    c = run(pipe, latents=None, seed=8, cfg_scale=1.0, max_sequence_length=16)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    pil = run(pipe, output_type="pil", cfg_scale=1.0, max_sequence_length=16)
+    assert isinstance(pil[0], Image.Image) and pil[0].size == (W, H)
+
+
+def test_batch_of_prompts(pipe):
+    out = run(pipe, prompt=[PROMPT, "a red car"], latents=noise(2), cfg_scale=2.0, max_sequence_length=16)
+    assert out.shape == (2, H, W, 3)
+    assert np.abs(out[0] - out[1]).max() > 1e-3
+
+
+def test_kv_cache_and_extra_text_embedding_reach_the_dit(pipe):
+    base = run(pipe, cfg_scale=1.0, max_sequence_length=16)
+    spec = pipe.dit.kv_block_specs["single_0"]
+    g = torch.Generator().manual_seed(0)
+    kv = {"single_0": (torch.randn(1, 5, spec.heads, spec.head_dim, generator=g),) * 2}
+    assert np.abs(run(pipe, cfg_scale=1.0, max_sequence_length=16, kv_cache=kv) - base).max() > 1e-4
+    empty = {"single_0": (torch.zeros(1, 0, spec.heads, spec.head_dim),) * 2}
+    assert np.array_equal(run(pipe, cfg_scale=1.0, max_sequence_length=16, kv_cache=empty), base)
+    extra = torch.randn(1, 3, pipe.dit.config.text_dim, generator=g)
+    assert (
+        np.abs(run(pipe, cfg_scale=1.0, max_sequence_length=16, extra_text_embedding=extra) - base).max()
+        > 1e-4
+    )
+    # the negative side's cache only matters with CFG
+    neg = run(pipe, cfg_scale=2.0, max_sequence_length=16, negative_kv_cache=kv)
+    assert np.abs(neg - run(pipe, cfg_scale=2.0, max_sequence_length=16)).max() > 1e-4
+
+
+def test_inpaint_keeps_pixels_outside_the_mask(pipe):
+    image = photo()
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    out = run(
+        pipe, input_image=image, inpaint_mask=Image.fromarray(mask), cfg_scale=2.0, max_sequence_length=16
+    )
+    with torch.no_grad():
+        clean = pipe.encode_image(image, H, W)
+        roundtrip = (pipe.decode_latents(clean).float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    outside = mask == 0
+    assert np.abs(out[0][outside] - roundtrip[0][outside]).max() <= 1e-6
+    assert (
+        np.abs(out[0][~outside] - roundtrip[0][~outside]).mean() > 1e-3
+    )  # the masked region was regenerated
+
+
+def test_inpaint_latents_land_on_the_input(pipe):
+    image = photo()
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[:, 32:] = 255  # right half of the token grid regenerates
+    final = {}
+
+    def grab(p, i, t, kw):
+        final["x"] = kw["latents"]
+
+    run(
+        pipe,
+        input_image=image,
+        inpaint_mask=mask,
+        cfg_scale=1.0,
+        max_sequence_length=16,
+        callback_on_step_end=grab,
+    )
+    clean = pipe.encode_image(image, H, W).flatten(2).transpose(1, 2)
+    tokens = final["x"].reshape(1, H // 16, W // 16, -1)
+    clean = clean.reshape(1, H // 16, W // 16, -1)
+    assert (tokens[:, :, :2] - clean[:, :, :2]).abs().max() <= 1e-5
+    assert (tokens[:, :, 2:] - clean[:, :, 2:]).abs().max() > 1e-2
+
+
+def test_img2img_strength_controls_change(pipe):
+    image = photo()
+    ref = pipe.decode_latents(pipe.encode_image(image, H, W)).float()
+    ref = (ref / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    weak = run(pipe, input_image=image, denoising_strength=0.2, cfg_scale=1.0, max_sequence_length=16)
+    strong = run(pipe, input_image=image, denoising_strength=1.0, cfg_scale=1.0, max_sequence_length=16)
+    assert np.abs(weak - ref).mean() < np.abs(strong - ref).mean()
+
+
+def test_offload_gives_the_same_image(tiny_klein_root):
+    pipe = Flux2ImagePipeline.from_pretrained(tiny_klein_root, torch_dtype=torch.float32, device="cpu")
+    base = run(pipe, cfg_scale=2.0, max_sequence_length=16)
+    pipe.enable_model_cpu_offload("cpu")
+    assert np.array_equal(run(pipe, cfg_scale=2.0, max_sequence_length=16), base)
+
+
+def test_vae_tiling_runs(pipe):
+    pipe.enable_vae_tiling(4)
+    try:
+        tiled = run(pipe, cfg_scale=1.0, max_sequence_length=16, height=96, width=96, latents=None, seed=0)
+    finally:
+        pipe.vae_tile_size = None
+    assert tiled.shape == (1, 96, 96, 3)
+
+
+def test_per_component_sources(tiny_klein_root, tmp_path):
+    base_repo, klein_repo = tmp_path / "base", tmp_path / "klein"
+    shutil.copytree(tiny_klein_root / "transformer", base_repo / "transformer")
+    for name in ("text_encoder", "vae", "tokenizer"):
+        shutil.copytree(tiny_klein_root / name, klein_repo / name)
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        Flux2ImagePipeline.from_pretrained(base_repo, device="cpu")
+    pipe = Flux2ImagePipeline.from_pretrained(
+        base_repo, device="cpu", text_encoder=klein_repo, vae=klein_repo / "vae", tokenizer=klein_repo
+    )
+    assert run(pipe, cfg_scale=1.0, max_sequence_length=16).shape == (1, H, W, 3)
+
+
+def test_bf16_runs(tiny_klein_root):
+    pipe = Flux2ImagePipeline.from_pretrained(tiny_klein_root, torch_dtype=torch.bfloat16, device="cpu")
+    out = run(pipe, cfg_scale=2.0, max_sequence_length=16)
+    assert np.isfinite(out).all() and out.shape == (1, H, W, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(height=72), ValueError, "height=72 is not a multiple of 16; use 64 or 80"),
+        (dict(width=8), ValueError, "width must be an integer >= 16"),
+        (dict(output_type="tensor"), ValueError, "output_type"),
+        (dict(prompt=3), TypeError, "prompt must be a string"),
+        (dict(negative_prompt=["a", "b"]), ValueError, "negative_prompt has 2 entries"),
+        (dict(inpaint_mask=np.zeros((H, W))), ValueError, "inpaint_mask needs input_image"),
+        (dict(denoising_strength=0.5), ValueError, "needs an input_image"),
+        (dict(latents=torch.zeros(1, 128, 3, 3)), ValueError, r"latents have shape \(1, 128, 3, 3\)"),
+        (dict(input_image=np.zeros((H, W))), ValueError, r"input_image array has shape"),
+        (dict(input_image="cat.png"), TypeError, "input_image must be a PIL image"),
+        (dict(kv_cache={"double_7": (torch.zeros(1, 1, 2, 16),) * 2}), ValueError, "double_7"),
+        (
+            dict(lora={"nope.lora_A.weight": torch.zeros(1, 4), "nope.lora_B.weight": torch.zeros(4, 1)}),
+            ValueError,
+            "nope",
+        ),
+        (dict(extra_text_embedding=torch.zeros(1, 2, 5)), ValueError, "extra_text_embedding has shape"),
+    ],
+)
+def test_bad_inputs_are_named(pipe, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        run(pipe, cfg_scale=2.0, max_sequence_length=16, **kwargs)
+
+
+def test_offline_mode_without_cache_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFSYNTH_TEMPLATES_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="offline mode is on"):
+        resolve_model_path("black-forest-labs/FLUX.2-klein-base-4B", cache_dir=tmp_path)
+    with pytest.raises(ModelNotFoundError, match="not an existing folder"):
+        resolve_model_path(str(tmp_path / "missing" / "deeper" / "x"))
