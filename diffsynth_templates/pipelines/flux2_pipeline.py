@@ -28,6 +28,7 @@ from ..loading.resolve import resolve_model_path
 from .flow_match import add_noise, euler_step, klein_schedule, velocity_towards
 from .flux2_prompt import Flux2PromptEncoder, load_tokenizer, read_tokenizer_settings
 from .image_io import ImageLike, fit_to_area, image_to_tensor, mask_to_tensor, resize_image, tensor_to_output
+from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, applied_lora, validate_lora
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class Conditioning:
     text_ids: Tensor  # [L, 4]
     kv_cache: KVCache | None = None
     lora: LoRACache | None = None
+    # when both CFG sides share one batched call: each side's LoRA with the batch rows it applies to
+    lora_rows: tuple[tuple[LoRACache, slice], ...] = ()
 
 
 class Flux2ImagePipeline:
@@ -68,6 +71,7 @@ class Flux2ImagePipeline:
         self.torch_dtype = torch_dtype or next(dit.parameters()).dtype
         self.offload_device: torch.device | None = None
         self.vae_tile_size: int | None = None
+        self._batch_memo: dict = {}
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -183,8 +187,8 @@ class Flux2ImagePipeline:
         denoising_strength: float = 1.0,
         edit_image: ImageLike | list[ImageLike] | None = None,
         inpaint_mask: ImageLike | None = None,
-        kv_cache: KVCache | None = None,
-        negative_kv_cache: KVCache | None = None,
+        kv_cache: KVCache | ScheduledKVCache | None = None,
+        negative_kv_cache: KVCache | ScheduledKVCache | None = None,
         lora: LoRACache | None = None,
         negative_lora: LoRACache | None = None,
         extra_text_embedding: Tensor | None = None,
@@ -231,9 +235,13 @@ class Flux2ImagePipeline:
         if inpaint_mask is not None:
             mask_tokens = _pack(mask_to_tensor(inpaint_mask, h, w).to(self.device))
 
+        self._batch_memo = {}
+        n_steps = len(schedule)
         with self._on_device(self.dit):
             for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
-                velocity = self._velocity(x, t, cond, uncond, cfg_scale, img_ids, edit_tokens, edit_ids)
+                cond_i = _at_step(cond, i, n_steps)
+                uncond_i = None if uncond is None else _at_step(uncond, i, n_steps)
+                velocity = self._velocity(x, t, cond_i, uncond_i, cfg_scale, img_ids, edit_tokens, edit_ids)
                 if mask_tokens is not None:  # outside the mask, steer straight onto the input's latents
                     keep = velocity_towards(x, clean_tokens, schedule.sigmas[i])
                     velocity = keep * (1 - mask_tokens) + velocity * mask_tokens
@@ -259,15 +267,25 @@ class Flux2ImagePipeline:
             embeds, text_ids = _append_text_tokens(
                 embeds, text_ids, extra_embedding, f"{side}extra_text_embedding"
             )
-        self.dit.validate_kv_cache(kv_cache, batch_size=len(prompts), source=f"{side}kv_cache")
-        if kv_cache:
-            kv_cache = {
-                n: (k.to(self.device, self.torch_dtype), v.to(self.device, self.torch_dtype))
-                for n, (k, v) in kv_cache.items()
-            }
+        if isinstance(kv_cache, ScheduledKVCache):
+            entries = [(self._checked_kv(c, len(prompts), side), a, b) for c, a, b in kv_cache.entries]
+            kv_cache = ScheduledKVCache(entries)
+        else:
+            kv_cache = self._checked_kv(kv_cache, len(prompts), side)
         if lora:
             validate_lora(self.dit, lora, source=f"{side}lora")
         return Conditioning(embeds, text_ids, kv_cache or None, lora or None)
+
+    def _checked_kv(self, kv_cache: KVCache | None, batch: int, side: str) -> KVCache | None:
+        """Validate once before denoising and cast once to the pipeline's device and dtype."""
+        self.dit.validate_kv_cache(kv_cache, batch_size=batch, source=f"{side}kv_cache")
+        # empty entries are dropped: they change nothing and would only stop the CFG sides from batching
+        cast = {
+            n: (k.to(self.device, self.torch_dtype), v.to(self.device, self.torch_dtype))
+            for n, (k, v) in (kv_cache or {}).items()
+            if k.shape[1] > 0
+        }
+        return cast or None
 
     def _initial_noise(self, batch: int, h: int, w: int, seed: int | None, latents: Tensor | None) -> Tensor:
         shape = (batch, self.dit.config.in_channels, h, w)
@@ -316,7 +334,10 @@ class Flux2ImagePipeline:
 
         if uncond is None:
             return self._dit(hidden, sigma, img_ids, cond)[:, :n_img].float()
-        batched = _batch_sides(cond, uncond)
+        key = (id(cond.kv_cache), id(uncond.kv_cache))
+        if key not in self._batch_memo:  # concatenating the sides' caches once per call, not per step
+            self._batch_memo[key] = _batch_sides(cond, uncond)
+        batched = self._batch_memo[key]
         if batched is not None:
             both = self._dit(torch.cat([hidden, hidden]), torch.cat([sigma, sigma]), img_ids, batched)
             pos, neg = both[:, :n_img].float().chunk(2)
@@ -326,7 +347,10 @@ class Flux2ImagePipeline:
         return neg + cfg_scale * (pos - neg)
 
     def _dit(self, hidden: Tensor, sigma: Tensor, img_ids: Tensor, c: Conditioning) -> Tensor:
-        with applied_lora(self.dit, c.lora):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(applied_lora(self.dit, c.lora))
+            for lora, rows in c.lora_rows:
+                stack.enter_context(applied_lora(self.dit, lora, rows=rows))
             return self.dit(
                 hidden_states=hidden,
                 encoder_hidden_states=c.prompt_embeds,
@@ -401,9 +425,16 @@ def _append_text_tokens(embeds: Tensor, text_ids: Tensor, extra: Tensor, name: s
     return torch.cat([embeds, extra], dim=1), torch.cat([text_ids, extra_ids])
 
 
+def _at_step(c: Conditioning, step: int, num_steps: int) -> Conditioning:
+    """Resolve a step-windowed KV cache to the tokens active at ``step``."""
+    if isinstance(c.kv_cache, ScheduledKVCache):
+        return replace(c, kv_cache=c.kv_cache.at(step, num_steps))
+    return c
+
+
 def _batch_sides(cond: Conditioning, uncond: Conditioning) -> Conditioning | None:
-    """Both CFG sides as one batch when the DiT call can be shared (same shapes, same LoRA)."""
-    if cond.lora is not uncond.lora or cond.prompt_embeds.shape != uncond.prompt_embeds.shape:
+    """Both CFG sides as one batch when their shapes match (each side keeps its own LoRA rows)."""
+    if cond.prompt_embeds.shape != uncond.prompt_embeds.shape:
         return None
     if not torch.equal(cond.text_ids, uncond.text_ids):
         return None
@@ -421,7 +452,11 @@ def _batch_sides(cond: Conditioning, uncond: Conditioning) -> Conditioning | Non
             for n in a
         }
     embeds = torch.cat([cond.prompt_embeds, uncond.prompt_embeds])
-    return replace(cond, prompt_embeds=embeds, kv_cache=kv)
+    batch = cond.prompt_embeds.shape[0]
+    rows = ((cond.lora, slice(0, batch)), (uncond.lora, slice(batch, 2 * batch)))
+    return replace(
+        cond, prompt_embeds=embeds, kv_cache=kv, lora=None, lora_rows=tuple(r for r in rows if r[0])
+    )
 
 
 def _pack(latents: Tensor) -> Tensor:

@@ -70,19 +70,32 @@ def validate_lora(
     return pairs
 
 
-def _lora_hook(a: Tensor, b: Tensor, scale: float):
+def _lora_hook(a: Tensor, b: Tensor, scale: float, rows: slice | None):
     def hook(module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        x = inputs[0]
-        return output + scale * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        x = inputs[0] if rows is None else inputs[0][rows]
+        delta = scale * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        if rows is None:
+            return output + delta
+        output = output.clone()
+        output[rows] = output[rows] + delta
+        return output
 
     return hook
 
 
 @contextlib.contextmanager
 def applied_lora(
-    model: nn.Module, lora: LoRACache | None, scale: float = 1.0, source: str | None = None
+    model: nn.Module,
+    lora: LoRACache | None,
+    scale: float = 1.0,
+    source: str | None = None,
+    rows: slice | None = None,
 ) -> Iterator[None]:
-    """Within the block, ``model``'s Linear layers carry the LoRA's low-rank branches."""
+    """Within the block, ``model``'s Linear layers carry the LoRA's low-rank branches.
+
+    ``rows`` restricts the branch to a slice of the batch, so the two CFG sides can carry different
+    LoRAs in one batched call.
+    """
     if not lora:
         yield
         return
@@ -94,7 +107,7 @@ def applied_lora(
             layer = modules[name]
             a = a.to(layer.weight.device)
             b = b.to(layer.weight.device)
-            handles.append(layer.register_forward_hook(_lora_hook(a, b, scale)))
+            handles.append(layer.register_forward_hook(_lora_hook(a, b, scale, rows)))
         yield
     finally:
         for h in handles:

@@ -277,3 +277,26 @@ def test_offline_mode_without_cache_fails_clearly(tmp_path, monkeypatch):
         resolve_model_path("black-forest-labs/FLUX.2-klein-base-4B", cache_dir=tmp_path)
     with pytest.raises(ModelNotFoundError, match="not an existing folder"):
         resolve_model_path(str(tmp_path / "missing" / "deeper" / "x"))
+
+
+def test_per_side_loras_batched_equal_two_passes(pipe, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    dim = pipe.dit.config.hidden_size
+    lora = {
+        "transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, dim, generator=g),
+        "transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(dim, 2, generator=g),
+    }
+    neg = {k: v * 0.5 for k, v in lora.items()}
+    kw = dict(cfg_scale=3.0, max_sequence_length=16, lora=lora, negative_lora=neg)
+    calls = []
+    handle = pipe.dit.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    try:
+        batched = run(pipe, **kw)
+    finally:
+        handle.remove()
+    assert calls == [2] * STEPS
+    import diffsynth_templates.pipelines.flux2_pipeline as mod
+
+    monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
+    assert np.abs(batched - run(pipe, **kw)).max() <= 1e-5
+    assert np.abs(batched - run(pipe, cfg_scale=3.0, max_sequence_length=16)).max() > 1e-4

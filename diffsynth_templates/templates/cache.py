@@ -1,0 +1,109 @@
+"""Template caches: validation against the base model, merging, and routing to pipeline arguments.
+
+Merge rules (DESIGN.md 4.1-4.3):
+
+- ``kv_cache``: per block, concatenated along the token axis (a block missing from a cache adds nothing);
+- ``lora``: per module, concatenated along the rank, so the low-rank deltas add;
+- ``extra_text_embedding``: concatenated along the sequence;
+- any other key has exactly one producer; two templates emitting it is an error naming both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..pipelines.kv_schedule import broadcast_cat, merge_kv_caches
+from ..pipelines.lora import merge_loras, validate_lora
+from .base import TemplateError
+
+MERGEABLE_KEYS = ("kv_cache", "lora", "extra_text_embedding")
+
+
+class TemplateCacheError(TemplateError):
+    """A cache is malformed, conflicts with another, or names an argument the pipeline does not take."""
+
+
+@dataclass
+class TemplateOutput:
+    """One template run's cache, with who produced it and over which steps its KV applies."""
+
+    template: str
+    cache: dict[str, Any]
+    step_start: float = 0.0
+    step_end: float = 1.0
+
+
+@dataclass
+class MergedCache:
+    values: dict[str, Any] = field(default_factory=dict)
+    producers: dict[str, list[str]] = field(default_factory=dict)
+
+
+def merge_outputs(outputs: Sequence[TemplateOutput]) -> MergedCache:
+    """Merge the caches of one CFG side. KV with a step window stays separate (see ``kv_schedule``)."""
+    merged = MergedCache()
+    grouped: dict[str, list[tuple[str, Any]]] = {}
+    for out in outputs:
+        for key, value in out.cache.items():
+            grouped.setdefault(key, []).append((out.template, value))
+    for key, entries in grouped.items():
+        names = [n for n, _ in entries]
+        values = [v for _, v in entries]
+        merged.producers[key] = names
+        if key == "kv_cache":
+            merged.values[key] = merge_kv_caches(values)
+        elif key == "lora":
+            merged.values[key] = merge_loras(values)
+        elif key == "extra_text_embedding":
+            merged.values[key] = broadcast_cat(values, 1)
+        elif len(entries) > 1:
+            raise TemplateCacheError(
+                f"templates {names[0]!r} and {names[1]!r} both produce {key!r}, which cannot be merged "
+                f"(only {MERGEABLE_KEYS} merge); use one of them per call"
+            )
+        else:
+            merged.values[key] = values[0]
+    return merged
+
+
+def validate_output(out: TemplateOutput, dit, accepted: set[str], batch_size: int | None = None) -> None:
+    """Check one template's cache before anything is merged, so errors name the template."""
+    if not isinstance(out.cache, Mapping):
+        raise TemplateCacheError(
+            f"template {out.template!r} returned {type(out.cache).__name__}; forward must return a dict"
+        )
+    for key, value in out.cache.items():
+        if key not in accepted:
+            raise TemplateCacheError(
+                f"template {out.template!r} produced {key!r}, which the base pipeline does not accept; "
+                f"accepted cache keys: {sorted(accepted)}"
+            )
+        if key == "kv_cache":
+            dit.validate_kv_cache(value, batch_size=batch_size, source=f"template {out.template!r}")
+        elif key == "lora":
+            validate_lora(dit, value, source=f"template {out.template!r}")
+        elif key == "extra_text_embedding":
+            want = dit.config.text_dim
+            if not isinstance(value, Tensor) or value.ndim != 3 or value.shape[-1] != want:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise TemplateCacheError(
+                    f"template {out.template!r} produced extra_text_embedding {shape}; expected [B, L, {want}]"
+                )
+
+
+def to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move tensors in a cache (nested in dicts / tuples / lists) to the pipeline's device and dtype."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device, dtype) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device, dtype) for v in value]
+    return value

@@ -1,0 +1,264 @@
+"""TemplatePipeline: load any number of templates, run them once per call, merge, inject.
+
+    templates = TemplatePipeline.from_pretrained(["path/or/modelscope-id", ...])
+    image = templates(pipe, template_inputs=[{"model_id": 0, "scale": 0.7}], prompt="...", cfg_scale=4)[0]
+
+Templates run outside the denoising loop. Inputs are grouped per template and templates are visited
+in round-robin order, so each is brought onto the accelerator once per call; with ``lazy_loading``
+at most ``max_resident`` are there at any time. The negative side is skipped when ``cfg_scale`` is 1.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..loading.resolve import resolve_model_path
+from ..pipelines.kv_schedule import ScheduledKVCache, merge_kv_caches
+from ..pipelines.lora import merge_loras
+from .base import TemplateError
+from .cache import (
+    MERGEABLE_KEYS,
+    TemplateCacheError,
+    TemplateOutput,
+    broadcast_cat,
+    merge_outputs,
+    to_device,
+    validate_output,
+)
+from .folder import LoadedTemplate
+from .residency import HOST_STORE, HostStore, OutputMemo, ResidencyScheduler, hash_inputs
+from .schema import RESERVED_KEYS, TemplateInputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TemplateSlot:
+    index: int
+    name: str
+    folder: Path
+
+
+class TemplatePipeline:
+    def __init__(
+        self,
+        slots: list[TemplateSlot],
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        lazy_loading: bool = False,
+        trust_remote_code: bool = False,
+        max_resident: int | None = None,
+        memo_size: int = 32,
+        host_store: HostStore | None = None,
+    ):
+        if not isinstance(trust_remote_code, bool):
+            raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
+        names = [s.name for s in slots]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise TemplateError(
+                f"template names {duplicates} are used twice; pass names=[...] to tell them apart"
+            )
+        self.slots = slots
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.torch_dtype = torch_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.lazy_loading = lazy_loading
+        self.trust_remote_code = trust_remote_code
+        self.store = host_store or HOST_STORE
+        self.scheduler = ResidencyScheduler(self.device, max_resident if lazy_loading else None)
+        if lazy_loading and max_resident is None:
+            self.scheduler.max_resident = 1
+        self.memo = OutputMemo(memo_size)
+        if not lazy_loading:  # eager: everything read now and kept on the device
+            for slot in slots:
+                self.scheduler.acquire(slot.name, self._load(slot))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        sources: Sequence[str | os.PathLike] | str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        lazy_loading: bool = False,
+        trust_remote_code: bool = False,
+        *,
+        names: Sequence[str] | None = None,
+        max_resident: int | None = None,
+        memo_size: int = 32,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        offline: bool | None = None,
+        host_store: HostStore | None = None,
+    ) -> TemplatePipeline:
+        """``sources``: local template folders or ModelScope ids; ``names`` override the folder names."""
+        sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+        if names is not None and len(names) != len(sources):
+            raise ValueError(f"names has {len(names)} entries for {len(sources)} sources")
+        slots = []
+        for i, source in enumerate(sources):
+            folder = resolve_model_path(source, revision=revision, cache_dir=cache_dir, offline=offline)
+            slots.append(TemplateSlot(i, names[i] if names else _default_name(source, folder), folder))
+        return cls(
+            slots, torch_dtype, device, lazy_loading, trust_remote_code, max_resident, memo_size, host_store
+        )
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def _load(self, slot: TemplateSlot) -> LoadedTemplate:
+        return self.store.get(slot.folder, self.torch_dtype, self.trust_remote_code)
+
+    def slot_for(self, model_id: Any) -> TemplateSlot:
+        if isinstance(model_id, bool) or not isinstance(model_id, (int, str)):
+            raise TemplateInputError(f"model_id must be an index or a template name, got {model_id!r}")
+        if isinstance(model_id, int):
+            if not 0 <= model_id < len(self.slots):
+                raise TemplateInputError(
+                    f"model_id {model_id} is out of range: {len(self.slots)} template(s) loaded "
+                    f"({[s.name for s in self.slots]})"
+                )
+            return self.slots[model_id]
+        for slot in self.slots:
+            if slot.name == model_id:
+                return slot
+        raise TemplateInputError(
+            f"unknown model_id {model_id!r}; loaded templates are {[s.name for s in self.slots]}"
+        )
+
+    def run_templates(
+        self, pipe, template_inputs: Sequence[dict], negative_template_inputs: Sequence[dict] = ()
+    ) -> tuple[list[TemplateOutput], list[TemplateOutput]]:
+        """Run every input through its template; returns the outputs of each CFG side, in input order."""
+        sides = {"positive": list(template_inputs or []), "negative": list(negative_template_inputs or [])}
+        jobs: dict[str, list[tuple[str, int, TemplateSlot, dict]]] = {}
+        for side, inputs in sides.items():
+            for position, item in enumerate(inputs):
+                if not isinstance(item, dict):
+                    raise TemplateInputError(
+                        f"{side} template input #{position} must be a dict, got {type(item).__name__}"
+                    )
+                slot = self.slot_for(item.get("model_id", 0))
+                jobs.setdefault(slot.name, []).append((side, position, slot, item))
+
+        results: dict[str, list[TemplateOutput | None]] = {s: [None] * len(v) for s, v in sides.items()}
+        order: dict[str, list[tuple[int, int]]] = {s: [] for s in sides}  # (slot index, position) per output
+        try:
+            for name, items in jobs.items():  # one visit per template, in order of first use
+                slot = items[0][2]
+                template = self.scheduler.acquire(name, self._load(slot))
+                for side, position, _, item in items:
+                    results[side][position] = self._run_one(pipe, slot, template, item)
+                    order[side].append((slot.index, position))
+        finally:
+            if self.lazy_loading:
+                self.scheduler.release_all()
+        # merge in a canonical order (by template, then input position): the order the user listed
+        # templates in never changes a single bit of the result
+        canonical = {s: [results[s][p] for _, p in sorted(order[s])] for s in sides}
+        return canonical["positive"], canonical["negative"]
+
+    def _run_one(self, pipe, slot: TemplateSlot, template: LoadedTemplate, item: dict) -> TemplateOutput:
+        start, end = float(item.get("step_start", 0.0)), float(item.get("step_end", 1.0))
+        if not 0.0 <= start < end <= 1.0:
+            raise TemplateInputError(
+                f"template {slot.name!r}: step_start={start}, step_end={end}; need 0 <= step_start < step_end <= 1"
+            )
+        inputs = {k: v for k, v in item.items() if k not in RESERVED_KEYS}
+        if template.schema is not None:
+            inputs = template.schema.validate(inputs, f"template {slot.name!r}")
+        key = (str(slot.folder.resolve()), str(self.torch_dtype), id(pipe), hash_inputs(inputs))
+        cache = self.memo.get(key)
+        if cache is None:
+            with torch.no_grad():
+                features = template.model.process_inputs(pipe=pipe, **inputs)
+                cache = template.model(pipe=pipe, **features)
+            if not isinstance(cache, dict):
+                raise TemplateCacheError(
+                    f"template {slot.name!r} returned {type(cache).__name__}; forward must return a dict"
+                )
+            cache = to_device(cache, pipe.device, pipe.torch_dtype)
+            self.memo.put(key, cache)
+        return TemplateOutput(slot.name, cache, start, end)
+
+    @torch.no_grad()
+    def __call__(self, pipe, template_inputs: Sequence[dict] | None = None, negative_template_inputs: Sequence[dict] | None = None, **pipe_kwargs):  # fmt: skip
+        """Run the templates, merge their caches into pipeline arguments, and call ``pipe``."""
+        params = inspect.signature(pipe.__call__).parameters
+        cfg_scale = pipe_kwargs.get(
+            "cfg_scale", params["cfg_scale"].default if "cfg_scale" in params else 1.0
+        )
+        negative = negative_template_inputs if cfg_scale != 1.0 else None  # the negative side would be unused
+        positive_out, negative_out = self.run_templates(pipe, template_inputs or [], negative or [])
+        kwargs = dict(pipe_kwargs)
+        batch = _batch_size(pipe_kwargs.get("prompt"))
+        for prefix, outputs in (("", positive_out), ("negative_", negative_out)):
+            accepted = _accepted_keys(params, prefix)
+            for out in outputs:
+                validate_output(out, pipe.dit, accepted, batch)
+            for key, value in _merge_side(outputs).items():
+                name = prefix + key
+                if name in kwargs:
+                    kwargs[name] = _merge_with_user(key, kwargs[name], value, name)
+                else:
+                    kwargs[name] = value
+        return pipe(**kwargs)
+
+
+# pipeline arguments no template may set (everything else, e.g. input_image, is allowed)
+_NOT_CACHE_KEYS = {"self", "prompt", "negative_prompt", "output_type", "progress", "callback_on_step_end"}
+
+
+def _accepted_keys(params, prefix: str) -> set[str]:
+    """Cache keys one side may produce: ``key`` for the positive side, ``negative_{key}`` must exist for the other."""
+    names = set(params) - _NOT_CACHE_KEYS
+    if prefix:
+        return {p[len(prefix) :] for p in names if p.startswith(prefix)}
+    return {p for p in names if not p.startswith("negative_")}
+
+
+def _merge_side(outputs: list[TemplateOutput]) -> dict[str, Any]:
+    """Merge one side; KV of templates with a step window becomes a ScheduledKVCache."""
+    full = [o for o in outputs if (o.step_start, o.step_end) == (0.0, 1.0)]
+    windowed = [o for o in outputs if (o.step_start, o.step_end) != (0.0, 1.0)]
+    merged = merge_outputs(full + [TemplateOutput(o.template, {k: v for k, v in o.cache.items() if k != "kv_cache"}) for o in windowed]).values  # fmt: skip
+    windowed_kv = [o for o in windowed if "kv_cache" in o.cache]
+    if windowed_kv:
+        entries = [(merged["kv_cache"], 0.0, 1.0)] if "kv_cache" in merged else []
+        entries += [(o.cache["kv_cache"], o.step_start, o.step_end) for o in windowed_kv]
+        merged["kv_cache"] = ScheduledKVCache(entries)
+    return merged
+
+
+def _merge_with_user(key: str, user: Any, template: Any, name: str) -> Any:
+    if key not in MERGEABLE_KEYS:
+        raise TemplateCacheError(
+            f"{name!r} was passed directly and also produced by a template; pass it only once"
+        )
+    if key == "kv_cache":
+        if isinstance(template, ScheduledKVCache) or isinstance(user, ScheduledKVCache):
+            user_entries = user.entries if isinstance(user, ScheduledKVCache) else [(user, 0.0, 1.0)]
+            template_entries = (
+                template.entries if isinstance(template, ScheduledKVCache) else [(template, 0.0, 1.0)]
+            )
+            return ScheduledKVCache(user_entries + template_entries)
+        return merge_kv_caches([user, template])
+    if key == "lora":
+        return merge_loras([user, template])
+    return broadcast_cat([user, template], 1)
+
+
+def _batch_size(prompt: Any) -> int | None:
+    if isinstance(prompt, str):
+        return 1
+    return len(prompt) if isinstance(prompt, list) else None
+
+
+def _default_name(source: str | os.PathLike, folder: Path) -> str:
+    return str(source) if not Path(source).exists() else folder.name
