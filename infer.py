@@ -70,6 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--edit_image", action="append", default=None, help="reference image for editing (repeatable)"
     )
 
+    g = p.add_argument_group("templates")
+    g.add_argument("--template", action="append", default=[], metavar="SOURCE",
+                   help="template folder or ModelScope id (repeatable; model_id 0, 1, ... in order)")  # fmt: skip
+    g.add_argument("--template_input", action="append", default=[], metavar="'KEY=VALUE ...'",
+                   help="one template input: space-separated KEY=VALUE pairs, e.g. 'model_id=0 scale=0.7'; "
+                   "values are JSON when they parse (numbers, lists, true), image paths load as images (repeatable)")  # fmt: skip
+    g.add_argument("--negative_template_input", action="append", default=[], metavar="'KEY=VALUE ...'",
+                   help="a template input for the negative (unconditional) side (repeatable)")  # fmt: skip
+    g.add_argument("--job", default=None, help="JSON file with any of: templates, template_inputs, "
+                   "negative_template_inputs and generation arguments (flags override it)")  # fmt: skip
+    g.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="allow DiffSynth-format templates to run their model.py",
+    )
+    g.add_argument(
+        "--lazy_loading", action="store_true", help="keep at most one template on the device at a time"
+    )
+
     g = p.add_argument_group("output")
     g.add_argument(
         "--output", default="outputs/image.png", help="PNG path; several images get _0, _1, ... suffixes"
@@ -79,7 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.job:  # the job's generation arguments become defaults, so explicit flags still win
+        dests = {a.dest for a in parser._actions}
+        job = _read_job(args.job)
+        parser.set_defaults(**{k: v for k, v in job.items() if k in dests and k != "job"})
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
     import torch
@@ -123,12 +148,31 @@ def main(argv: list[str] | None = None) -> list[Path]:
         edit_image=[Image.open(p) for p in args.edit_image] if args.edit_image else None,
         progress=not args.quiet,
     )
+    templates, template_inputs, negative_inputs = _template_job(args)
+    run = pipe
+    if templates:
+        from diffsynth_templates.templates import TemplatePipeline
+
+        template_pipe = TemplatePipeline.from_pretrained(
+            templates,
+            torch_dtype=pipe.torch_dtype,
+            device=pipe.device,
+            lazy_loading=args.lazy_loading,
+            trust_remote_code=args.trust_remote_code,
+            offline=True if args.offline else None,
+        )
+
+        def run(**kw):
+            return template_pipe(
+                pipe, template_inputs=template_inputs, negative_template_inputs=negative_inputs, **kw
+            )
+
     written = []
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     for index in range(args.num_images):
         seed = args.seed + index
-        image = pipe(**call, seed=seed)[0]
+        image = run(**call, seed=seed)[0]
         path = (
             output
             if args.num_images == 1
@@ -136,11 +180,84 @@ def main(argv: list[str] | None = None) -> list[Path]:
         )
         meta = PngInfo()
         record = {k: v for k, v in vars(args).items() if k not in ("output", "quiet", "num_images")}
+        record.update(
+            template_inputs=_jsonable(template_inputs), negative_template_inputs=_jsonable(negative_inputs)
+        )
         meta.add_text("parameters", json.dumps({**record, "model": model, "seed": seed}))
         image.save(path, pnginfo=meta)
         logging.info("wrote %s", path)
         written.append(path)
     return written
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def parse_pairs(text: str, base: Path | None = None) -> dict:
+    """``'model_id=0 scale=0.7 image=edge.png'`` -> ``{"model_id": 0, "scale": 0.7, "image": <PIL>}``."""
+    out = {}
+    for pair in text.split():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"template input {pair!r} is not KEY=VALUE (in {text!r})")
+        out[key] = _parse_value(value, base)
+    return out
+
+
+def _parse_value(value, base: Path | None):
+    if isinstance(value, str):
+        path = Path(value) if base is None or Path(value).is_absolute() else base / value
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            if not path.is_file():
+                raise SystemExit(f"template input image {str(path)!r} does not exist")
+            from PIL import Image
+
+            return Image.open(path).convert("RGB")
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _template_job(args) -> tuple[list[str], list[dict], list[dict]]:
+    """Merge ``--job`` with the flags; image paths in a job resolve against the job file's folder."""
+    templates, inputs, negative = list(args.template), [], []
+    if args.job:
+        job = _read_job(args.job)
+        base = Path(args.job).parent
+        templates = [
+            str(base / t) if (base / t).exists() else t for t in job.get("templates", [])
+        ] + templates
+        inputs = [{k: _parse_value(v, base) for k, v in d.items()} for d in job.get("template_inputs", [])]
+        negative = [
+            {k: _parse_value(v, base) for k, v in d.items()} for d in job.get("negative_template_inputs", [])
+        ]
+    inputs += [parse_pairs(t) for t in args.template_input]
+    negative += [parse_pairs(t) for t in args.negative_template_input]
+    if (inputs or negative) and not templates:
+        raise SystemExit("template inputs were given but no --template to run them")
+    return templates, inputs, negative
+
+
+def _read_job(path: str) -> dict:
+    try:
+        job = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"cannot read job file {path!r}: {e}") from e
+    if not isinstance(job, dict):
+        raise SystemExit(f"job file {path!r} must hold a JSON object")
+    return job
+
+
+def _jsonable(inputs: list[dict]) -> list[dict]:
+    return [
+        {
+            k: (v if isinstance(v, (int, float, str, bool, list)) else f"<{type(v).__name__}>")
+            for k, v in d.items()
+        }
+        for d in inputs
+    ]
 
 
 if __name__ == "__main__":

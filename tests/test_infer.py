@@ -59,3 +59,36 @@ def test_bad_size_is_a_clear_error(tiny_klein_root, tmp_path):
     )  # fmt: skip
     assert out.returncode != 0
     assert "height=50 is not a multiple of 16" in out.stderr
+
+
+def test_templates_from_flags_and_job(tiny_klein_root, tmp_path):
+    """--template with KEY=VALUE inputs, and the same through a JSON job file, give the same image."""
+    import torch
+
+    import infer
+    from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline
+    from tests.templates.helpers import ScalarKV, ScalarKVConfig, save_declarative
+
+    dit = Flux2ImagePipeline.from_pretrained(tiny_klein_root, device="cpu").dit
+    torch.manual_seed(0)
+    spec = dit.kv_block_specs["single_0"]
+    folder = save_declarative(
+        tmp_path / "kv", ScalarKV(ScalarKVConfig(heads=spec.heads, head_dim=spec.head_dim))
+    )
+    common = ["--model", str(tiny_klein_root), "--height", "32", "--width", "32", "--steps", "2",
+              "--max_sequence_length", "16", "--quiet", "--device", "cpu"]  # fmt: skip
+    plain = infer.main([*common, "--output", str(tmp_path / "plain.png")])[0]
+    flags = infer.main([*common, "--template", str(folder), "--template_input", "model_id=0 scale=0.8",
+                        "--output", str(tmp_path / "flags.png")])[0]  # fmt: skip
+    job = tmp_path / "job.json"
+    job.write_text(
+        json.dumps({"templates": ["kv"], "template_inputs": [{"model_id": 0, "scale": 0.8}], "steps": 1})
+    )
+    from_job = infer.main([*common, "--job", str(job), "--output", str(tmp_path / "job.png")])[0]
+    a, b, c = (np.asarray(Image.open(p)).astype(int) for p in (plain, flags, from_job))
+    assert np.array_equal(b, c)  # explicit --steps 2 overrode the job's steps 1
+    assert np.abs(a - b).max() > 0
+    params = json.loads(Image.open(flags).text["parameters"])
+    assert params["template"] == [str(folder)] and params["template_inputs"] == [
+        {"model_id": 0, "scale": 0.8}
+    ]
