@@ -19,7 +19,8 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,15 @@ class Flux2VAEConfig:
         if unexpected:
             logger.warning("Flux2VAEConfig ignores unknown config keys %s", unexpected)
         return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        """``config.json`` as diffusers' ``AutoencoderKLFlux2`` writes it (round-trips through ``from_dict``)."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "extra"}
+        return {
+            "_class_name": "AutoencoderKLFlux2",
+            **self.extra,
+            **{k: v for k, v in d.items() if v is not None},
+        }
 
     @property
     def downsample_factor(self) -> int:
@@ -391,6 +401,14 @@ class Flux2VAE(nn.Module):
             ignore_keys=lambda key: key == "bn.num_batches_tracked",
             keep_fp32=lambda name: name.startswith("bn."),
         )
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` in the official layout."""
+        from ..loading import save_safetensors_atomic, write_json_atomic
+
+        folder = Path(folder)
+        save_safetensors_atomic(self.state_dict(), folder / "diffusion_pytorch_model.safetensors")
+        write_json_atomic(self.config.to_dict(), folder / "config.json")
 
     @property
     def dtype(self) -> torch.dtype:

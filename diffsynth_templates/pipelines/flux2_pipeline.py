@@ -36,6 +36,27 @@ logger = logging.getLogger(__name__)
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 EDIT_TIME_STEP = 10  # reference images sit at t = 10, 20, ... in the position ids
 MAX_EDIT_AREA = 1024 * 1024
+# what the official klein repos ship, so saved folders load in diffusers too
+KLEIN_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+MODEL_INDEX = {
+    "_class_name": "Flux2KleinPipeline",
+    "is_distilled": False,
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+    "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+    "transformer": ["diffusers", "Flux2Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKLFlux2"],
+}
 
 
 @dataclass
@@ -115,6 +136,30 @@ class Flux2ImagePipeline:
         pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
         prompt_encoder = Flux2PromptEncoder(tok, te, pad_token=pad_token, padding_side=padding_side)
         return cls(dit, vae_model, te, tok, device, torch_dtype, prompt_encoder)
+
+    def save_pretrained(self, root: str | os.PathLike) -> Path:
+        """Write the official layout (``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+        ``scheduler/``, ``model_index.json``), readable by this class and by diffusers."""
+        from ..loading import write_json_atomic
+
+        root = Path(root)
+        self.dit.save_pretrained(root / "transformer")
+        self.vae.save_pretrained(root / "vae")
+        self.text_encoder.save_pretrained(root / "text_encoder")
+        (root / "tokenizer").mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(root / "tokenizer" / "tokenizer.json"))
+        pad_token = self.tokenizer.id_to_token(self.prompt_encoder.pad_id)
+        write_json_atomic(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "pad_token": pad_token,
+                "padding_side": self.prompt_encoder.padding_side,
+            },
+            root / "tokenizer" / "tokenizer_config.json",
+        )
+        write_json_atomic(KLEIN_SCHEDULER_CONFIG, root / "scheduler" / "scheduler_config.json")
+        write_json_atomic(MODEL_INDEX, root / "model_index.json")
+        return root
 
     # -- memory modes -----------------------------------------------------------------------------
 

@@ -300,3 +300,14 @@ def test_per_side_loras_batched_equal_two_passes(pipe, monkeypatch):
     monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
     assert np.abs(batched - run(pipe, **kw)).max() <= 1e-5
     assert np.abs(batched - run(pipe, cfg_scale=3.0, max_sequence_length=16)).max() > 1e-4
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    from diffsynth_templates.pipelines.random_init import random_flux2_pipeline
+
+    pipe = random_flux2_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    again = Flux2ImagePipeline.from_pretrained(tmp_path / "model", torch_dtype=torch.float32, device="cpu")
+    kw = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, seed=1, output_type="np",
+              max_sequence_length=32, progress=False)  # fmt: skip
+    assert np.array_equal(pipe(**kw), again(**kw))
