@@ -425,13 +425,15 @@ class Flux2VAE(nn.Module):
 
         The klein pipeline encodes with the mode (mean), not a sample, so encoding is deterministic.
         """
-        f = self.config.downsample_factor
-        _check_image(images, self.config.in_channels, f, "Flux2VAE.encode")
-        moments = self.encoder(images.to(self.dtype))
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        mean, _logvar = moments.chunk(2, dim=1)
+        mean, _logvar = self.encoder_moments(images).chunk(2, dim=1)
         return mean
+
+    def encoder_moments(self, images: Tensor) -> Tensor:
+        """The posterior's mean and log-variance stacked on channels, ``[B, 2 * latent_channels, H/f, W/f]``
+        (training needs both: sampling and the KL term)."""
+        _check_image(images, self.config.in_channels, self.config.downsample_factor, "Flux2VAE.encode")
+        moments = self.encoder(images.to(self.dtype))
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
 
     def decode(
         self, latents: Tensor, tile_size: int | None = None, tile_overlap: int | None = None
