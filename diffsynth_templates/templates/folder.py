@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..loading import CheckpointError, load_module_from_files, save_safetensors_atomic, write_json_atomic
+from ..loading.integrity import verify_sha256
 from .base import TemplateError, check_template_model
 from .registry import build_architecture, get_architecture
 from .schema import InputSchema
@@ -147,6 +148,7 @@ def _load_declarative(folder: Path, torch_dtype, device) -> LoadedTemplate:
     except json.JSONDecodeError as e:
         raise TemplateError(f"{where} is not valid JSON ({e})") from e
     spec = TemplateSpec.from_json(data, where)
+    verify_sha256(folder)  # a no-op unless template.json pins digests; a mismatch means a corrupt download
     cls = get_architecture(spec.architecture)
     files = [folder / w for w in spec.weights]
     missing = [str(f.name) for f in files if not f.is_file()]
