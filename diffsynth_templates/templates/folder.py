@@ -149,7 +149,7 @@ def _load_declarative(folder: Path, torch_dtype, device) -> LoadedTemplate:
         raise TemplateError(f"{where} is not valid JSON ({e})") from e
     spec = TemplateSpec.from_json(data, where)
     verify_sha256(folder)  # a no-op unless template.json pins digests; a mismatch means a corrupt download
-    cls = get_architecture(spec.architecture)
+    get_architecture(spec.architecture)  # an unknown architecture fails before any weight is read
     files = [folder / w for w in spec.weights]
     missing = [str(f.name) for f in files if not f.is_file()]
     if missing:
@@ -167,7 +167,7 @@ def _load_declarative(folder: Path, torch_dtype, device) -> LoadedTemplate:
         device=device,
     )
     model.eval().requires_grad_(False)
-    schema = spec.schema or getattr(cls, "input_schema", None)
+    schema = spec.schema or getattr(model, "input_schema", None)  # instances may derive it from their config
     processor = _declared_processor(spec.data_processor, where)
     return LoadedTemplate(spec.name or folder.name, model, folder, "declarative", schema, processor, spec)
 
