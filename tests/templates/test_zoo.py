@@ -192,7 +192,7 @@ def test_init_from_dit_copies_the_first_blocks(pipe):
 
 # --- full size, on the meta device ------------------------------------------------------------------
 
-# parameter counts at klein-4B size (docs/zoo.md); value_kv and lora_bank are also derived below
+# parameter counts at klein-4B size (README, template zoo table); value_kv and lora_bank are also derived below
 FULL_SIZE_PARAMS = {
     "value_kv": 590_131_200,
     "image_kv": 756_154_880,
