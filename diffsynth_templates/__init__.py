@@ -19,6 +19,13 @@ _EXPORTS = {
     "Flux2VAE": "diffsynth_templates.backbones.flux2_vae",
     "Flux2VAEConfig": "diffsynth_templates.backbones.flux2_vae",
     "CheckpointError": "diffsynth_templates.loading",
+    "ZImageDiT": "diffsynth_templates.backbones.zimage_dit",
+    "ZImageDiTConfig": "diffsynth_templates.backbones.zimage_dit",
+    "AutoencoderKL": "diffsynth_templates.backbones.autoencoder_kl",
+    "AutoencoderKLConfig": "diffsynth_templates.backbones.autoencoder_kl",
+    "Flux2ImagePipeline": "diffsynth_templates.pipelines.flux2_pipeline",
+    "ZImagePipeline": "diffsynth_templates.pipelines.zimage_pipeline",
+    "TemplatePipeline": "diffsynth_templates.templates.pipeline",
 }
 
 

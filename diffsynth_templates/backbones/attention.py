@@ -29,18 +29,31 @@ class KVBlockSpec:
     head_dim: int
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, extra_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    extra_kv: tuple[Tensor, Tensor] | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
     """Scaled dot-product attention over ``[B, S, H, D]`` tensors; returns ``[B, S, H * D]``.
 
     ``extra_kv`` holds template tokens ``[B or 1, L, H, D]`` appended to the keys and values. A
     batch-1 cache is broadcast to the batch, so one cache serves both CFG sides or any batch.
+    ``mask`` (bool ``[B, S]``, True = a real token) hides padding keys of a ragged batch; template
+    tokens are never masked, so the mask is extended with True for them.
     """
     if extra_kv is not None and extra_kv[0].shape[1] > 0:
         extra_k, extra_v = extra_kv
         batch = k.shape[0]
         k = torch.cat([k, extra_k.to(k.dtype).expand(batch, -1, -1, -1)], dim=1)
         v = torch.cat([v, extra_v.to(v.dtype).expand(batch, -1, -1, -1)], dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(batch, extra_k.shape[1])], dim=1)
+    attn_mask = None if mask is None else mask[:, None, None, :]  # broadcast over heads and queries
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+    )
     return out.transpose(1, 2).flatten(2)
 
 
