@@ -1,0 +1,203 @@
+"""What a training run is made of: base-model parts, the template, its data processor, and their fingerprints.
+
+Stage I needs the text encoder, VAE and tokenizer; stage II needs only the DiT (the text encoder and
+VAE join only when validation images are requested); ``--task full`` needs everything. Each part is
+resolved and loaded here so the trainer never repeats the rules.
+
+Fingerprints say which inputs produced a feature cache. A component folder's fingerprint hashes its
+JSON files (configs, tokenizer), every safetensors header (names, dtypes, shapes) and a strided
+sample of the weight bytes: cheap on multi-GB checkpoints (at most 16 MiB read per file), yet a
+retrained model with the same shapes changes it. Files up to 16 MiB are hashed whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import logging
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backbones.flux2_dit import Flux2DiT
+from ..backbones.flux2_vae import Flux2VAE
+from ..backbones.qwen3 import Qwen3TextEncoder
+from ..loading.resolve import resolve_model_path
+from ..pipelines.flux2_pipeline import Flux2ImagePipeline, _component_folder
+from ..pipelines.flux2_prompt import Flux2PromptEncoder, load_tokenizer, read_tokenizer_settings
+from ..templates import TemplateSpec, build_architecture, load_template_folder
+from ..templates.folder import fingerprint_callable
+from ..templates.processors import get_processor
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
+FEATURE_COMPONENTS = ("text_encoder", "vae", "tokenizer")  # what stage-I features depend on
+_BLOCK = 1 << 20
+_BLOCKS = 16
+
+
+class TemplateSetupError(ValueError):
+    """The template, its architecture or its data processor cannot be used for training."""
+
+
+def import_user_modules(config: TrainConfig) -> None:
+    """``--import_modules``: modules that register custom architectures or data processors."""
+    for name in config.import_modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise TemplateSetupError(
+                f"--import_modules: cannot import {name!r} ({e}); is it on PYTHONPATH?"
+            ) from e
+
+
+def model_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype of frozen weights and of stored features."""
+    return torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# base model
+# --------------------------------------------------------------------------------------------------
+
+
+def component_folders(config: TrainConfig, names: tuple[str, ...]) -> dict[str, Path]:
+    offline = True if config.offline else None
+    folders = {}
+    for name in names:
+        source = getattr(config, name) or config.model
+        if source is None:
+            raise FileNotFoundError(f"no {name} given: pass --model (or --{name})")
+        folders[name] = _component_folder(source, name, None, None, offline)
+    return folders
+
+
+def folder_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix == ".json":
+            digest.update(path.relative_to(folder).as_posix().encode())
+            digest.update(path.read_bytes())
+        elif path.suffix == ".safetensors":
+            digest.update(path.relative_to(folder).as_posix().encode())
+            digest.update(_safetensors_digest(path))
+    return digest.hexdigest()
+
+
+def _safetensors_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        digest.update(f.read(header_len))
+        start, length = 8 + header_len, size - 8 - header_len
+        if length <= _BLOCK * _BLOCKS:
+            digest.update(f.read())
+        else:  # evenly spaced blocks, the first at the start of the data and the last at its end
+            for i in range(_BLOCKS):
+                f.seek(start + i * (length - _BLOCK) // (_BLOCKS - 1))
+                digest.update(f.read(_BLOCK))
+    return digest.digest()
+
+
+def base_model_fingerprint(config: TrainConfig) -> dict[str, str]:
+    """Fingerprints of the parts stage-I features depend on (the DiT is not one of them)."""
+    return {
+        name: folder_fingerprint(folder)
+        for name, folder in component_folders(config, FEATURE_COMPONENTS).items()
+    }
+
+
+def load_dit(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> Flux2DiT:
+    folder = component_folders(config, ("transformer",))["transformer"]
+    return Flux2DiT.from_pretrained(folder, torch_dtype=dtype, device=device)
+
+
+def load_pipeline(
+    config: TrainConfig, device: torch.device, dtype: torch.dtype, dit: Flux2DiT | None = None
+) -> Flux2ImagePipeline:
+    """Text encoder + VAE + tokenizer as a pipeline; ``dit`` may be None (stage I never runs the DiT)."""
+    folders = component_folders(config, FEATURE_COMPONENTS)
+    text_encoder = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=dtype, device=device)
+    vae = Flux2VAE.from_pretrained(folders["vae"], torch_dtype=dtype, device=device)
+    tokenizer = load_tokenizer(folders["tokenizer"])
+    pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
+    prompt_encoder = Flux2PromptEncoder(
+        tokenizer, text_encoder, pad_token=pad_token, padding_side=padding_side
+    )
+    return Flux2ImagePipeline(dit, vae, text_encoder, tokenizer, device, dtype, prompt_encoder)
+
+
+# --------------------------------------------------------------------------------------------------
+# template and data processor
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TemplateHandle:
+    model: nn.Module
+    spec: TemplateSpec  # written into every checkpoint's template.json
+    processor: Any  # (row, image, seed) -> template inputs; None passes row["template_inputs"] through
+    fingerprint: dict[str, Any]  # {"architecture", "config", "data_processor"}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
+
+
+def build_template(config: TrainConfig, seed: int) -> TemplateHandle:
+    """The template to train, in float32 (trainable weights are kept in full precision)."""
+    if config.architecture:
+        torch.manual_seed(seed)  # same initial weights on every rank and every rerun
+        model = build_architecture(config.architecture, config.architecture_config)
+        spec = TemplateSpec(architecture=config.architecture, name=config.template_name)
+        spec.cache_keys = list(getattr(model, "cache_keys", ()))
+        schema = getattr(model, "input_schema", None)
+        if schema is not None and hasattr(schema, "to_json"):
+            spec.inputs = schema.to_json()
+        declared = None
+    else:
+        folder = resolve_model_path(config.template, offline=True if config.offline else None)
+        try:
+            loaded = load_template_folder(folder, torch_dtype=torch.float32)
+        except Exception as e:
+            raise TemplateSetupError(f"cannot load --template {config.template}: {e}") from e
+        if loaded.kind != "declarative" or loaded.spec is None:
+            raise TemplateSetupError(
+                f"--template {config.template} is a DiffSynth-format folder (model.py); training writes the "
+                "declarative format, so start from a declarative folder or pass --architecture NAME"
+            )
+        model, spec = loaded.model, copy.deepcopy(loaded.spec)
+        if config.template_name:
+            spec.name = config.template_name
+        declared = spec.data_processor
+    spec.base_model = spec.base_model or config.model  # what it was trained on, for model cards
+    model_config = getattr(model, "config", None)
+    spec.config = _jsonable(asdict(model_config)) if is_dataclass(model_config) else dict(spec.config)
+
+    if config.data_processor:
+        try:
+            processor = get_processor(config.data_processor, **config.data_processor_config)
+        except (KeyError, TypeError, ValueError) as e:
+            raise TemplateSetupError(f"--data_processor {config.data_processor}: {e}") from e
+        spec.data_processor = {"name": config.data_processor, "config": config.data_processor_config}
+    elif declared:
+        processor = get_processor(declared["name"], **declared.get("config", {}))
+    else:
+        processor = None
+        logger.info("no data processor: the template gets each row's template_inputs as they are")
+    fingerprint = {
+        "architecture": spec.architecture,
+        "config": spec.config,
+        "data_processor": fingerprint_callable(processor),
+    }
+    return TemplateHandle(model.float(), spec, processor, fingerprint)

@@ -1,0 +1,267 @@
+"""Stage I: one dataset sample -> the features stage II trains on, all computed without gradients.
+
+For a sample: the prompt's text embeddings (text encoder), the VAE latents of the target image and of
+every edit image, and the template's features: the data processor turns the row into template
+inputs (seeded by the sample's own seed, so a rerun and ``--task full`` build identical inputs), then
+the template's ``process_inputs`` turns those into features.
+
+Text embeddings and latents are identified by their content (``content_key``): the same prompt or
+the same image under the same encoder is computed once and stored once, whichever sample, run or
+template asked for it. Stage I and ``--task full`` run exactly this code, one sample at a time, so
+both paths see bit-identical features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..pipelines.flux2_pipeline import Flux2ImagePipeline
+from ..pipelines.image_io import fit_to_area
+from .dataset import SampleLoadError, TemplateDataset
+
+logger = logging.getLogger(__name__)
+
+
+class FeatureError(ValueError):
+    """A template's ``process_inputs`` returned something that cannot be cached."""
+
+
+class SampleSkipped(Exception):
+    """This sample cannot be used (file lost, processor or template rejected it); it is skipped."""
+
+
+@dataclass
+class SampleFeatures:
+    """Everything stage II needs for one sample. Tensors are on the CPU."""
+
+    id: str
+    order: int  # position among the dataset's valid rows: fixes the batch plan
+    line: int  # metadata line, for messages
+    size: tuple[int, int]  # (width, height) of the target image
+    latents: Tensor | None  # [128, h, w] float32; None when only its key is kept (stage I, stored)
+    prompt_embeds: Tensor | None  # [L, D]
+    edit_latents: list[Tensor | None] = field(default_factory=list)
+    template: dict[str, Any] = field(default_factory=dict)  # process_inputs output: tensors + JSON values
+    keys: dict[str, Any] = field(default_factory=dict)  # content keys: "text", "latents", "edit"
+
+
+# --------------------------------------------------------------------------------------------------
+# nested features <-> flat tensors + JSON structure
+# --------------------------------------------------------------------------------------------------
+
+
+def flatten_features(value: Any, tensors: dict[str, Tensor], prefix: str, where: str = "features") -> Any:
+    """A JSON description of ``value`` whose tensors are moved into ``tensors`` under ``prefix{n}``.
+
+    Dicts (string keys), lists, tuples, tensors, numbers, strings, booleans and None are kept exactly;
+    anything else (a PIL image, a numpy array) is an error naming the offending entry.
+    """
+    if isinstance(value, Tensor):
+        name = f"{prefix}{len(tensors)}"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise FeatureError(f"{where} has non-string keys {bad}; feature dicts need string keys")
+        return {
+            "dict": {k: flatten_features(v, tensors, prefix, f"{where}[{k!r}]") for k, v in value.items()}
+        }
+    if isinstance(value, (list, tuple)):
+        kind = "list" if isinstance(value, list) else "tuple"
+        return {kind: [flatten_features(v, tensors, prefix, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    hint = " (convert images to tensors inside process_inputs)" if isinstance(value, Image.Image) else ""
+    raise FeatureError(
+        f"{where} is a {type(value).__name__}; features must be tensors, numbers, strings, or lists/dicts of them{hint}"
+    )
+
+
+def unflatten_features(structure: Any, get: Callable[[str], Tensor]) -> Any:
+    ((kind, value),) = structure.items()
+    if kind == "tensor":
+        return get(value)
+    if kind == "dict":
+        return {k: unflatten_features(v, get) for k, v in value.items()}
+    if kind == "list":
+        return [unflatten_features(v, get) for v in value]
+    if kind == "tuple":
+        return tuple(unflatten_features(v, get) for v in value)
+    return value
+
+
+def content_key(kind: str, **parts: Any) -> str:
+    text = json.dumps({"kind": kind, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def image_digest(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# the extractor
+# --------------------------------------------------------------------------------------------------
+
+
+class ContentStoreLike(Protocol):
+    """What the extractor needs from a content store (``feature_cache.ContentStore`` on disk)."""
+
+    def has(self, kind: str, key: str) -> bool: ...
+
+    def put(self, kind: str, key: str, tensor: Tensor) -> None: ...
+
+
+class FeatureExtractor:
+    """``extractor(item) -> SampleFeatures`` for items of ``SafeItems`` (a ``TemplateDataset`` row)."""
+
+    def __init__(
+        self,
+        pipe: Flux2ImagePipeline,
+        fingerprints: dict[str, str],  # text_encoder, vae, tokenizer
+        max_sequence_length: int,
+        max_pixels: int,
+        template: torch.nn.Module | None = None,
+        processor: Callable | None = None,
+        store: ContentStoreLike | None = None,
+    ):
+        self.pipe, self.template, self.processor, self.store = pipe, template, processor, store
+        self.max_sequence_length, self.max_pixels = max_sequence_length, max_pixels
+        dtype = str(pipe.torch_dtype)
+        self._text_id = {
+            "text_encoder": fingerprints["text_encoder"],
+            "tokenizer": fingerprints["tokenizer"],
+            "max_sequence_length": max_sequence_length,
+            "dtype": dtype,
+        }
+        self._vae_id = {"vae": fingerprints["vae"], "dtype": dtype}
+
+    @torch.no_grad()
+    def __call__(self, item: dict[str, Any]) -> SampleFeatures:
+        if "error" in item:
+            raise SampleSkipped(item["error"])
+        where = f"metadata line {item['line']} (sample {item['id']})"
+        image: Image.Image = item["image"]
+        text_key, embeds = self._text(item["prompt"])
+        latents_key, latents = self._latents(image, image.size)
+        edit = [self._latents(e, self._edit_size(e)) for e in item["edit_images"]]
+        features = SampleFeatures(
+            id=item["id"],
+            order=item["order"],
+            line=item["line"],
+            size=image.size,
+            latents=latents,
+            prompt_embeds=embeds,
+            edit_latents=[t for _, t in edit],
+            keys={"text": text_key, "latents": latents_key, "edit": [k for k, _ in edit]},
+        )
+        if self.template is not None:
+            features.template = self._template_features(item, where)
+        return features
+
+    def _text(self, prompt: str) -> tuple[str, Tensor | None]:
+        key = content_key("text", prompt=prompt, **self._text_id)
+        if self.store is not None and self.store.has("text", key):
+            return key, None
+        embeds, _ = self.pipe.encode_prompt([prompt], self.max_sequence_length)
+        embeds = embeds[0].cpu().contiguous()
+        if self.store is not None:
+            self.store.put("text", key, embeds)
+            return key, None
+        return key, embeds
+
+    def _edit_size(self, image: Image.Image) -> tuple[int, int]:
+        """Edit images are encoded at their own size, shrunk to the pixel budget (as the pipeline does)."""
+        height, width = fit_to_area(image.height, image.width, self.max_pixels, self.pipe.pixels_per_token)
+        return width, height
+
+    def _latents(self, image: Image.Image, size: tuple[int, int]) -> tuple[str, Tensor | None]:
+        width, height = size
+        key = content_key(
+            "latents",
+            image=image_digest(image),
+            size=list(image.size),
+            target=[width, height],
+            **self._vae_id,
+        )
+        if self.store is not None and self.store.has("latents", key):
+            return key, None
+        latents = self.pipe.encode_image(image, height, width)[0].cpu().contiguous()
+        if self.store is not None:
+            self.store.put("latents", key, latents)
+            return key, None
+        return key, latents
+
+    def _template_features(self, item: dict[str, Any], where: str) -> dict[str, Any]:
+        edit_images = item["edit_images"]
+        row = {
+            **item.get("extra", {}),
+            "image": item["image"],
+            "prompt": item["prompt"],
+            "template_inputs": item["template_inputs"],
+        }
+        if edit_images:
+            row["edit_image"] = edit_images[0] if len(edit_images) == 1 else edit_images
+        training = self.template.training
+        self.template.eval()  # the same mode in stage I and in --task full, where the template trains
+        try:
+            if self.processor is not None:
+                inputs = self.processor(row, item["image"], item["seed"])
+            else:
+                inputs = dict(item["template_inputs"])
+            features = self.template.process_inputs(pipe=self.pipe, **inputs)
+        except Exception as e:  # a row the processor or template cannot use: skip it, say which and why
+            raise SampleSkipped(
+                f"{where}: the data processor / process_inputs failed: {type(e).__name__}: {e}"
+            ) from e
+        finally:
+            self.template.train(training)
+        if not isinstance(features, dict):
+            raise FeatureError(f"process_inputs returned {type(features).__name__}; it must return a dict")
+        flatten_features(features, {}, "check/")  # reject what cannot be cached, in both modes alike
+        return _to_cpu(features)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().contiguous()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+class SafeItems(torch.utils.data.Dataset):
+    """``TemplateDataset`` items (plus extra fields, line and order) for some of its indices.
+
+    A sample whose image vanished or broke after indexing comes back as ``{"error": ...}`` instead of
+    raising inside a DataLoader worker, so it is skipped alone and iteration goes on.
+    """
+
+    def __init__(self, dataset: TemplateDataset, indices: list[int] | None = None):
+        self.dataset = dataset
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = self.indices[i]
+        sample = self.dataset.samples[index]
+        base = {"id": sample.id, "line": sample.line, "order": index}
+        try:
+            item = self.dataset[index]
+        except SampleLoadError as e:
+            return {**base, "error": str(e)}
+        return {**item, **base, "extra": sample.extra}

@@ -1,0 +1,52 @@
+"""Train Diffusion Templates (and FLUX.2 DiTs) in two stages.
+
+    # stage I: features (text embeddings, latents, template features) to disk, no gradients
+    accelerate launch train.py --task data_process --model MODEL --template TEMPLATE \\
+        --dataset_metadata_path data/metadata.jsonl --cache_path cache/brightness
+    # stage II: optimize the template from the cache (loads only the DiT + template)
+    accelerate launch train.py --task train --model MODEL --template TEMPLATE \\
+        --cache_path cache/brightness --output_path runs/brightness --learning_rate 1e-4 --num_epochs 2
+    # or both in one run, features in memory
+    accelerate launch train.py --task full ... (the union of the flags above, minus --cache_path)
+
+``python train.py --help`` lists every flag; ``--config run.yaml`` supplies defaults for any of them.
+See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffsynth_templates.training.config import ConfigError, parse_args
+
+    rank = int(os.environ.get("RANK", "0"))
+    # only the main process talks; the others report errors
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.ERROR,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+        if rank
+        else "%(asctime)s %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        config = parse_args(argv)
+    except ConfigError as e:
+        logging.getLogger("train").error("%s", e)
+        return 2
+
+    from diffsynth_templates.training.trainer import USER_ERRORS, run
+
+    try:
+        run(config)
+    except USER_ERRORS as e:  # a problem with the inputs: the message says what to do, no traceback needed
+        logging.getLogger("train").error("%s: %s", type(e).__name__, e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
