@@ -1,0 +1,84 @@
+"""Assemble the toy world's base model folder in the official FLUX.2-klein layout.
+
+    python scripts/build_toy_base.py --vae models/toy/base/vae --out models/toy/base-init
+
+Same classes as the real stack, small configs: a Flux2DiT (randomly initialized here; train.py's
+`--trainable_models dit` trains it), the toy VAE trained by scripts/train_toy_vae.py, a 28-layer
+Qwen3 text encoder kept frozen at a seeded random initialization (its layers 9/18/27 still carry
+which words were said, which is all the toy captions need), and a word-level tokenizer over the toy
+world's vocabulary with Qwen's chat special tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds datasets/
+
+from datasets import toy_world  # noqa: E402
+from diffsynth_templates import Flux2DiT, Flux2DiTConfig  # noqa: E402
+from diffsynth_templates.backbones.flux2_vae import Flux2VAE  # noqa: E402
+from diffsynth_templates.backbones.qwen3 import Qwen3TextEncoder  # noqa: E402
+from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline  # noqa: E402
+from diffsynth_templates.pipelines.random_init import tiny_text_config, word_tokenizer  # noqa: E402
+
+logger = logging.getLogger("build_toy_base")
+
+TEXT_HIDDEN = 64
+
+
+def toy_vocabulary() -> list[str]:
+    words = ["a", "an", "and", "at", "the", "on", "to", "background", "gradient", "user", "assistant"]
+    for group in (
+        toy_world.SHAPE_COLORS,
+        toy_world.BACKGROUND_COLORS,
+        toy_world.SHAPE_KINDS,
+        toy_world.SIZES,
+    ):
+        words += list(group)
+    for position in toy_world.POSITIONS:
+        words += position.split()
+    return list(dict.fromkeys(words))
+
+
+def toy_dit_config(latent_channels: int) -> Flux2DiTConfig:
+    return Flux2DiTConfig(
+        in_channels=4 * latent_channels,
+        num_double_blocks=2,
+        num_single_blocks=4,
+        num_heads=3,
+        head_dim=64,
+        text_dim=3 * TEXT_HIDDEN,
+        axes_dims_rope=(16, 16, 16, 16),
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae", default="models/toy/base/vae", help="trained toy VAE folder")
+    p.add_argument("--out", default="models/toy/base-init", help="output model folder")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    vae = Flux2VAE.from_pretrained(args.vae)
+    tokenizer = word_tokenizer(toy_vocabulary())
+    torch.manual_seed(args.seed)
+    dit = Flux2DiT(toy_dit_config(vae.config.latent_channels))
+    text_encoder = Qwen3TextEncoder(tiny_text_config(tokenizer.get_vocab_size(), TEXT_HIDDEN))
+    pipe = Flux2ImagePipeline(dit, vae, text_encoder, tokenizer, device="cpu", torch_dtype=torch.float32)
+    pipe.save_pretrained(Path(args.out))
+    counts = {
+        n: sum(t.numel() for t in m.parameters())
+        for n, m in (("dit", dit), ("vae", vae), ("text", text_encoder))
+    }
+    logger.info("wrote %s: parameters %s, vocabulary %d", args.out, counts, tokenizer.get_vocab_size())
+
+
+if __name__ == "__main__":
+    main()
