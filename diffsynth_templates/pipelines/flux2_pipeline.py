@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from ..backbones.attention import KVCache
 from ..backbones.flux2_dit import Flux2DiT
 from ..backbones.flux2_vae import Flux2VAE
 from ..backbones.qwen3 import Qwen3TextEncoder
-from ..loading.resolve import resolve_model_path
+from .common import PipelineBase, as_prompt_list, at_step, check_call, check_size, component_folder
 from .flow_match import add_noise, euler_step, klein_schedule, velocity_towards
 from .flux2_prompt import Flux2PromptEncoder, load_tokenizer, read_tokenizer_settings
 from .image_io import ImageLike, fit_to_area, image_to_tensor, mask_to_tensor, resize_image, tensor_to_output
@@ -71,7 +71,7 @@ class Conditioning:
     lora_rows: tuple[tuple[LoRACache, slice], ...] = ()
 
 
-class Flux2ImagePipeline:
+class Flux2ImagePipeline(PipelineBase):
     """``Flux2ImagePipeline.from_pretrained(...)(prompt, ...)`` -> images."""
 
     def __init__(
@@ -126,7 +126,7 @@ class Flux2ImagePipeline:
             "tokenizer": tokenizer,
         }
         folders = {
-            name: _component_folder(overrides[name] or source, name, revision, cache_dir, offline)
+            name: component_folder(overrides[name] or source, name, revision, cache_dir, offline)
             for name in COMPONENTS
         }
         dit = Flux2DiT.from_pretrained(folders["transformer"], torch_dtype=torch_dtype, device=device)
@@ -163,29 +163,10 @@ class Flux2ImagePipeline:
 
     # -- memory modes -----------------------------------------------------------------------------
 
-    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> Flux2ImagePipeline:
-        """Keep components in host memory; each moves to ``device`` only while it runs."""
-        self.offload_device = torch.device(device)
-        for module in (self.dit, self.vae, self.text_encoder):
-            module.to("cpu")
-        self.device = self.offload_device
-        return self
-
     def enable_vae_tiling(self, tile_size: int = 64) -> Flux2ImagePipeline:
         """Decode latents in overlapping tiles of ``tile_size`` VAE latent pixels (bounded memory)."""
         self.vae_tile_size = tile_size
         return self
-
-    @contextlib.contextmanager
-    def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        if self.offload_device is None:
-            yield module
-            return
-        module.to(self.offload_device)
-        try:
-            yield module
-        finally:
-            module.to("cpu")
 
     # -- building blocks --------------------------------------------------------------------------
 
@@ -244,11 +225,11 @@ class Flux2ImagePipeline:
     ):
         """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
         (``output_type="np"``) or VAE latents ``[B, 32, H/8, W/8]`` (``output_type="latent"``)."""
-        prompts = _as_prompt_list(prompt, "prompt")
+        prompts = as_prompt_list(prompt, "prompt")
         batch = len(prompts)
-        negatives = _as_prompt_list(negative_prompt, "negative_prompt", batch)
-        _check_size(height, width, self.pixels_per_token)
-        _check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask)
+        negatives = as_prompt_list(negative_prompt, "negative_prompt", batch)
+        check_size(height, width, self.pixels_per_token)
+        check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask)
         do_cfg = cfg_scale != 1.0
         h, w = height // self.pixels_per_token, width // self.pixels_per_token
 
@@ -284,8 +265,8 @@ class Flux2ImagePipeline:
         n_steps = len(schedule)
         with self._on_device(self.dit):
             for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
-                cond_i = _at_step(cond, i, n_steps)
-                uncond_i = None if uncond is None else _at_step(uncond, i, n_steps)
+                cond_i = at_step(cond, i, n_steps)
+                uncond_i = None if uncond is None else at_step(uncond, i, n_steps)
                 velocity = self._velocity(x, t, cond_i, uncond_i, cfg_scale, img_ids, edit_tokens, edit_ids)
                 if mask_tokens is not None:  # outside the mask, steer straight onto the input's latents
                     keep = velocity_towards(x, clean_tokens, schedule.sigmas[i])
@@ -320,30 +301,6 @@ class Flux2ImagePipeline:
         if lora:
             validate_lora(self.dit, lora, source=f"{side}lora")
         return Conditioning(embeds, text_ids, kv_cache or None, lora or None)
-
-    def _checked_kv(self, kv_cache: KVCache | None, batch: int, side: str) -> KVCache | None:
-        """Validate once before denoising and cast once to the pipeline's device and dtype."""
-        self.dit.validate_kv_cache(kv_cache, batch_size=batch, source=f"{side}kv_cache")
-        # empty entries are dropped: they change nothing and would only stop the CFG sides from batching
-        cast = {
-            n: (k.to(self.device, self.torch_dtype), v.to(self.device, self.torch_dtype))
-            for n, (k, v) in (kv_cache or {}).items()
-            if k.shape[1] > 0
-        }
-        return cast or None
-
-    def _initial_noise(self, batch: int, h: int, w: int, seed: int | None, latents: Tensor | None) -> Tensor:
-        shape = (batch, self.dit.config.in_channels, h, w)
-        if latents is not None:
-            if tuple(latents.shape) != shape:
-                raise ValueError(
-                    f"latents have shape {tuple(latents.shape)}; expected {shape} for this size and batch"
-                )
-            return latents.to(self.device, torch.float32)
-        # sampled on the CPU in float32 so a seed gives the same image on any device
-        generator = torch.Generator("cpu")
-        generator.manual_seed(seed) if seed is not None else generator.seed()
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
     def _edit_tokens(self, edit_image) -> tuple[Tensor | None, Tensor | None]:
         """Reference images as extra image tokens, each at its own time position t = 10, 20, ..."""
@@ -409,54 +366,6 @@ class Flux2ImagePipeline:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _component_folder(source, name: str, revision, cache_dir, offline) -> Path:
-    patterns = [f"{name}/*", "model_index.json"]
-    root = resolve_model_path(
-        source, allow_patterns=patterns, revision=revision, cache_dir=cache_dir, offline=offline
-    )
-    if (root / name).is_dir():
-        return root / name
-    marker = "tokenizer.json" if name == "tokenizer" else "config.json"
-    if (root / marker).is_file():
-        return root
-    raise FileNotFoundError(
-        f"{str(source)!r} has no {name}/ folder (and no {marker} of its own); pass {name}=... pointing at one"
-    )
-
-
-def _as_prompt_list(prompt, name: str, batch: int | None = None) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
-    if batch is not None and len(prompts) != batch:
-        if len(prompts) == 1:
-            return prompts * batch
-        raise ValueError(f"{name} has {len(prompts)} entries; expected 1 or {batch} (one per prompt)")
-    return prompts
-
-
-def _check_size(height: int, width: int, multiple: int) -> None:
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value < multiple:
-            raise ValueError(f"{name} must be an integer >= {multiple}, got {value!r}")
-        if value % multiple:
-            lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
-            raise ValueError(f"{name}={value} is not a multiple of {multiple}; use {lower} or {upper}")
-
-
-def _check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask) -> None:
-    if output_type not in ("pil", "np", "latent"):
-        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
-    if denoising_strength != 1.0 and input_image is None:
-        raise ValueError(f"denoising_strength={denoising_strength} needs an input_image to start from")
-    if inpaint_mask is not None and input_image is None:
-        raise ValueError(
-            "inpaint_mask needs input_image: the mask says which pixels of input_image to regenerate"
-        )
-
-
 def _append_text_tokens(embeds: Tensor, text_ids: Tensor, extra: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """Extra text tokens go after the prompt, continuing its sequence positions."""
     if extra.ndim != 3 or extra.shape[-1] != embeds.shape[-1] or extra.shape[0] not in (1, embeds.shape[0]):
@@ -468,13 +377,6 @@ def _append_text_tokens(embeds: Tensor, text_ids: Tensor, extra: Tensor, name: s
     extra_ids[:, -1] = torch.arange(length, length + extra.shape[1], device=text_ids.device)
     extra = extra.to(embeds.device, embeds.dtype).expand(embeds.shape[0], -1, -1)
     return torch.cat([embeds, extra], dim=1), torch.cat([text_ids, extra_ids])
-
-
-def _at_step(c: Conditioning, step: int, num_steps: int) -> Conditioning:
-    """Resolve a step-windowed KV cache to the tokens active at ``step``."""
-    if isinstance(c.kv_cache, ScheduledKVCache):
-        return replace(c, kv_cache=c.kv_cache.at(step, num_steps))
-    return c
 
 
 def _batch_sides(cond: Conditioning, uncond: Conditioning) -> Conditioning | None:

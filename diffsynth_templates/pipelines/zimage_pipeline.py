@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,8 +33,8 @@ from ..backbones.autoencoder_kl import AutoencoderKL
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..backbones.zimage_dit import ZImageDiT
 from ..loading.resolve import resolve_model_path
+from .common import PipelineBase, as_prompt_list, at_step, check_call, check_size, component_folder
 from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule, add_noise, euler_step, velocity_towards
-from .flux2_pipeline import _as_prompt_list, _at_step, _check_call, _check_size, _component_folder
 from .flux2_prompt import DEFAULT_PAD_TOKEN, load_tokenizer, pad_or_truncate, read_tokenizer_settings
 from .image_io import ImageLike, image_to_tensor, mask_to_tensor, resize_image, tensor_to_output
 from .kv_schedule import ScheduledKVCache
@@ -214,7 +214,7 @@ class Conditioning:
     lora_rows: tuple[tuple[LoRACache, slice], ...] = ()
 
 
-class ZImagePipeline:
+class ZImagePipeline(PipelineBase):
     """``ZImagePipeline.from_pretrained(...)(prompt, ...)`` -> images."""
 
     def __init__(
@@ -276,7 +276,7 @@ class ZImagePipeline:
             "tokenizer": tokenizer,
         }
         folders = {
-            name: _component_folder(overrides[name] or source, name, revision, cache_dir, offline)
+            name: component_folder(overrides[name] or source, name, revision, cache_dir, offline)
             for name in COMPONENTS
         }
         variant = variant or ("turbo" if "turbo" in Path(str(source)).name.lower() else "base")
@@ -320,24 +320,6 @@ class ZImagePipeline:
         return root
 
     # -- memory modes -----------------------------------------------------------------------------
-
-    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> ZImagePipeline:
-        """Keep components in host memory; each moves to ``device`` only while it runs."""
-        self.offload_device = self.device = torch.device(device)
-        for module in (self.dit, self.vae, self.text_encoder):
-            module.to("cpu")
-        return self
-
-    @contextlib.contextmanager
-    def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        if self.offload_device is None:
-            yield module
-            return
-        module.to(self.offload_device)
-        try:
-            yield module
-        finally:
-            module.to("cpu")
 
     # -- building blocks --------------------------------------------------------------------------
 
@@ -397,11 +379,11 @@ class ZImagePipeline:
         """
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         cfg_scale = self.defaults.cfg_scale if cfg_scale is None else cfg_scale
-        prompts = _as_prompt_list(prompt, "prompt")
+        prompts = as_prompt_list(prompt, "prompt")
         batch = len(prompts)
-        negatives = _as_prompt_list(negative_prompt, "negative_prompt", batch)
-        _check_size(height, width, self.pixels_per_token)
-        _check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask)
+        negatives = as_prompt_list(negative_prompt, "negative_prompt", batch)
+        check_size(height, width, self.pixels_per_token)
+        check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask)
         f = self.vae.config.downsample_factor
         h, w = height // f, width // f
 
@@ -427,8 +409,8 @@ class ZImagePipeline:
         self._batch_memo = {}
         with self._on_device(self.dit):
             for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
-                cond_i = _at_step(cond, i, steps)
-                uncond_i = None if uncond is None else _at_step(uncond, i, steps)
+                cond_i = at_step(cond, i, steps)
+                uncond_i = None if uncond is None else at_step(uncond, i, steps)
                 velocity = self._velocity(x, t, cond_i, uncond_i, cfg_scale)
                 if mask is not None:  # outside the mask, steer straight onto the input's latents
                     keep = velocity_towards(x, clean, schedule.sigmas[i])
@@ -466,30 +448,6 @@ class ZImagePipeline:
             raise ValueError(f"{name} has shape {tuple(extra.shape)}; expected [1 or {batch}, L, {dim}]")
         extra = extra.to(self.device, self.torch_dtype).expand(batch, -1, -1)
         return [torch.cat([c, e]) for c, e in zip(cap_feats, extra)]
-
-    def _checked_kv(self, kv_cache: KVCache | None, batch: int, side: str) -> KVCache | None:
-        """Validate once before denoising and cast once to the pipeline's device and dtype."""
-        self.dit.validate_kv_cache(kv_cache, batch_size=batch, source=f"{side}kv_cache")
-        # empty entries are dropped: they change nothing and would only stop the CFG sides from batching
-        cast = {
-            n: (k.to(self.device, self.torch_dtype), v.to(self.device, self.torch_dtype))
-            for n, (k, v) in (kv_cache or {}).items()
-            if k.shape[1] > 0
-        }
-        return cast or None
-
-    def _initial_noise(self, batch: int, h: int, w: int, seed: int | None, latents: Tensor | None) -> Tensor:
-        shape = (batch, self.dit.config.in_channels, h, w)
-        if latents is not None:
-            if tuple(latents.shape) != shape:
-                raise ValueError(
-                    f"latents have shape {tuple(latents.shape)}; expected {shape} for this size and batch"
-                )
-            return latents.to(self.device, torch.float32)
-        # sampled on the CPU in float32 so a seed gives the same image on any device
-        generator = torch.Generator("cpu")
-        generator.manual_seed(seed) if seed is not None else generator.seed()
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
     def _velocity(
         self, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None, cfg_scale: float

@@ -28,7 +28,8 @@ from ..backbones.flux2_dit import Flux2DiT
 from ..backbones.flux2_vae import Flux2VAE
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..loading.resolve import resolve_model_path
-from ..pipelines.flux2_pipeline import Flux2ImagePipeline, _component_folder
+from ..pipelines.common import component_folder
+from ..pipelines.flux2_pipeline import Flux2ImagePipeline
 from ..pipelines.flux2_prompt import Flux2PromptEncoder, load_tokenizer, read_tokenizer_settings
 from ..templates import TemplateSpec, build_architecture, load_template_folder
 from ..templates.folder import fingerprint_callable
@@ -75,7 +76,7 @@ def component_folders(config: TrainConfig, names: tuple[str, ...]) -> dict[str, 
         source = getattr(config, name) or config.model
         if source is None:
             raise FileNotFoundError(f"no {name} given: pass --model (or --{name})")
-        folders[name] = _component_folder(source, name, None, None, offline)
+        folders[name] = component_folder(source, name, None, None, offline)
     return folders
 
 

@@ -1,0 +1,120 @@
+"""What every backbone's pipeline shares: argument checks, component folders, CPU offload, KV casting, noise.
+
+A pipeline class mixes in ``PipelineBase`` and provides ``dit``, ``vae``, ``text_encoder``,
+``device``, ``torch_dtype`` and ``offload_device``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..backbones.attention import KVCache
+from ..loading.resolve import resolve_model_path
+from .kv_schedule import ScheduledKVCache
+
+
+class PipelineBase:
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda"):
+        """Keep components in host memory; each moves to ``device`` only while it runs."""
+        self.offload_device = self.device = torch.device(device)
+        for module in (self.dit, self.vae, self.text_encoder):
+            module.to("cpu")
+        return self
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if self.offload_device is None:
+            yield module
+            return
+        module.to(self.offload_device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+
+    def _checked_kv(self, kv_cache: KVCache | None, batch: int, side: str) -> KVCache | None:
+        """Validate once before denoising and cast once to the pipeline's device and dtype."""
+        self.dit.validate_kv_cache(kv_cache, batch_size=batch, source=f"{side}kv_cache")
+        # empty entries are dropped: they change nothing and would only stop the CFG sides from batching
+        cast = {
+            n: (k.to(self.device, self.torch_dtype), v.to(self.device, self.torch_dtype))
+            for n, (k, v) in (kv_cache or {}).items()
+            if k.shape[1] > 0
+        }
+        return cast or None
+
+    def _initial_noise(self, batch: int, h: int, w: int, seed: int | None, latents: Tensor | None) -> Tensor:
+        shape = (batch, self.dit.config.in_channels, h, w)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"latents have shape {tuple(latents.shape)}; expected {shape} for this size and batch"
+                )
+            return latents.to(self.device, torch.float32)
+        # sampled on the CPU in float32 so a seed gives the same image on any device
+        generator = torch.Generator("cpu")
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+
+def component_folder(source, name: str, revision, cache_dir, offline) -> Path:
+    """The folder of one component: ``{source}/{name}/``, or ``source`` itself when it is that component."""
+    patterns = [f"{name}/*", "model_index.json"]
+    root = resolve_model_path(
+        source, allow_patterns=patterns, revision=revision, cache_dir=cache_dir, offline=offline
+    )
+    if (root / name).is_dir():
+        return root / name
+    marker = "tokenizer.json" if name == "tokenizer" else "config.json"
+    if (root / marker).is_file():
+        return root
+    raise FileNotFoundError(
+        f"{str(source)!r} has no {name}/ folder (and no {marker} of its own); pass {name}=... pointing at one"
+    )
+
+
+def as_prompt_list(prompt, name: str, batch: int | None = None) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    if batch is not None and len(prompts) != batch:
+        if len(prompts) == 1:
+            return prompts * batch
+        raise ValueError(f"{name} has {len(prompts)} entries; expected 1 or {batch} (one per prompt)")
+    return prompts
+
+
+def check_size(height: int, width: int, multiple: int) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value < multiple:
+            raise ValueError(f"{name} must be an integer >= {multiple}, got {value!r}")
+        if value % multiple:
+            lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
+            raise ValueError(f"{name}={value} is not a multiple of {multiple}; use {lower} or {upper}")
+
+
+def check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask) -> None:
+    if output_type not in ("pil", "np", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
+    if denoising_strength != 1.0 and input_image is None:
+        raise ValueError(f"denoising_strength={denoising_strength} needs an input_image to start from")
+    if inpaint_mask is not None and input_image is None:
+        raise ValueError(
+            "inpaint_mask needs input_image: the mask says which pixels of input_image to regenerate"
+        )
+
+
+def at_step(conditioning: Any, step: int, num_steps: int) -> Any:
+    """Resolve a step-windowed KV cache (a dataclass's ``kv_cache``) to the tokens active at ``step``."""
+    if isinstance(conditioning.kv_cache, ScheduledKVCache):
+        return replace(conditioning, kv_cache=conditioning.kv_cache.at(step, num_steps))
+    return conditioning
