@@ -1,6 +1,6 @@
 """Assemble the toy world's base model folder in the official FLUX.2-klein layout.
 
-    python scripts/build_toy_base.py --vae models/toy/base/vae --out models/toy/base-init
+    python scripts/build_toy_base.py --vae models/toy/vae --out models/toy/base-init
 
 Same classes as the real stack, small configs: a Flux2DiT (randomly initialized here; train.py's
 `--trainable_models dit` trains it), the toy VAE trained by scripts/train_toy_vae.py, a 28-layer
@@ -60,7 +60,7 @@ def toy_dit_config(latent_channels: int) -> Flux2DiTConfig:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", default="models/toy/base/vae", help="trained toy VAE folder")
+    p.add_argument("--vae", default="models/toy/vae", help="trained toy VAE folder")
     p.add_argument("--out", default="models/toy/base-init", help="output model folder")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

@@ -1,6 +1,6 @@
 """Train the toy world's FLUX.2 VAE (the real Flux2VAE class, small config) and set its BatchNorm statistics.
 
-    python scripts/train_toy_vae.py --data datasets/toy --out models/toy/base/vae --steps 3000
+    python scripts/train_toy_vae.py --data datasets/toy --out models/toy/vae --steps 1500
 
 The DiT never sees pixels, only the VAE's patchified latents normalized by the BatchNorm running
 statistics, so after reconstruction training the statistics are measured on the training set (as
@@ -95,7 +95,7 @@ def reconstruction_psnr(vae: Flux2VAE, images: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="datasets/toy", help="toy dataset folder (python -m datasets.toy_world)")
-    p.add_argument("--out", default="models/toy/base/vae", help="output vae/ folder (official layout)")
+    p.add_argument("--out", default="models/toy/vae", help="output vae/ folder (official layout)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-3)
