@@ -18,6 +18,7 @@ from torch import Tensor
 from ..backbones.attention import KVCache
 from ..loading.resolve import resolve_model_path
 from .kv_schedule import ScheduledKVCache
+from .lora import LoRACache, applied_lora
 
 
 class PipelineBase:
@@ -118,3 +119,38 @@ def at_step(conditioning: Any, step: int, num_steps: int) -> Any:
     if isinstance(conditioning.kv_cache, ScheduledKVCache):
         return replace(conditioning, kv_cache=conditioning.kv_cache.at(step, num_steps))
     return conditioning
+
+
+def batch_side_kv(
+    cond_kv: KVCache | None, uncond_kv: KVCache | None, batch: int
+) -> tuple[bool, KVCache | None]:
+    """The two CFG sides' caches stacked along the batch: ``(ok, kv)``; ``ok`` is False when they name
+    different blocks or hold different token counts (no mask can reconcile them, so no batching)."""
+    if not (cond_kv or uncond_kv):
+        return True, None
+    a, b = cond_kv or {}, uncond_kv or {}
+    if a.keys() != b.keys() or any(a[n][0].shape[1] != b[n][0].shape[1] for n in a):
+        return False, None
+    stacked = {
+        n: tuple(
+            torch.cat([a[n][i].expand(batch, -1, -1, -1), b[n][i].expand(batch, -1, -1, -1)]) for i in (0, 1)
+        )
+        for n in a
+    }
+    return True, stacked
+
+
+def side_lora_rows(cond_lora: LoRACache | None, uncond_lora: LoRACache | None, batch: int):
+    """Each side's LoRA with the rows of the stacked batch it applies to."""
+    rows = ((cond_lora, slice(0, batch)), (uncond_lora, slice(batch, 2 * batch)))
+    return tuple(r for r in rows if r[0])
+
+
+@contextlib.contextmanager
+def conditioning_loras(model: torch.nn.Module, lora: LoRACache | None, lora_rows=()) -> Iterator[None]:
+    """A side's LoRA on the whole batch, plus per-row LoRAs of a stacked CFG batch, for one DiT call."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(applied_lora(model, lora))
+        for row_lora, rows in lora_rows:
+            stack.enter_context(applied_lora(model, row_lora, rows=rows))
+        yield

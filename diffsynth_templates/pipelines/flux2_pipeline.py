@@ -9,7 +9,6 @@ into one DiT call when they fit) -> FLUX.2 VAE decode. Template caches arrive as
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -24,12 +23,22 @@ from ..backbones.attention import KVCache
 from ..backbones.flux2_dit import Flux2DiT
 from ..backbones.flux2_vae import Flux2VAE
 from ..backbones.qwen3 import Qwen3TextEncoder
-from .common import PipelineBase, as_prompt_list, at_step, check_call, check_size, component_folder
+from .common import (
+    PipelineBase,
+    as_prompt_list,
+    at_step,
+    batch_side_kv,
+    check_call,
+    check_size,
+    component_folder,
+    conditioning_loras,
+    side_lora_rows,
+)
 from .flow_match import add_noise, euler_step, klein_schedule, velocity_towards
 from .flux2_prompt import Flux2PromptEncoder, load_tokenizer, read_tokenizer_settings
 from .image_io import ImageLike, fit_to_area, image_to_tensor, mask_to_tensor, resize_image, tensor_to_output
 from .kv_schedule import ScheduledKVCache
-from .lora import LoRACache, applied_lora, validate_lora
+from .lora import LoRACache, validate_lora
 
 logger = logging.getLogger(__name__)
 
@@ -349,10 +358,7 @@ class Flux2ImagePipeline(PipelineBase):
         return neg + cfg_scale * (pos - neg)
 
     def _dit(self, hidden: Tensor, sigma: Tensor, img_ids: Tensor, c: Conditioning) -> Tensor:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(applied_lora(self.dit, c.lora))
-            for lora, rows in c.lora_rows:
-                stack.enter_context(applied_lora(self.dit, lora, rows=rows))
+        with conditioning_loras(self.dit, c.lora, c.lora_rows):
             return self.dit(
                 hidden_states=hidden,
                 encoder_hidden_states=c.prompt_embeds,
@@ -385,25 +391,13 @@ def _batch_sides(cond: Conditioning, uncond: Conditioning) -> Conditioning | Non
         return None
     if not torch.equal(cond.text_ids, uncond.text_ids):
         return None
-    kv = None
-    if cond.kv_cache or uncond.kv_cache:
-        a, b = cond.kv_cache or {}, uncond.kv_cache or {}
-        if a.keys() != b.keys() or any(a[n][0].shape[1] != b[n][0].shape[1] for n in a):
-            return None
-        batch = cond.prompt_embeds.shape[0]
-        kv = {
-            n: tuple(
-                torch.cat([a[n][i].expand(batch, -1, -1, -1), b[n][i].expand(batch, -1, -1, -1)])
-                for i in (0, 1)
-            )
-            for n in a
-        }
-    embeds = torch.cat([cond.prompt_embeds, uncond.prompt_embeds])
     batch = cond.prompt_embeds.shape[0]
-    rows = ((cond.lora, slice(0, batch)), (uncond.lora, slice(batch, 2 * batch)))
-    return replace(
-        cond, prompt_embeds=embeds, kv_cache=kv, lora=None, lora_rows=tuple(r for r in rows if r[0])
-    )
+    ok, kv = batch_side_kv(cond.kv_cache, uncond.kv_cache, batch)
+    if not ok:
+        return None
+    embeds = torch.cat([cond.prompt_embeds, uncond.prompt_embeds])
+    rows = side_lora_rows(cond.lora, uncond.lora, batch)
+    return replace(cond, prompt_embeds=embeds, kv_cache=kv, lora=None, lora_rows=rows)
 
 
 def _pack(latents: Tensor) -> Tensor:

@@ -14,7 +14,6 @@ Guidance follows this project's convention, ``neg + cfg_scale * (pos - neg)`` (1
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -33,12 +32,22 @@ from ..backbones.autoencoder_kl import AutoencoderKL
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..backbones.zimage_dit import ZImageDiT
 from ..loading.resolve import resolve_model_path
-from .common import PipelineBase, as_prompt_list, at_step, check_call, check_size, component_folder
+from .common import (
+    PipelineBase,
+    as_prompt_list,
+    at_step,
+    batch_side_kv,
+    check_call,
+    check_size,
+    component_folder,
+    conditioning_loras,
+    side_lora_rows,
+)
 from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule, add_noise, euler_step, velocity_towards
 from .flux2_prompt import DEFAULT_PAD_TOKEN, load_tokenizer, pad_or_truncate, read_tokenizer_settings
 from .image_io import ImageLike, image_to_tensor, mask_to_tensor, resize_image, tensor_to_output
 from .kv_schedule import ScheduledKVCache
-from .lora import LoRACache, applied_lora, validate_lora
+from .lora import LoRACache, validate_lora
 
 logger = logging.getLogger(__name__)
 
@@ -470,10 +479,7 @@ class ZImagePipeline(PipelineBase):
         return -(pos + (cfg_scale - 1) * (pos - neg))
 
     def _dit(self, hidden: Tensor, t: Tensor, c: Conditioning) -> Tensor:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(applied_lora(self.dit, c.lora))
-            for lora, rows in c.lora_rows:
-                stack.enter_context(applied_lora(self.dit, lora, rows=rows))
+        with conditioning_loras(self.dit, c.lora, c.lora_rows):
             out = self.dit(
                 x=list(hidden.unsqueeze(2).unbind(0)),
                 t=t,
@@ -512,25 +518,9 @@ def _batch_sides(cond: Conditioning, uncond: Conditioning) -> Conditioning | Non
 
     Not possible when the sides' KV caches name different blocks or hold different token counts.
     """
-    kv = None
-    if cond.kv_cache or uncond.kv_cache:
-        a, b = cond.kv_cache or {}, uncond.kv_cache or {}
-        if a.keys() != b.keys() or any(a[n][0].shape[1] != b[n][0].shape[1] for n in a):
-            return None
-        batch = len(cond.cap_feats)
-        kv = {
-            n: tuple(
-                torch.cat([a[n][i].expand(batch, -1, -1, -1), b[n][i].expand(batch, -1, -1, -1)])
-                for i in (0, 1)
-            )
-            for n in a
-        }
     batch = len(cond.cap_feats)
-    rows = ((cond.lora, slice(0, batch)), (uncond.lora, slice(batch, 2 * batch)))
-    return replace(
-        cond,
-        cap_feats=cond.cap_feats + uncond.cap_feats,
-        kv_cache=kv,
-        lora=None,
-        lora_rows=tuple(r for r in rows if r[0]),
-    )
+    ok, kv = batch_side_kv(cond.kv_cache, uncond.kv_cache, batch)
+    if not ok:
+        return None
+    rows = side_lora_rows(cond.lora, uncond.lora, batch)
+    return replace(cond, cap_feats=cond.cap_feats + uncond.cap_feats, kv_cache=kv, lora=None, lora_rows=rows)
