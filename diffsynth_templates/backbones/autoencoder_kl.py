@@ -15,7 +15,6 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -140,11 +139,9 @@ class AutoencoderKL(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` in the official layout."""
-        from ..loading import save_safetensors_atomic, write_json_atomic
+        from ..loading import save_component
 
-        folder = Path(folder)
-        save_safetensors_atomic(self.state_dict(), folder / "diffusion_pytorch_model.safetensors")
-        write_json_atomic(self.config.to_dict(), folder / "config.json")
+        save_component(self, folder, self.config.to_dict())
 
     @property
     def dtype(self) -> torch.dtype:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -433,11 +432,9 @@ class Flux2DiT(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` in the official layout."""
-        from ..loading import save_safetensors_atomic, write_json_atomic
+        from ..loading import save_component
 
-        folder = Path(folder)
-        save_safetensors_atomic(self.state_dict(), folder / "diffusion_pytorch_model.safetensors")
-        write_json_atomic(self.config.to_diffusers(), folder / "config.json")
+        save_component(self, folder, self.config.to_diffusers())
 
 
 def _joint_ids(txt_ids: Tensor, img_ids: Tensor) -> Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -339,8 +338,6 @@ class Qwen3TextEncoder(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``config.json`` + ``model.safetensors`` in the official (transformers) layout."""
-        from ..loading import save_safetensors_atomic, write_json_atomic
+        from ..loading import save_component
 
-        folder = Path(folder)
-        save_safetensors_atomic(self.state_dict(), folder / "model.safetensors")
-        write_json_atomic(self.config.to_dict(), folder / "config.json")
+        save_component(self, folder, self.config.to_dict(), stem="model")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -497,11 +496,9 @@ class ZImageDiT(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` in the official layout."""
-        from ..loading import save_safetensors_atomic, write_json_atomic
+        from ..loading import save_component
 
-        folder = Path(folder)
-        save_safetensors_atomic(self.state_dict(), folder / "diffusion_pytorch_model.safetensors")
-        write_json_atomic(self.config.to_diffusers(), folder / "config.json")
+        save_component(self, folder, self.config.to_diffusers())
 
 
 def _patchify(image: Tensor, p: int, pf: int) -> Tensor:

@@ -137,3 +137,15 @@ def load_component(
     logger.info("loading %s from %d file(s) in %s", getattr(build, "__name__", "model"), len(files), folder)
     model = load_module_from_files(build, files, torch_dtype=torch_dtype, device=device, **kwargs)
     return model.eval().requires_grad_(False)
+
+
+def save_component(
+    model: nn.Module, folder: str | os.PathLike, config: dict, stem: str = "diffusion_pytorch_model"
+) -> Path:
+    """Write ``config.json`` + ``{stem}.safetensors`` in the official layout, each file atomically."""
+    from .safetensors_io import save_safetensors_atomic, write_json_atomic
+
+    folder = Path(folder)
+    save_safetensors_atomic(model.state_dict(), folder / f"{stem}.safetensors")
+    write_json_atomic(config, folder / "config.json")
+    return folder
