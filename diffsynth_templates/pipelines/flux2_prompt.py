@@ -96,6 +96,24 @@ def _tokenizer_folder(folder: str | os.PathLike) -> Path:
     )
 
 
+def prepare_tokenizer(tokenizer: Tokenizer, pad_token: str, padding_side: str) -> tuple[Tokenizer, int]:
+    """Check the padding settings; return a tokenizer that neither pads nor truncates, and the pad id.
+
+    Padding and truncation are done by the prompt encoders themselves (to ``max_sequence_length``);
+    a private copy keeps the caller's tokenizer untouched.
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    pad_id = tokenizer.token_to_id(pad_token)
+    if pad_id is None:
+        raise ValueError(f"pad token {pad_token!r} is not in the tokenizer's vocabulary; pass pad_token=")
+    if tokenizer.padding is not None or tokenizer.truncation is not None:
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+    return tokenizer, pad_id
+
+
 class Flux2PromptEncoder:
     """Turns prompts into FLUX.2-klein text tokens with a Qwen3 encoder (frozen; no gradients)."""
 
@@ -108,11 +126,7 @@ class Flux2PromptEncoder:
         pad_token: str = DEFAULT_PAD_TOKEN,
         padding_side: str = "right",
     ):
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        pad_id = tokenizer.token_to_id(pad_token)
-        if pad_id is None:
-            raise ValueError(f"pad token {pad_token!r} is not in the tokenizer's vocabulary; pass pad_token=")
+        tokenizer, pad_id = prepare_tokenizer(tokenizer, pad_token, padding_side)
         n_states = text_encoder.config.num_hidden_layers + 1
         bad = [i for i in hidden_state_layers if not -n_states <= i < n_states]
         if bad or len(hidden_state_layers) == 0:
@@ -120,12 +134,6 @@ class Flux2PromptEncoder:
                 f"hidden_state_layers {tuple(hidden_state_layers)} do not fit a text encoder with "
                 f"{n_states} hidden states (0 = embeddings ... {n_states - 1}); out of range: {bad}"
             )
-        if tokenizer.padding is not None or tokenizer.truncation is not None:
-            # padding and truncation are done here, to max_sequence_length; a private copy keeps
-            # the caller's tokenizer untouched
-            tokenizer = Tokenizer.from_str(tokenizer.to_str())
-            tokenizer.no_padding()
-            tokenizer.no_truncation()
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.hidden_state_layers = tuple(hidden_state_layers)

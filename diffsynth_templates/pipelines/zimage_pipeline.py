@@ -44,7 +44,13 @@ from .common import (
     side_lora_rows,
 )
 from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule, add_noise, euler_step, velocity_towards
-from .flux2_prompt import DEFAULT_PAD_TOKEN, load_tokenizer, pad_or_truncate, read_tokenizer_settings
+from .flux2_prompt import (
+    DEFAULT_PAD_TOKEN,
+    load_tokenizer,
+    pad_or_truncate,
+    prepare_tokenizer,
+    read_tokenizer_settings,
+)
 from .image_io import ImageLike, image_to_tensor, mask_to_tensor, resize_image, tensor_to_output
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, validate_lora
@@ -117,15 +123,7 @@ class ZImagePromptEncoder:
         pad_token: str = DEFAULT_PAD_TOKEN,
         padding_side: str = "right",
     ):
-        if padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        pad_id = tokenizer.token_to_id(pad_token)
-        if pad_id is None:
-            raise ValueError(f"pad token {pad_token!r} is not in the tokenizer's vocabulary; pass pad_token=")
-        if tokenizer.padding is not None or tokenizer.truncation is not None:
-            tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a private copy; padding is done here
-            tokenizer.no_padding()
-            tokenizer.no_truncation()
+        tokenizer, pad_id = prepare_tokenizer(tokenizer, pad_token, padding_side)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.pad_id, self.padding_side = pad_id, padding_side
 
