@@ -22,6 +22,9 @@ from .lora import LoRACache, applied_lora
 
 
 class PipelineBase:
+    backbone: str = ""  # "flux2" | "zimage": which templates fit (template.json's base_backbone)
+    name_or_path: str | None = None  # what from_pretrained loaded (its transformer), for messages
+
     def enable_model_cpu_offload(self, device: str | torch.device = "cuda"):
         """Keep components in host memory; each moves to ``device`` only while it runs."""
         self.offload_device = self.device = torch.device(device)

@@ -83,6 +83,8 @@ class Conditioning:
 class Flux2ImagePipeline(PipelineBase):
     """``Flux2ImagePipeline.from_pretrained(...)(prompt, ...)`` -> images."""
 
+    backbone = "flux2"
+
     def __init__(
         self,
         dit: Flux2DiT,
@@ -144,7 +146,9 @@ class Flux2ImagePipeline(PipelineBase):
         tok = load_tokenizer(folders["tokenizer"])
         pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
         prompt_encoder = Flux2PromptEncoder(tok, te, pad_token=pad_token, padding_side=padding_side)
-        return cls(dit, vae_model, te, tok, device, torch_dtype, prompt_encoder)
+        pipe = cls(dit, vae_model, te, tok, device, torch_dtype, prompt_encoder)
+        pipe.name_or_path = str(transformer or source)
+        return pipe
 
     def save_pretrained(self, root: str | os.PathLike) -> Path:
         """Write the official layout (``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,

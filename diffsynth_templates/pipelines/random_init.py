@@ -1,7 +1,8 @@
-"""Small FLUX.2-klein pipelines with random weights: for benchmarks, tests and the toy world.
+"""Small FLUX.2-klein and Z-Image pipelines with random weights: for benchmarks, tests and the toy world.
 
-They use the real classes (Flux2DiT, Flux2VAE, Qwen3TextEncoder) with small configs, and a word-level
-tokenizer that knows Qwen's chat special tokens, so every code path of the real pipeline runs.
+They use the real classes (Flux2DiT / ZImageDiT, Flux2VAE / AutoencoderKL, Qwen3TextEncoder) with
+small configs, and a word-level tokenizer that knows Qwen's chat special tokens, so every code path
+of the real pipelines runs.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import torch
 from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 
+from ..backbones.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from ..backbones.flux2_dit import Flux2DiT, Flux2DiTConfig
 from ..backbones.flux2_vae import Flux2VAE, Flux2VAEConfig
 from ..backbones.qwen3 import Qwen3Config, Qwen3TextEncoder
+from ..backbones.zimage_dit import ZImageDiT, ZImageDiTConfig
 from .flux2_pipeline import Flux2ImagePipeline
+from .zimage_pipeline import ZImagePipeline
 
 CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 THINK_TOKENS = ("<think>", "</think>")
@@ -89,3 +93,59 @@ def random_flux2_pipeline(
     for module in (dit, vae, text_encoder):
         module.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
     return Flux2ImagePipeline(dit, vae, text_encoder, tokenizer, device=device, torch_dtype=torch_dtype)
+
+
+@dataclass
+class RandomZImageSpec:
+    """A tiny Z-Image: 2 main blocks (+1 refiner each) of 2 heads x 32, a VAE downsampling by 2."""
+
+    dit: ZImageDiTConfig = field(
+        default_factory=lambda: ZImageDiTConfig(
+            dim=64,
+            num_layers=2,
+            num_refiner_layers=1,
+            num_heads=2,
+            num_kv_heads=2,
+            cap_feat_dim=32,
+            axes_dims=(8, 12, 12),
+            axes_lens=(256, 64, 64),
+        )
+    )
+    vae: AutoencoderKLConfig = field(
+        default_factory=lambda: AutoencoderKLConfig(
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    )
+    text_layers: int = 3  # Z-Image reads the second-to-last hidden state
+    words: tuple[str, ...] = tuple(DEFAULT_WORDS)
+    seed: int = 0
+    variant: str = "turbo"
+
+
+def random_zimage_pipeline(
+    spec: RandomZImageSpec | None = None, device: str = "cpu", torch_dtype: torch.dtype = torch.float32
+) -> ZImagePipeline:
+    """Build a Z-Image pipeline with seeded random weights (PyTorch's default initialization)."""
+    spec = spec or RandomZImageSpec()
+    tokenizer = word_tokenizer(spec.words)
+    torch.manual_seed(spec.seed)
+    dit = ZImageDiT(spec.dit)
+    with torch.no_grad():  # the pad tokens start at zero in the module; give them values like a checkpoint
+        dit.x_pad_token.normal_(0, 0.02)
+        dit.cap_pad_token.normal_(0, 0.02)
+    vae = AutoencoderKL(spec.vae)
+    text_config = tiny_text_config(tokenizer.get_vocab_size(), spec.dit.cap_feat_dim)
+    text_config.num_hidden_layers = spec.text_layers
+    text_encoder = Qwen3TextEncoder(text_config)
+    for module in (dit, vae, text_encoder):
+        module.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
+    return ZImagePipeline(
+        dit, vae, text_encoder, tokenizer, device=device, torch_dtype=torch_dtype, variant=spec.variant
+    )

@@ -224,6 +224,8 @@ class Conditioning:
 class ZImagePipeline(PipelineBase):
     """``ZImagePipeline.from_pretrained(...)(prompt, ...)`` -> images."""
 
+    backbone = "zimage"
+
     def __init__(
         self,
         dit: ZImageDiT,
@@ -297,6 +299,7 @@ class ZImagePipeline(PipelineBase):
         pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
         prompt_encoder = ZImagePromptEncoder(tok, te, pad_token=pad_token, padding_side=padding_side)
         pipe = cls(dit, vae_model, te, tok, device, torch_dtype, prompt_encoder, variant, shift)
+        pipe.name_or_path = str(transformer or source)
         config_path = Path(folders["tokenizer"]) / "tokenizer_config.json"
         if config_path.is_file():  # kept for save_pretrained (chat template, special tokens)
             pipe.tokenizer_config = json.loads(config_path.read_text())

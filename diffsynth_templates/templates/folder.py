@@ -62,6 +62,7 @@ class TemplateSpec:
     weights: list[str] = field(default_factory=lambda: ["model.safetensors"])
     name: str | None = None
     base_model: str | None = None
+    base_backbone: str | None = None  # "flux2" | "zimage": loading onto another backbone is refused
     inputs: list[dict] | None = None
     cache_keys: list[str] = field(default_factory=list)
     data_processor: dict | None = None  # {"name": registered processor, "config": {...}}

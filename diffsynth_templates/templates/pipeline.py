@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..loading.resolve import resolve_model_path
+from ..pipelines.auto import BACKBONE_TITLES
 from ..pipelines.kv_schedule import ScheduledKVCache, merge_kv_caches
 from ..pipelines.lora import merge_loras
 from .base import TemplateError
@@ -170,6 +171,7 @@ class TemplatePipeline:
             raise TemplateInputError(
                 f"template {slot.name!r}: step_start={start}, step_end={end}; need 0 <= step_start < step_end <= 1"
             )
+        check_base(slot.name, template, pipe)
         inputs = {k: v for k, v in item.items() if k not in RESERVED_KEYS}
         if template.schema is not None:
             inputs = template.schema.validate(inputs, f"template {slot.name!r}")
@@ -213,6 +215,22 @@ class TemplatePipeline:
 
 # pipeline arguments no template may set (everything else, e.g. input_image, is allowed)
 _NOT_CACHE_KEYS = {"self", "prompt", "negative_prompt", "output_type", "progress", "callback_on_step_end"}
+
+
+def check_base(name: str, template: LoadedTemplate, pipe) -> None:
+    """Refuse a template built for another backbone than ``pipe``'s, naming both base models."""
+    wanted = template.spec.base_backbone if template.spec is not None else None
+    have = getattr(pipe, "backbone", None)
+    if not wanted or not have or wanted == have:
+        return
+    titles = BACKBONE_TITLES
+    trained_on = template.base_model or "an unnamed base model"
+    this = getattr(pipe, "name_or_path", None) or f"a {type(pipe).__name__}"
+    raise TemplateError(
+        f"template {name!r} was built for base model {trained_on!r} ({titles.get(wanted, wanted)}), "
+        f"but this pipeline's base model is {this!r} ({titles.get(have, have)}); "
+        f"load it on a {titles.get(wanted, wanted)} pipeline"
+    )
 
 
 def _accepted_keys(params, prefix: str) -> set[str]:

@@ -12,7 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from ...backbones.flux2_dit import Flux2DiT, Flux2DiTConfig
+from ...backbones.zimage_dit import ZImageDiT, ZImageDiTConfig
 from ..folder import TemplateSpec
+
+DiTConfig = Flux2DiTConfig | ZImageDiTConfig  # the base DiTs templates can be built for
 
 
 def tiny_dit_config() -> Flux2DiTConfig:
@@ -22,21 +25,86 @@ def tiny_dit_config() -> Flux2DiTConfig:
     return RandomPipelineSpec().dit
 
 
-def kv_block_names(dit_config: Flux2DiTConfig) -> tuple[str, ...]:
-    """Every block that takes template KV, in the cache naming of DESIGN.md 4.1."""
-    return tuple(f"double_{i}" for i in range(dit_config.num_double_blocks)) + tuple(
-        f"single_{i}" for i in range(dit_config.num_single_blocks)
+def tiny_zimage_dit_config() -> ZImageDiTConfig:
+    """The DiT config of ``random_zimage_pipeline()`` (2 main blocks, 2 heads x 32)."""
+    from ...pipelines.random_init import RandomZImageSpec
+
+    return RandomZImageSpec().dit
+
+
+# --- base-model layouts ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    """What a template built for one base DiT must match: its KV blocks, widths and latents."""
+
+    backbone: str  # "flux2" | "zimage"
+    block_names: tuple[str, ...]  # KV cache keys (DESIGN.md 4.1)
+    num_heads: int
+    head_dim: int
+    latent_channels: int  # channels of ``pipe.encode_image`` latents
+    patch_size: int  # latent pixels per DiT token side (1: the VAE latents are already patchified)
+    text_dim: int  # width of the prompt embeddings the DiT reads
+
+
+def base_layout(dit_config: DiTConfig) -> BaseLayout:
+    """The layout of a FLUX.2 or Z-Image DiT config."""
+    if isinstance(dit_config, Flux2DiTConfig):
+        blocks = tuple(f"double_{i}" for i in range(dit_config.num_double_blocks)) + tuple(
+            f"single_{i}" for i in range(dit_config.num_single_blocks)
+        )
+        return BaseLayout(
+            "flux2", blocks, dit_config.num_heads, dit_config.head_dim, dit_config.in_channels, 1,
+            dit_config.text_dim,
+        )  # fmt: skip
+    if isinstance(dit_config, ZImageDiTConfig):
+        return BaseLayout(
+            "zimage",
+            tuple(f"block_{i}" for i in range(dit_config.num_layers)),
+            dit_config.num_heads,
+            dit_config.head_dim,
+            dit_config.in_channels,
+            dit_config.all_patch_size[0],
+            dit_config.cap_feat_dim,
+        )
+    raise TypeError(
+        f"templates are built for a Flux2DiTConfig or a ZImageDiTConfig, got {type(dit_config).__name__}"
     )
 
 
+def backbone_of_names(names: Iterable[str]) -> str | None:
+    """Which backbone KV block names or DiT Linear paths belong to (None when they do not tell)."""
+    names = list(names)
+    if names and all(n.startswith(("double_", "single_", "transformer_blocks.", "single_transformer_blocks.")) for n in names):  # fmt: skip
+        return "flux2"
+    if names and all(n.startswith(("block_", "layers.")) for n in names):
+        return "zimage"
+    return None
+
+
+def kv_block_names(dit_config: DiTConfig) -> tuple[str, ...]:
+    """Every block that takes template KV, in the cache naming of DESIGN.md 4.1."""
+    return base_layout(dit_config).block_names
+
+
 def attention_lora_modules(
-    dit_config: Flux2DiTConfig,
+    dit_config: DiTConfig,
     double_blocks: Iterable[int] | None = None,
     single_blocks: Iterable[int] | None = None,
 ) -> tuple[str, ...]:
-    """DiT Linear paths of the attention projections: image-stream ``to_q/to_k/to_v/to_out.0`` of the
-    double blocks and ``attn.to_out`` of the single blocks (their fused QKV+MLP input is left out:
-    it is 9x wider and would dominate a template's size). ``None`` selects every block."""
+    """DiT Linear paths of the attention projections. ``None`` selects every block.
+
+    FLUX.2: image-stream ``to_q/to_k/to_v/to_out.0`` of the double blocks and ``attn.to_out`` of the
+    single blocks (their fused QKV+MLP input is left out: it is 9x wider and would dominate a
+    template's size). Z-Image: ``attention.to_q/to_k/to_v/to_out.0`` of the main blocks (pass their
+    indices as ``double_blocks``; the refiners are left out, like the KV door).
+    """
+    if isinstance(dit_config, ZImageDiTConfig):
+        blocks = range(dit_config.num_layers) if double_blocks is None else double_blocks
+        return tuple(
+            f"layers.{i}.attention.{p}" for i in blocks for p in ("to_q", "to_k", "to_v", "to_out.0")
+        )
     doubles = range(dit_config.num_double_blocks) if double_blocks is None else double_blocks
     singles = range(dit_config.num_single_blocks) if single_blocks is None else single_blocks
     names = [
@@ -46,12 +114,11 @@ def attention_lora_modules(
     return tuple(names)
 
 
-def linear_shapes(
-    dit_config: Flux2DiTConfig, modules: Sequence[str]
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def linear_shapes(dit_config: DiTConfig, modules: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(in_features, out_features)`` of each named DiT Linear, read off a DiT built on the meta device."""
+    dit_class = ZImageDiT if isinstance(dit_config, ZImageDiTConfig) else Flux2DiT
     with torch.device("meta"):
-        layers = dict(Flux2DiT(dit_config).named_modules())
+        layers = dict(dit_class(dit_config).named_modules())
     ins, outs = [], []
     for name in modules:
         layer = layers.get(name)
@@ -156,6 +223,9 @@ def template_spec(model: nn.Module, name: str | None = None, **fields: Any) -> T
     class default, goes into ``template.json``.
     """
     schema = getattr(model, "input_schema", None)
+    config = getattr(model, "config", None)
+    names = getattr(config, "block_names", None) or getattr(config, "modules", None) or ()
+    fields.setdefault("base_backbone", backbone_of_names(names))
     return TemplateSpec(
         architecture=model.architecture,
         name=name,
@@ -186,7 +256,7 @@ class LoRATargetsConfig:
             raise ValueError(f"{owner}.rank must be a positive integer, got {self.rank!r}")
 
     @classmethod
-    def for_dit(cls, dit_config: Flux2DiTConfig, modules: Sequence[str] | None = None, **kwargs: Any):
+    def for_dit(cls, dit_config: DiTConfig, modules: Sequence[str] | None = None, **kwargs: Any):
         """Target ``modules`` of ``dit_config`` (default: ``attention_lora_modules``), sizes read off the DiT."""
         modules = attention_lora_modules(dit_config) if modules is None else tuple(modules)
         ins, outs = linear_shapes(dit_config, modules)
@@ -201,9 +271,19 @@ class LoRATargetsConfig:
         return cls.for_dit(Flux2DiTConfig.klein_9b(), modules, **kwargs)
 
     @classmethod
+    def z_image(cls, modules: Sequence[str] | None = None, **kwargs: Any):
+        """Z-Image (Turbo and base share the DiT): attention of all 30 main blocks."""
+        return cls.for_dit(ZImageDiTConfig(), modules, **kwargs)
+
+    @classmethod
     def tiny(cls, modules: Sequence[str] | None = None, **kwargs: Any):
         """Matches ``random_flux2_pipeline()``'s DiT."""
         return cls.for_dit(tiny_dit_config(), modules, **kwargs)
+
+    @classmethod
+    def tiny_zimage(cls, modules: Sequence[str] | None = None, **kwargs: Any):
+        """Matches ``random_zimage_pipeline()``'s DiT."""
+        return cls.for_dit(tiny_zimage_dit_config(), modules, **kwargs)
 
 
 @functools.cache

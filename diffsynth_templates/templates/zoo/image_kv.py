@@ -41,11 +41,15 @@ from ...backbones.flux2_dit import (
     SingleStreamBlock,
     TimeEmbedding,
 )
+from ...backbones.zimage_dit import ZImageDiTConfig
+from ...pipelines.flux2_prompt import text_position_ids
 from ...pipelines.image_io import image_to_tensor, mask_to_tensor, resize_image
 from ..base import TemplateModel
 from ..registry import register_architecture
 from ..schema import InputField, InputSchema, TemplateInputError
 from ._common import (
+    DiTConfig,
+    base_layout,
     check_names,
     check_positive,
     grid_ids,
@@ -54,6 +58,7 @@ from ._common import (
     parameter_dtype,
     round_to_multiple,
     tiny_dit_config,
+    tiny_zimage_dit_config,
 )
 
 K_INIT_STD = 0.02  # small keys: condition tokens start with near-uniform, small attention logits
@@ -68,6 +73,8 @@ class ImageKVConfig:
     num_heads: int = 24
     head_dim: int = 128
     latent_channels: int = 128  # the VAE's DiT latents
+    # latent pixels per token side: 1 for FLUX.2 (its DiT latents are already patchified), 2 for Z-Image
+    patch_size: int = 1
     text_dim: int = 7680  # prompt embedding width (3 x the text encoder's hidden size)
     # what the template reads
     mask_channel: bool = False  # one extra input channel: the mask, averaged over each token's pixels
@@ -94,6 +101,7 @@ class ImageKVConfig:
             num_heads=self.num_heads,
             head_dim=self.head_dim,
             latent_channels=self.latent_channels,
+            patch_size=self.patch_size,
             text_dim=self.text_dim,
             max_prompt_tokens=self.max_prompt_tokens,
             upscale=self.upscale,
@@ -122,7 +130,7 @@ class ImageKVConfig:
     def encoder_config(self) -> Flux2DiTConfig:
         """The encoder's blocks as a Flux2DiTConfig (so they are built by the DiT's own classes)."""
         return Flux2DiTConfig(
-            in_channels=self.latent_channels + int(self.mask_channel),
+            in_channels=(self.latent_channels + int(self.mask_channel)) * self.patch_size**2,
             num_double_blocks=self.num_double_blocks,
             num_single_blocks=self.num_single_blocks,
             num_heads=self.hidden_heads,
@@ -134,26 +142,36 @@ class ImageKVConfig:
         )
 
     @classmethod
-    def for_dit(cls, dit_config: Flux2DiTConfig, **kwargs: Any) -> ImageKVConfig:
-        """KV for every block of ``dit_config``; the encoder shares its width, so ``init_from_dit`` fits.
+    def for_dit(cls, dit_config: DiTConfig, **kwargs: Any) -> ImageKVConfig:
+        """KV for every block of ``dit_config`` (FLUX.2 or Z-Image); the encoder shares its width.
 
+        On FLUX.2 the encoder also shares the DiT's MLP ratio and RoPE, so ``init_from_dit`` fits. On
+        Z-Image (whose blocks differ from FLUX.2's) the encoder is FLUX.2 blocks of Z-Image's width,
+        reading 2x2 patches of the 16-channel latents, trained from its own initialization.
         With ``use_prompt=True`` and no block counts given, the encoder gets one double-stream block
         (where image and prompt first meet) before its single-stream blocks.
         """
         if kwargs.get("use_prompt") and "num_double_blocks" not in kwargs:
             kwargs["num_double_blocks"] = 1
+        layout = base_layout(dit_config)
         base = dict(
-            block_names=kv_block_names(dit_config),
-            num_heads=dit_config.num_heads,
-            head_dim=dit_config.head_dim,
-            latent_channels=dit_config.in_channels,
-            text_dim=dit_config.text_dim,
-            hidden_heads=dit_config.num_heads,
-            hidden_head_dim=dit_config.head_dim,
-            mlp_ratio=dit_config.mlp_ratio,
-            axes_dims_rope=dit_config.axes_dims_rope,
-            rope_theta=dit_config.rope_theta,
+            block_names=layout.block_names,
+            num_heads=layout.num_heads,
+            head_dim=layout.head_dim,
+            latent_channels=layout.latent_channels,
+            patch_size=layout.patch_size,
+            text_dim=layout.text_dim,
+            hidden_heads=layout.num_heads,
+            hidden_head_dim=layout.head_dim,
         )
+        if isinstance(dit_config, Flux2DiTConfig):
+            base.update(
+                mlp_ratio=dit_config.mlp_ratio,
+                axes_dims_rope=dit_config.axes_dims_rope,
+                rope_theta=dit_config.rope_theta,
+            )
+        else:  # four equal RoPE axes (t, row, col, unused) over the encoder's head dim
+            base.update(axes_dims_rope=(layout.head_dim // 4,) * 4)
         return cls(**{**base, **kwargs})
 
     @classmethod
@@ -165,9 +183,19 @@ class ImageKVConfig:
         return cls.for_dit(Flux2DiTConfig.klein_9b(), **kwargs)
 
     @classmethod
+    def z_image(cls, **kwargs: Any) -> ImageKVConfig:
+        """Z-Image Turbo / base: KV for the 30 main blocks (30 heads x 128)."""
+        return cls.for_dit(ZImageDiTConfig(), **kwargs)
+
+    @classmethod
     def tiny(cls, **kwargs: Any) -> ImageKVConfig:
         """Matches ``random_flux2_pipeline()``'s DiT; prompts cut to 16 tokens."""
         return cls.for_dit(tiny_dit_config(), **{"max_prompt_tokens": 16, **kwargs})
+
+    @classmethod
+    def tiny_zimage(cls, **kwargs: Any) -> ImageKVConfig:
+        """Matches ``random_zimage_pipeline()``'s DiT; prompts cut to 16 tokens."""
+        return cls.for_dit(tiny_zimage_dit_config(), **{"max_prompt_tokens": 16, **kwargs})
 
 
 def image_kv_schema(config: ImageKVConfig, extra: Sequence[InputField] = ()) -> InputSchema:
@@ -262,14 +290,19 @@ class ImageKV(TemplateModel):
             if cfg.hide_masked:  # the template must not see what it is asked to replace
                 pixels = pixels * (1 - pixel_mask)
         latents = pipe.encode_image((pixels + 1) / 2, height, width, f"{who}: input 'image'")
-        if pixel_mask is not None:
-            token_mask = F.avg_pool2d(pixel_mask, pipe.pixels_per_token).to(latents)
-            latents = torch.cat([latents, token_mask], dim=1)
+        if pixel_mask is not None:  # the fraction of masked pixels under each latent pixel
+            latent_mask = F.avg_pool2d(pixel_mask, pipe.pixels_per_token // cfg.patch_size).to(latents)
+            latents = torch.cat([latents, latent_mask], dim=1)
 
         device = parameter_device(self)
         features = {"latents": latents.float().to(device)}
         if cfg.use_prompt:
-            embeds, text_ids = pipe.encode_prompt([prompt], cfg.max_prompt_tokens)
+            encoded = pipe.encode_prompt([prompt], cfg.max_prompt_tokens)
+            if isinstance(encoded, tuple):  # FLUX.2: (embeds [1, L, D], text_ids [L, 4])
+                embeds, text_ids = encoded
+            else:  # Z-Image: one [L, D] per prompt, padding stripped; FLUX.2-style ids (0, 0, 0, l)
+                embeds = encoded[0][None]
+                text_ids = text_position_ids(1, embeds.shape[1], embeds.device)[0]
             features["prompt_embeds"] = embeds.float().to(device)
             features["text_ids"] = text_ids.to(device)
         return features
@@ -300,9 +333,12 @@ class ImageKV(TemplateModel):
         cfg = self.config
         self._check_features(latents, prompt_embeds, text_ids)
         dtype, device = parameter_dtype(self), parameter_device(self)
-        _, _, h, w = latents.shape
-
-        img = self.x_embedder(latents.to(device, dtype).flatten(2).transpose(1, 2))  # [1, h*w, hidden]
+        p = cfg.patch_size
+        h, w = latents.shape[-2] // p, latents.shape[-1] // p
+        # one token per p x p latent pixels, channels ordered (c, row in patch, column in patch)
+        tokens = latents.to(device, dtype).unfold(2, p, p).unfold(3, p, p)  # [1, C, h, w, p, p]
+        tokens = tokens.permute(0, 2, 3, 1, 4, 5).reshape(1, h * w, -1)
+        img = self.x_embedder(tokens)  # [1, h*w, hidden]
         img_ids = grid_ids(h, w, device=device)
         if prompt_embeds is not None:
             txt = self.context_embedder(prompt_embeds.to(device, dtype))
@@ -335,11 +371,19 @@ class ImageKV(TemplateModel):
 
     def _check_features(self, latents, prompt_embeds, text_ids) -> None:
         cfg, who = self.config, self._who
-        channels = cfg.latent_channels + int(cfg.mask_channel)
-        if latents is None or latents.ndim != 4 or latents.shape[0] != 1 or latents.shape[1] != channels:
+        channels, p = cfg.latent_channels + int(cfg.mask_channel), cfg.patch_size
+        if (
+            latents is None
+            or latents.ndim != 4
+            or latents.shape[0] != 1
+            or latents.shape[1] != channels
+            or latents.shape[2] % p
+            or latents.shape[3] % p
+        ):
             got = None if latents is None else tuple(latents.shape)
+            sides = f"h, w multiples of {p}" if p > 1 else "h, w"
             raise TemplateInputError(
-                f"{who}.forward needs 'latents' [1, {channels}, h, w] from process_inputs, got {got}"
+                f"{who}.forward needs 'latents' [1, {channels}, h, w] ({sides}) from process_inputs, got {got}"
             )
         if cfg.use_prompt and (prompt_embeds is None or text_ids is None):
             raise TemplateInputError(
@@ -356,7 +400,7 @@ class ImageKV(TemplateModel):
 
         The encoder's i-th double / single block starts as the DiT's i-th; embedders and modulations
         as the DiT's. With a mask channel, ``x_embedder``'s latent columns are copied and the mask
-        column is zeroed. Returns the names copied.
+        column is zeroed. Returns the names copied (none for a Z-Image DiT, whose blocks differ).
         """
         ours = self.state_dict()
         copied = []

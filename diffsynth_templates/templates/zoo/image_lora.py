@@ -26,7 +26,15 @@ from ...pipelines.image_io import fit_to_area, image_to_tensor
 from ..base import TemplateModel
 from ..registry import register_architecture
 from ..schema import InputField, InputSchema, TemplateInputError
-from ._common import LoRATargetsConfig, check_positive, module_key, parameter_device, parameter_dtype
+from ._common import (
+    DiTConfig,
+    LoRATargetsConfig,
+    base_layout,
+    check_positive,
+    module_key,
+    parameter_device,
+    parameter_dtype,
+)
 
 
 @dataclass
@@ -53,9 +61,20 @@ class ImageLoRAConfig(LoRATargetsConfig):
             raise ValueError(f"{owner}.hidden {self.hidden} is not divisible by num_heads {self.num_heads}")
 
     @classmethod
+    def for_dit(cls, dit_config: DiTConfig, modules=None, **kwargs: Any) -> ImageLoRAConfig:
+        """Targets of ``dit_config``; the image is read as that base's VAE latents."""
+        kwargs.setdefault("latent_channels", base_layout(dit_config).latent_channels)
+        return super().for_dit(dit_config, modules, **kwargs)
+
+    @classmethod
     def tiny(cls, modules=None, **kwargs: Any) -> ImageLoRAConfig:
         """Matches ``random_flux2_pipeline()``'s DiT; a 32-wide one-layer encoder."""
         return super().tiny(modules, **{"hidden": 32, "num_layers": 1, "num_heads": 2, **kwargs})
+
+    @classmethod
+    def tiny_zimage(cls, modules=None, **kwargs: Any) -> ImageLoRAConfig:
+        """Matches ``random_zimage_pipeline()``'s DiT; a 32-wide one-layer encoder."""
+        return super().tiny_zimage(modules, **{"hidden": 32, "num_layers": 1, "num_heads": 2, **kwargs})
 
 
 class LoRAHead(nn.Module):
@@ -119,7 +138,8 @@ class ImageLoRA(TemplateModel):
         width: int | None = None,
         **inputs,
     ) -> dict[str, Tensor]:
-        """``{"latents": [1, 128, h, w]}``: the image as the base VAE's DiT latents."""
+        """``{"latents": [1, C, h, w]}``: the image as the base VAE's DiT latents (FLUX.2: 128 channels
+        per token; Z-Image: 16 channels per latent pixel)."""
         if pipe is None:
             raise TemplateInputError("image_lora encodes its image with the base model's VAE: pass pipe=...")
         if image is None:

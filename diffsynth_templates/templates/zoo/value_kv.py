@@ -29,10 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from ...backbones.flux2_dit import Flux2DiTConfig
+from ...backbones.zimage_dit import ZImageDiTConfig
 from ..base import TemplateModel
 from ..registry import register_architecture
 from ..schema import RESERVED_KEYS, InputField, InputSchema
 from ._common import (
+    DiTConfig,
+    base_layout,
     check_names,
     check_positive,
     kv_block_names,
@@ -40,6 +43,7 @@ from ._common import (
     parameter_dtype,
     sinusoidal_embedding,
     tiny_dit_config,
+    tiny_zimage_dit_config,
 )
 
 VALUE_TIME_SCALE = 1000.0  # a value in [0, 1] is embedded as a timestep in [0, 1000]
@@ -93,18 +97,19 @@ class ValueKVConfig:
     @classmethod
     def for_dit(
         cls,
-        dit_config: Flux2DiTConfig,
+        dit_config: DiTConfig,
         values: tuple[str, ...] = ("scale",),
         length: int = 512,
         ranges: tuple[tuple[float, float], ...] | None = None,
         **kwargs: Any,
     ) -> ValueKVConfig:
-        """Every KV block of ``dit_config``, with its heads and hidden size."""
+        """Every KV block of ``dit_config`` (FLUX.2 or Z-Image), with its heads and widths."""
+        layout = base_layout(dit_config)
         return cls(
             values=tuple(values),
-            block_names=kv_block_names(dit_config),
-            dim=dit_config.hidden_size,
-            num_heads=dit_config.num_heads,
+            block_names=layout.block_names,
+            dim=layout.num_heads * layout.head_dim,
+            num_heads=layout.num_heads,
             length=length,
             ranges=ranges,
             **kwargs,
@@ -119,9 +124,19 @@ class ValueKVConfig:
         return cls.for_dit(Flux2DiTConfig.klein_9b(), values, length, ranges, **kwargs)
 
     @classmethod
+    def z_image(cls, values=("scale",), length: int = 512, ranges=None, **kwargs: Any) -> ValueKVConfig:
+        """Z-Image Turbo / base: the 30 main blocks, 30 heads x 128."""
+        return cls.for_dit(ZImageDiTConfig(), values, length, ranges, **kwargs)
+
+    @classmethod
     def tiny(cls, values=("scale",), length: int = 4, ranges=None, **kwargs: Any) -> ValueKVConfig:
         """Matches ``random_flux2_pipeline()``'s DiT."""
         return cls.for_dit(tiny_dit_config(), values, length, ranges, **kwargs)
+
+    @classmethod
+    def tiny_zimage(cls, values=("scale",), length: int = 4, ranges=None, **kwargs: Any) -> ValueKVConfig:
+        """Matches ``random_zimage_pipeline()``'s DiT."""
+        return cls.for_dit(tiny_zimage_dit_config(), values, length, ranges, **kwargs)
 
 
 class ValueEncoder(nn.Module):
