@@ -1,7 +1,8 @@
-"""Command-line image generation with a FLUX.2-klein pipeline.
+"""Command-line image generation with a FLUX.2-klein or Z-Image pipeline (picked from the model folder).
 
     python infer.py --model black-forest-labs/FLUX.2-klein-base-4B --prompt "a red fox in snow" \
         --height 1024 --width 1024 --steps 50 --cfg_scale 4 --seed 0 --output outputs/fox.png
+    python infer.py --model Tongyi-MAI/Z-Image-Turbo --prompt "a red fox in snow"   # 8 steps, no CFG
 
 Each image is written as a PNG whose text metadata holds the generation parameters (JSON under
 the key ``parameters``), so any output can be reproduced.
@@ -44,21 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--offline", action="store_true", help="never touch the network; use only cached downloads"
     )
+    g.add_argument(
+        "--variant",
+        default=None,
+        choices=("turbo", "base"),
+        help="Z-Image only: sampling defaults (default: turbo if the model name says so, else base)",
+    )
 
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", default="a photo of a cat", help="the text prompt")
     g.add_argument("--negative_prompt", default="", help="what to steer away from (used when cfg_scale != 1)")
     g.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 16")
     g.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 16")
-    g.add_argument("--steps", type=int, default=50, dest="num_inference_steps", help="denoising steps")
-    g.add_argument(
-        "--cfg_scale", type=float, default=4.0, help="classifier-free guidance scale (1 = off, one DiT pass)"
-    )
+    g.add_argument("--steps", type=int, default=None, dest="num_inference_steps",
+                   help="denoising steps (default: the pipeline's, FLUX.2 50, Z-Image Turbo 8 / base 50)")  # fmt: skip
+    g.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance scale "
+                   "(1 = off, one DiT pass; default: the pipeline's, FLUX.2 4, Z-Image Turbo 1 / base 5)")  # fmt: skip
     g.add_argument(
         "--seed", type=int, default=0, help="random seed (noise is drawn on the CPU: same seed, same image)"
     )
     g.add_argument("--num_images", type=int, default=1, help="images to generate (seeds seed, seed+1, ...)")
-    g.add_argument("--max_sequence_length", type=int, default=512, help="prompt tokens (padded/truncated)")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="prompt tokens (padded/truncated; default: the pipeline's, 512)")  # fmt: skip
     g.add_argument("--input_image", default=None, help="start from this image (img2img / inpainting)")
     g.add_argument(
         "--denoising_strength", type=float, default=1.0, help="with --input_image: how much to change (0-1]"
@@ -111,15 +119,25 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline
+    from diffsynth_templates.pipelines.auto import BACKBONE_TITLES, detect_backbone, pipeline_class
 
     model = args.model or str(DEFAULT_TOY_MODEL)
     if args.model is None and not DEFAULT_TOY_MODEL.is_dir():
         raise SystemExit(
             f"no --model given and the bundled toy model {DEFAULT_TOY_MODEL} is missing; pass --model"
         )
+    offline = True if args.offline else None
+    backbone = detect_backbone(args.transformer or model, offline=offline)
+    title = BACKBONE_TITLES[backbone]
+    for flag, value, supported in (
+        ("--variant", args.variant, backbone == "zimage"),
+        ("--edit_image", args.edit_image, backbone == "flux2"),
+        ("--vae_tile_size", args.vae_tile_size, backbone == "flux2"),
+    ):
+        if value and not supported:
+            raise SystemExit(f"{flag} is not supported by {title} pipelines ({model} is {title})")
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
-    pipe = Flux2ImagePipeline.from_pretrained(
+    pipe = pipeline_class(backbone).from_pretrained(
         model,
         torch_dtype=dtype,
         device=args.device,
@@ -127,7 +145,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         text_encoder=args.text_encoder,
         vae=args.vae,
         tokenizer=args.tokenizer,
-        offline=True if args.offline else None,
+        offline=offline,
+        **({"variant": args.variant} if backbone == "zimage" else {}),
     )
     if args.offload:
         pipe.enable_model_cpu_offload(args.device or "cuda")
@@ -139,15 +158,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
         negative_prompt=args.negative_prompt,
         height=args.height,
         width=args.width,
-        num_inference_steps=args.num_inference_steps,
-        cfg_scale=args.cfg_scale,
-        max_sequence_length=args.max_sequence_length,
         denoising_strength=args.denoising_strength,
         input_image=Image.open(args.input_image) if args.input_image else None,
         inpaint_mask=Image.open(args.inpaint_mask) if args.inpaint_mask else None,
-        edit_image=[Image.open(p) for p in args.edit_image] if args.edit_image else None,
         progress=not args.quiet,
     )
+    # unset: the pipeline's own defaults (they differ between backbones and Z-Image variants)
+    for name in ("num_inference_steps", "cfg_scale", "max_sequence_length"):
+        if getattr(args, name) is not None:
+            call[name] = getattr(args, name)
+    if args.edit_image:
+        call["edit_image"] = [Image.open(p) for p in args.edit_image]
     templates, template_inputs, negative_inputs = _template_job(args)
     run = pipe
     if templates:

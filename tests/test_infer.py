@@ -92,3 +92,46 @@ def test_templates_from_flags_and_job(tiny_klein_root, tmp_path):
     assert params["template"] == [str(folder)] and params["template_inputs"] == [
         {"model_id": 0, "scale": 0.8}
     ]
+
+
+def test_zimage_folder_selects_the_zimage_pipeline(tmp_path):
+    """The backbone comes from the folder: Turbo defaults (8 steps, no CFG), templates on Z-Image work,
+    and FLUX.2-only flags are refused with a message naming the backbone."""
+    import torch
+
+    import infer
+    from diffsynth_templates.pipelines.random_init import random_zimage_pipeline
+    from diffsynth_templates.templates import save_template_folder
+    from diffsynth_templates.templates.zoo import ValueKV, ValueKVConfig, template_spec
+    from tests.templates.test_zoo import perturb_zeros
+
+    root = random_zimage_pipeline().save_pretrained(tmp_path / "tiny-z-image-turbo")
+    torch.manual_seed(0)
+    model = ValueKV(ValueKVConfig.tiny_zimage())
+    perturb_zeros(model)
+    folder = save_template_folder(tmp_path / "bright", model, template_spec(model))
+    common = ["--model", str(root), "--height", "32", "--width", "32", "--max_sequence_length", "16",
+              "--quiet", "--device", "cpu"]  # fmt: skip
+    plain = infer.main([*common, "--output", str(tmp_path / "plain.png")])[0]
+    params = json.loads(Image.open(plain).text["parameters"])
+    assert params["num_inference_steps"] is None and params["cfg_scale"] is None  # the pipeline's defaults
+
+    pipe = infer_pipeline(root)
+    expected = pipe("a photo of a cat", height=32, width=32, max_sequence_length=16, seed=0, progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(plain)), np.asarray(expected))  # 8 steps, cfg 1
+
+    steered = infer.main([*common, "--template", str(folder), "--template_input", "scale=0.9",
+                          "--output", str(tmp_path / "steered.png")])[0]  # fmt: skip
+    assert np.abs(np.asarray(Image.open(plain)).astype(int) - np.asarray(Image.open(steered))).max() > 0
+
+    out = subprocess.run(
+        [sys.executable, "infer.py", *common, "--edit_image", str(plain), "--output", str(tmp_path / "x.png")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode != 0 and "--edit_image is not supported by Z-Image pipelines" in out.stderr
+
+
+def infer_pipeline(root):
+    from diffsynth_templates.pipelines.zimage_pipeline import ZImagePipeline
+
+    return ZImagePipeline.from_pretrained(root, device="cpu")

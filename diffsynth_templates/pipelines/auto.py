@@ -4,7 +4,7 @@
     pipe = load_pipeline("models/toy/base")            # -> Flux2ImagePipeline
 
 The backbone is decided by ``model_index.json``'s ``_class_name`` (what diffusers writes), else by
-``transformer/config.json``'s; anything else is an error that says what was found.
+``transformer/config.json``'s (or ``config.json``'s, for a transformer folder itself); anything else is an error that says what was found.
 """
 
 from __future__ import annotations
@@ -46,16 +46,16 @@ def detect_backbone(
     cache_dir: str | os.PathLike | None = None,
     offline: bool | None = None,
 ) -> str:
-    """``"flux2"`` or ``"zimage"`` for a local model folder or a ModelScope id."""
+    """``"flux2"`` or ``"zimage"`` for a local model folder or a ModelScope id (or a transformer folder)."""
     root = resolve_model_path(
         source,
-        allow_patterns=["model_index.json", "transformer/config.json"],
+        allow_patterns=["model_index.json", "transformer/config.json", "config.json"],
         revision=revision,
         cache_dir=cache_dir,
         offline=offline,
     )
     found = []
-    for path in (root / "model_index.json", root / "transformer" / "config.json"):
+    for path in (root / "model_index.json", root / "transformer" / "config.json", root / "config.json"):
         name = _class_name(path)
         if name is None:
             continue
@@ -64,7 +64,7 @@ def detect_backbone(
             return _CLASS_BACKBONES[name]
     raise ValueError(
         f"cannot tell which backbone {str(source)!r} is: "
-        f"{'; '.join(found) if found else 'it has neither model_index.json nor transformer/config.json'}. "
+        f"{'; '.join(found) if found else 'it has no model_index.json, transformer/config.json or config.json'}. "
         f"Known classes: {sorted(_CLASS_BACKBONES)}"
     )
 

@@ -196,6 +196,8 @@ class TemplatePipeline:
         cfg_scale = pipe_kwargs.get(
             "cfg_scale", params["cfg_scale"].default if "cfg_scale" in params else 1.0
         )
+        if cfg_scale is None:  # the pipeline's own default (Z-Image: per variant)
+            cfg_scale = getattr(getattr(pipe, "defaults", None), "cfg_scale", 1.0)
         negative = negative_template_inputs if cfg_scale != 1.0 else None  # the negative side would be unused
         positive_out, negative_out = self.run_templates(pipe, template_inputs or [], negative or [])
         kwargs = dict(pipe_kwargs)
