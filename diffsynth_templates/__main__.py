@@ -18,6 +18,12 @@ from PIL import Image
 logger = logging.getLogger("diffsynth_templates")
 
 
+def _torch_dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diffsynth_templates", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -47,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--description", default=None, help="description for template.json and the card")
     pub.add_argument("--message", default=None, help="commit message")
     pub.add_argument("--shard_size", default=None, help="split weights into shards of this size (e.g. 2GB)")
+    pub.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="store the weights in this precision (default: as trained)",
+    )
     pub.add_argument(
         "--out", type=Path, default=None, help="package folder (default: models/packages/OWNER--NAME)"
     )
@@ -132,6 +144,7 @@ def _publish(args) -> int:
         license=args.license,
         description=args.description,
         shard_size=args.shard_size,
+        torch_dtype=_torch_dtype(args.dtype),
     )
     report = verify_package(folder, _base_pipe(args.verify_base), _parse_inputs(args.verify_input))
     _print_report(report)

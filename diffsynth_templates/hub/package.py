@@ -83,11 +83,14 @@ def package_template(
     license: str | None = None,
     description: str | None = None,
     shard_size: int | str | None = None,
+    torch_dtype: torch.dtype | None = None,
 ) -> Path:
     """Build the publishable folder for ``checkpoint_dir`` at ``out_dir`` (atomically: temp dir + rename).
 
     ``base_model``, ``license`` and ``description`` override what the checkpoint's template.json says
     (the license defaults to apache-2.0). Weights larger than ``shard_size`` bytes are split into shards.
+    ``torch_dtype`` (e.g. ``torch.bfloat16``) stores the floating-point weights in that precision
+    (half the download; loading casts them to whatever dtype the user asks for).
     """
     repo_id = validate_repo_id(repo_id)
     src, out = Path(checkpoint_dir), Path(out_dir)
@@ -97,6 +100,10 @@ def package_template(
     cls = get_architecture(spec.architecture)
     schema = spec.schema or getattr(cls, "input_schema", None)
     tensors = _read_tensors(src, spec.weights)
+    if torch_dtype is not None:
+        if not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+            raise ValueError(f"torch_dtype must be a floating-point torch.dtype, got {torch_dtype!r}")
+        tensors = {k: t.to(torch_dtype) if t.is_floating_point() else t for k, t in tensors.items()}
 
     spec = replace(
         spec,

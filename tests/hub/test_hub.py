@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from diffsynth_templates.__main__ import main
 from diffsynth_templates.hub import convert
@@ -256,6 +256,15 @@ def test_publish_dry_run_builds_a_package_that_loads_and_generates(checkpoint, p
     assert np.isfinite(image).all()
     assert np.array_equal(image, generate([checkpoint], pipe))
     assert np.abs(image - pipe(**CALL)).max() > 0  # the template changes the image
+
+    # --dtype bfloat16 stores half-size weights that load and generate like the fp32 ones (within rounding)
+    half = tmp_path / "package-bf16"
+    assert main(["publish", str(checkpoint), "--repo", REPO, "--dry-run", "--out", str(half), "--dtype", "bfloat16"]) == 0  # fmt: skip
+    stored = load_file(str(half / "model.safetensors"))
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (out / "model.safetensors").stat().st_size
+    assert verify_sha256(half) == json.loads((half / "template.json").read_text())["sha256"]
+    assert np.abs(generate([half], pipe) - image).max() < 0.05
 
     # the card's table describes the schema the template validates inputs against
     card = (out / "README.md").read_text()

@@ -1,0 +1,187 @@
+"""The toy world's templates: what each one is, what it reads from a toy row, and how it is trained.
+
+    python scripts/toy_tasks.py list
+    python scripts/toy_tasks.py prepare --task brightness --data datasets/toy --base models/toy/base \
+        --work outputs/toy_work          # writes the task's metadata and architecture config, prints paths
+
+``scripts/train_toy.sh`` calls ``prepare`` for each task and then ``train.py`` with the printed files,
+so the templates in ``models/toy/templates/`` are trained by the same two-stage trainer users run.
+Each task's metadata is the toy dataset's rows with ``template_inputs`` rewritten to exactly the
+inputs its template takes (the toy generator records every annotation; a task picks its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds datasets/
+
+Row = dict[str, Any]
+
+
+def _brightness(row: Row) -> dict[str, Any]:
+    return {"scale": row["brightness"]}
+
+
+def _color(row: Row) -> dict[str, Any]:
+    return dict(zip("RGB", row["mean_rgb"]))
+
+
+def _structure(row: Row) -> dict[str, Any]:
+    return {"image": row["mask"]}  # the shapes' silhouettes: white where a shape is
+
+
+def _inpaint(row: Row) -> dict[str, Any]:
+    return {"image": row["image"]}  # the mask is drawn per sample by the inpaint data processor
+
+
+def _super_resolution(row: Row) -> dict[str, Any]:
+    return {"image": row["lowres"]}  # 4x area-downscaled; the template encodes it at 4x its size
+
+
+def _sharpness(row: Row) -> dict[str, Any]:
+    return {"lora_ids": [int(row["sharpness_level"] > 0)], "lora_scales": [1.0]}  # 0 sharp, 1 blurred
+
+
+@dataclass
+class ToyTask:
+    """One toy template: its zoo architecture, config overrides, inputs and training schedule."""
+
+    name: str
+    architecture: str
+    inputs: Callable[[Row], dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of ``<Config>.for_dit(toy DiT)``
+    data_processor: str | None = None
+    data_processor_config: dict[str, Any] = field(default_factory=dict)
+    steps: int = 600
+    learning_rate: float = 1e-3
+    description: str = ""
+
+
+TASKS: dict[str, ToyTask] = {
+    t.name: t
+    for t in (
+        ToyTask(
+            "brightness",
+            "value_kv",
+            _brightness,
+            {"length": 16},
+            description="mean luminance (Rec.601, [0, 1]) -> KV tokens",
+        ),
+        ToyTask(
+            "color",
+            "value_kv",
+            _color,
+            {"values": ["R", "G", "B"], "length": 16},
+            description="mean R, G, B ([0, 1] each) -> KV tokens",
+        ),
+        ToyTask(
+            "structure",
+            "image_kv",
+            _structure,
+            {"num_single_blocks": 1},
+            description="silhouette map of the shapes -> KV tokens (structure control)",
+        ),
+        ToyTask(
+            "inpaint",
+            "inpaint",
+            _inpaint,
+            {"num_single_blocks": 1},
+            data_processor="inpaint",
+            data_processor_config={"coverage": [0.1, 0.4], "kind": "box"},
+            description="image + mask -> KV tokens; force_inpaint keeps the unmasked pixels",
+        ),
+        ToyTask(
+            "super_resolution",
+            "image_kv",
+            _super_resolution,
+            {"num_single_blocks": 1, "upscale": 4.0},
+            description="32x32 low-resolution image -> KV tokens for the 128x128 image",
+        ),
+        ToyTask(
+            "sharpness",
+            "lora_bank",
+            _sharpness,
+            {"num_loras": 2, "rank": 4},
+            description="LoRA 0 = sharp, LoRA 1 = blurred (a LoRA-carried template)",
+        ),
+    )
+}
+
+
+def architecture_config(task: ToyTask, base: Path) -> dict[str, Any]:
+    """The task's zoo config built for the base model's DiT (blocks, heads, widths read from it)."""
+    from diffsynth_templates.backbones.flux2_dit import Flux2DiTConfig
+    from diffsynth_templates.templates.registry import get_architecture
+
+    dit_config = Flux2DiTConfig.from_diffusers(json.loads((base / "transformer" / "config.json").read_text()))
+    config_class = get_architecture(task.architecture).config_class
+    return json.loads(json.dumps(asdict(config_class.for_dit(dit_config, **task.config))))
+
+
+def write_metadata(task: ToyTask, data: Path, out: Path) -> Path:
+    """The toy rows with ``template_inputs`` replaced by the task's inputs (paths stay relative to data)."""
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    lines = [
+        json.dumps({"image": r["image"], "prompt": r["prompt"], "template_inputs": task.inputs(r)})
+        for r in rows
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def prepare(task: ToyTask, data: Path, base: Path, work: Path) -> dict[str, str]:
+    folder = work / task.name
+    metadata = write_metadata(task, data, folder / "metadata.jsonl")
+    config_path = folder / "architecture_config.json"
+    config_path.write_text(json.dumps(architecture_config(task, base), indent=1))
+    paths = {"metadata": str(metadata), "architecture_config": str(config_path)}
+    if task.data_processor:
+        processor = folder / "data_processor_config.json"
+        processor.write_text(json.dumps(task.data_processor_config))
+        paths["data_processor_config"] = str(processor)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print the task names, one per line")
+    prep = sub.add_parser("prepare", help="write a task's metadata + configs; print train.py flags")
+    prep.add_argument("--task", required=True, choices=sorted(TASKS))
+    prep.add_argument("--data", default="datasets/toy")
+    prep.add_argument("--base", default="models/toy/base")
+    prep.add_argument("--work", default="outputs/toy_work")
+    args = p.parse_args(argv)
+    if args.command == "list":
+        print("\n".join(TASKS))
+        return
+    task = TASKS[args.task]
+    paths = prepare(task, Path(args.data), Path(args.base), Path(args.work))
+    flags = [
+        f"--dataset_metadata_path {paths['metadata']}",
+        f"--architecture {task.architecture}",
+        f"--architecture_config {paths['architecture_config']}",
+        f"--template_name toy-{task.name}",
+        f"--learning_rate {task.learning_rate}",
+        f"--max_steps {task.steps}",
+    ]
+    if task.data_processor:
+        flags += [
+            f"--data_processor {task.data_processor}",
+            f"--data_processor_config {paths['data_processor_config']}",
+        ]
+    print(" ".join(flags))
+
+
+if __name__ == "__main__":
+    main()
