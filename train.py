@@ -1,4 +1,7 @@
-"""Train Diffusion Templates (and FLUX.2 DiTs) in two stages.
+"""Train Diffusion Templates (and DiTs) in two stages, on a FLUX.2-klein or a Z-Image base model.
+
+The backbone is read from the model folder (``--model``, e.g. ``black-forest-labs/FLUX.2-klein-base-4B``
+or ``Tongyi-MAI/Z-Image-Turbo``): the same commands train on either.
 
     # stage I: features (text embeddings, latents, template features) to disk, no gradients
     accelerate launch train.py --task data_process --model MODEL --template TEMPLATE \\

@@ -4,7 +4,8 @@
     pipe = load_pipeline("models/toy/base")            # -> Flux2ImagePipeline
 
 The backbone is decided by ``model_index.json``'s ``_class_name`` (what diffusers writes), else by
-``transformer/config.json``'s (or ``config.json``'s, for a transformer folder itself); anything else is an error that says what was found.
+``transformer/config.json``'s (or ``config.json``'s, for a transformer folder itself); anything else
+is an error that says what was found.
 """
 
 from __future__ import annotations

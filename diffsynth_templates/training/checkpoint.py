@@ -2,9 +2,11 @@
 
 ``checkpoint-{step}/`` holds only what was trained:
 
-* a template: the declarative template folder itself (``template.json``, ``model.safetensors``,
-  ``README.md``), so ``TemplatePipeline.from_pretrained("…/checkpoint-500")`` loads it directly;
-* full DiT fine-tuning: ``transformer/`` in the official diffusers layout (``Flux2DiT.from_pretrained``);
+* a template: the declarative template folder itself (``template.json`` with the base model and its
+  ``base_backbone``, ``model.safetensors``, ``README.md``), so
+  ``TemplatePipeline.from_pretrained("…/checkpoint-500")`` loads it directly;
+* full DiT fine-tuning: ``transformer/`` in the official diffusers layout (``Flux2DiT`` /
+  ``ZImageDiT.from_pretrained``);
 * a DiT LoRA: ``dit_lora.safetensors`` in the LoRA-cache format (a pipeline's ``lora=`` argument);
 
 and ``training_args.json`` plus ``training_state/``: ``state.json`` (step, data position, the LR

@@ -24,16 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.flux2_dit import Flux2DiT
-from ..backbones.flux2_vae import Flux2VAE
-from ..backbones.qwen3 import Qwen3TextEncoder
 from ..loading.resolve import resolve_model_path
+from ..pipelines.auto import BACKBONE_TITLES
 from ..pipelines.common import component_folder
-from ..pipelines.flux2_pipeline import Flux2ImagePipeline
-from ..pipelines.flux2_prompt import Flux2PromptEncoder, load_tokenizer, read_tokenizer_settings
 from ..templates import TemplateSpec, build_architecture, load_template_folder
 from ..templates.folder import fingerprint_callable
 from ..templates.processors import get_processor
+from ..templates.zoo._common import backbone_of_names
+from .backbones import TrainingBackbone, detect_training_backbone
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -118,24 +116,37 @@ def base_model_fingerprint(config: TrainConfig) -> dict[str, str]:
     }
 
 
-def load_dit(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> Flux2DiT:
+def training_backbone(config: TrainConfig) -> TrainingBackbone:
+    """FLUX.2-klein or Z-Image: read from the DiT's folder (``--transformer``, else ``--model``)."""
+    if config.model is None and config.transformer is None:
+        raise FileNotFoundError(
+            "no base model given: pass --model (or --transformer), it decides the backbone"
+        )
     folder = component_folders(config, ("transformer",))["transformer"]
-    return Flux2DiT.from_pretrained(folder, torch_dtype=dtype, device=device)
+    try:
+        return detect_training_backbone(folder, config.offline)
+    except ValueError as e:
+        raise TemplateSetupError(f"cannot train on {config.transformer or config.model}: {e}") from e
+
+
+def load_dit(
+    config: TrainConfig, device: torch.device, dtype: torch.dtype, backbone: TrainingBackbone | None = None
+) -> nn.Module:
+    backbone = backbone or training_backbone(config)
+    folder = component_folders(config, ("transformer",))["transformer"]
+    return backbone.load_dit(folder, device, dtype)
 
 
 def load_pipeline(
-    config: TrainConfig, device: torch.device, dtype: torch.dtype, dit: Flux2DiT | None = None
-) -> Flux2ImagePipeline:
-    """Text encoder + VAE + tokenizer as a pipeline; ``dit`` may be None (stage I never runs the DiT)."""
-    folders = component_folders(config, FEATURE_COMPONENTS)
-    text_encoder = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=dtype, device=device)
-    vae = Flux2VAE.from_pretrained(folders["vae"], torch_dtype=dtype, device=device)
-    tokenizer = load_tokenizer(folders["tokenizer"])
-    pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
-    prompt_encoder = Flux2PromptEncoder(
-        tokenizer, text_encoder, pad_token=pad_token, padding_side=padding_side
-    )
-    return Flux2ImagePipeline(dit, vae, text_encoder, tokenizer, device, dtype, prompt_encoder)
+    config: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    dit: nn.Module | None = None,
+    backbone: TrainingBackbone | None = None,
+):
+    """Text encoder + VAE + tokenizer as the backbone's pipeline; ``dit`` may be None (stage I never runs it)."""
+    backbone = backbone or training_backbone(config)
+    return backbone.load_pipeline(config, component_folders(config, COMPONENTS), device, dtype, dit)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,8 +166,33 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
 
 
-def build_template(config: TrainConfig, seed: int) -> TemplateHandle:
-    """The template to train, in float32 (trainable weights are kept in full precision)."""
+def _check_backbone(config: TrainConfig, spec: TemplateSpec, model_config: Any, backbone: str) -> None:
+    """The template's declared base (its folder) or its block/module names must match the base model."""
+    names = list(getattr(model_config, "block_names", None) or getattr(model_config, "modules", None) or ())
+    declared, named = spec.base_backbone, backbone_of_names(names)
+    built_for = declared or named
+    if built_for is None or built_for == backbone:
+        return
+    title = BACKBONE_TITLES.get
+    if declared:
+        what = f"--template {config.template} was built for {title(declared, declared)} (base model {spec.base_model!r})"
+        fix = f"start from a template made for {title(backbone, backbone)}, or pass --architecture"
+    else:
+        what = f"--architecture {spec.architecture} names blocks of a {title(named, named)} DiT ({', '.join(names[:3])}, ...)"
+        example = "tiny_zimage()/z_image()" if backbone == "zimage" else "tiny()/klein_4b()"
+        fix = f"give --architecture_config the block names of this DiT (e.g. the zoo configs' {example})"
+    raise TemplateSetupError(
+        f"{what}, but the base model {config.transformer or config.model!r} is "
+        f"{title(backbone, backbone)}: {fix}"
+    )
+
+
+def build_template(config: TrainConfig, seed: int, backbone: str | None = None) -> TemplateHandle:
+    """The template to train, in float32 (trainable weights are kept in full precision).
+
+    ``backbone`` ("flux2" / "zimage", the base model's) is written into the spec as ``base_backbone``;
+    a template whose folder or block names say it was built for the other one is refused.
+    """
     if config.architecture:
         torch.manual_seed(seed)  # same initial weights on every rank and every rerun
         model = build_architecture(config.architecture, config.architecture_config)
@@ -181,8 +217,11 @@ def build_template(config: TrainConfig, seed: int) -> TemplateHandle:
         if config.template_name:
             spec.name = config.template_name
         declared = spec.data_processor
-    spec.base_model = spec.base_model or config.model  # what it was trained on, for model cards
     model_config = getattr(model, "config", None)
+    if backbone is not None:
+        _check_backbone(config, spec, model_config, backbone)
+        spec.base_backbone = backbone  # TemplatePipeline refuses it on another backbone
+    spec.base_model = spec.base_model or config.model  # what it was trained on, for model cards
     spec.config = _jsonable(asdict(model_config)) if is_dataclass(model_config) else dict(spec.config)
 
     if config.data_processor:

@@ -19,7 +19,8 @@ TRAINABLE = ("template", "dit", "dit_lora")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16")
 # Linear layers of the FLUX.2 DiT that get a LoRA by default (suffixes of module paths); the same set
-# DiffSynth-Studio trains for klein: attention projections and both MLPs of every block.
+# DiffSynth-Studio trains for klein: attention projections and both MLPs of every block. On Z-Image
+# they match the attention projections (to_q, to_k, to_v, to_out.0) of every block.
 DEFAULT_LORA_TARGETS = (
     "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
     "linear_in,linear_out,to_qkv_mlp_proj,attn.to_out"
@@ -143,7 +144,7 @@ class TrainConfig:
             )
         if self.model is None and not (self.transformer or self.text_encoder or self.vae):
             raise ConfigError(
-                "pass --model: the base model folder or ModelScope id (official FLUX.2-klein layout)"
+                "pass --model: the base model folder or ModelScope id (official FLUX.2-klein or Z-Image layout)"
             )
         if self.task in ("data_process", "train") and not self.cache_path:
             what = (
@@ -268,7 +269,8 @@ _HELP = {
     "cache_path": "feature cache folder (stage I writes it, stage II reads it)",
     "shared_feature_cache": "content store for text embeddings and latents shared by several caches (default: inside --cache_path)",
     "cache_chunk_size": "samples per committed cache shard (a killed stage I redoes at most this many per rank)",
-    "model": "base model folder or ModelScope id in the official layout (transformer/, text_encoder/, vae/, tokenizer/)",
+    "model": "base model folder or ModelScope id in the official layout (transformer/, text_encoder/, vae/, "
+    "tokenizer/): FLUX.2-klein or Z-Image, told apart by its model_index.json / transformer config",
     "transformer": "take the DiT from this folder or id instead",
     "text_encoder": "take the text encoder from this folder or id instead",
     "vae": "take the VAE from this folder or id instead",
@@ -313,7 +315,8 @@ _FLAGS = {"offline", "use_gradient_checkpointing", "gradient_checkpointing_offlo
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
-        description="Train Diffusion Templates (and FLUX.2 DiTs) in two stages: features, then optimization.",
+        description="Train Diffusion Templates (and DiTs) in two stages: features, then optimization. "
+        "The base model may be FLUX.2-klein or Z-Image: the backbone is read from --model's folder.",
     )
     parser.add_argument("--config", default=None, help="YAML or JSON file of defaults for any flag below")
     types = {"int": int, "float": float}

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..pipelines.flux2_pipeline import Flux2ImagePipeline
 from ..pipelines.image_io import fit_to_area
+from .backbones import EDIT_IMAGES_UNSUPPORTED, UnsupportedFeatureError, get_backbone
 from .dataset import SampleLoadError, TemplateDataset
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class SampleFeatures:
     order: int  # position among the dataset's valid rows: fixes the batch plan
     line: int  # metadata line, for messages
     size: tuple[int, int]  # (width, height) of the target image
-    latents: Tensor | None  # [128, h, w] float32; None when only its key is kept (stage I, stored)
+    latents: Tensor | None  # [C, h, w] float32 (FLUX.2: 128, Z-Image: 16); None when only its key is kept
     prompt_embeds: Tensor | None  # [L, D]
     edit_latents: list[Tensor | None] = field(default_factory=list)
     template: dict[str, Any] = field(default_factory=dict)  # process_inputs output: tensors + JSON values
@@ -127,7 +127,7 @@ class FeatureExtractor:
 
     def __init__(
         self,
-        pipe: Flux2ImagePipeline,
+        pipe: Any,  # the backbone's pipeline (Flux2ImagePipeline / ZImagePipeline); its DiT is not used
         fingerprints: dict[str, str],  # text_encoder, vae, tokenizer
         max_sequence_length: int,
         max_pixels: int,
@@ -137,20 +137,28 @@ class FeatureExtractor:
     ):
         self.pipe, self.template, self.processor, self.store = pipe, template, processor, store
         self.max_sequence_length, self.max_pixels = max_sequence_length, max_pixels
+        self.backbone = get_backbone(pipe.backbone)
         dtype = str(pipe.torch_dtype)
+        # the backbone is part of every key: FLUX.2 and Z-Image encode text (and images) differently,
+        # even with the very same Qwen3 weights
         self._text_id = {
+            "backbone": self.backbone.name,
             "text_encoder": fingerprints["text_encoder"],
             "tokenizer": fingerprints["tokenizer"],
             "max_sequence_length": max_sequence_length,
             "dtype": dtype,
         }
-        self._vae_id = {"vae": fingerprints["vae"], "dtype": dtype}
+        self._vae_id = {"backbone": self.backbone.name, "vae": fingerprints["vae"], "dtype": dtype}
 
     @torch.no_grad()
     def __call__(self, item: dict[str, Any]) -> SampleFeatures:
         if "error" in item:
             raise SampleSkipped(item["error"])
         where = f"metadata line {item['line']} (sample {item['id']})"
+        if item["edit_images"] and not self.backbone.supports_edit_images:
+            raise UnsupportedFeatureError(
+                f"{where} has an edit_image, but the base model is {self.backbone.title}: {EDIT_IMAGES_UNSUPPORTED}"
+            )
         image: Image.Image = item["image"]
         text_key, embeds = self._text(item["prompt"])
         latents_key, latents = self._latents(image, image.size)
@@ -173,8 +181,7 @@ class FeatureExtractor:
         key = content_key("text", prompt=prompt, **self._text_id)
         if self.store is not None and self.store.has("text", key):
             return key, None
-        embeds, _ = self.pipe.encode_prompt([prompt], self.max_sequence_length)
-        embeds = embeds[0].cpu().contiguous()
+        embeds = self.backbone.prompt_embeds(self.pipe, prompt, self.max_sequence_length).cpu().contiguous()
         if self.store is not None:
             self.store.put("text", key, embeds)
             return key, None

@@ -1,34 +1,42 @@
 """The flow-matching objective: what one training step computes from a batch of features.
 
-For each sample: sigma is drawn like the base model was trained (``u ~ U[0, 1)``, then klein's
-exponential time shift at ``TRAINING_MU``), ``x_t = (1 - sigma) x0 + sigma * noise``, and the DiT,
+For each sample: sigma is drawn like the base model was trained (``noise``: FLUX.2-klein's
+exponential shift, Z-Image's static shift), ``x_t = (1 - sigma) x0 + sigma * noise``, and the DiT,
 conditioned on the prompt and on the template's cache, predicts the velocity ``noise - x0``; the loss
 is the mean squared error. The template's ``forward`` runs here, inside the graph, so its weights get
 gradients through the frozen DiT.
 
-Noise and sigma come from a generator seeded by ``(seed, step, micro-batch, sample id)`` on the CPU:
-independent of device, rank, batch position and DataLoader workers, so a resumed run, stage II from
-a cache and ``--task full`` all draw exactly the same numbers.
+What is generic lives here (the template's cache, KV validation, LoRA application, batching samples
+of one shape, the loss); what depends on the base model (latent layout, position ids, the DiT call,
+the sign of its output) lives in the backbone's objective (``flux2_objective``, ``zimage_objective``),
+picked from the DiT's class.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..pipelines.flow_match import TRAINING_MU, add_noise
-from ..pipelines.flux2_pipeline import EDIT_TIME_STEP, _append_text_tokens, _grid_ids, _pack
-from ..pipelines.flux2_prompt import text_position_ids
+from ..pipelines.flow_match import TRAINING_MU
 from ..pipelines.lora import applied_lora
+from .backbones import backbone_of_dit
 from .features import SampleFeatures
+from .noise import draw_noise, noise_seed
+
+__all__ = [
+    "TRAINED_CACHE_KEYS",
+    "DiTObjective",
+    "TrainingContext",
+    "TrainingModule",
+    "draw_noise",
+    "noise_seed",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +44,25 @@ logger = logging.getLogger(__name__)
 TRAINED_CACHE_KEYS = ("kv_cache", "lora", "extra_text_embedding")
 
 
-def noise_seed(seed: int, step: int, micro: int, sample_id: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{step}:{micro}:{sample_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+class PreparedSample(Protocol):
+    """One sample ready for the DiT (its backbone's layout), with the template's KV and LoRA."""
+
+    kv: dict[str, tuple[Tensor, Tensor]]
+    lora: dict[str, Tensor] | None
+
+    def signature(self) -> tuple: ...
 
 
-def draw_noise(seed: int, shape: tuple[int, ...], mu: float = TRAINING_MU) -> tuple[Tensor, Tensor]:
-    """``(sigma [], noise shape)`` in float32 on the CPU from a private generator."""
-    generator = torch.Generator().manual_seed(seed)
-    u = torch.rand((), generator=generator, dtype=torch.float64)
-    sigma = math.exp(mu) / (math.exp(mu) + (1 / u - 1))  # exponential_time_shift; u = 0 gives sigma = 0
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-    return sigma.float(), noise
+class DiTObjective(Protocol):
+    """A backbone's half of the objective (``Flux2Objective``, ``ZImageObjective``)."""
+
+    def prepare(
+        self, features: SampleFeatures, seed: int, cache: dict[str, Any], device: torch.device
+    ) -> PreparedSample: ...
+
+    def predict(
+        self, dit: nn.Module, group: list, kv: dict[str, tuple[Tensor, Tensor]] | None
+    ) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass
@@ -69,21 +84,6 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-@dataclass
-class _Sample:
-    x0: Tensor  # [1, N, C]
-    noise: Tensor
-    sigma: Tensor
-    embeds: Tensor  # [1, L, D]
-    text_ids: Tensor  # [L, 4]
-    img_ids: Tensor  # [N, 4]
-    edit_tokens: Tensor | None  # [1, M, C]
-    edit_ids: Tensor | None
-    edit_shapes: tuple[tuple[int, ...], ...]
-    kv: dict[str, tuple[Tensor, Tensor]]
-    lora: dict[str, Tensor] | None
-
-
 class TrainingModule(nn.Module):
     """DiT (+ template, + DiT LoRA) with ``forward(batch, seeds) -> loss``; what DDP/DeepSpeed wrap."""
 
@@ -95,9 +95,12 @@ class TrainingModule(nn.Module):
         mu: float = TRAINING_MU,
         gradient_checkpointing: bool = False,
         activation_offload: bool = False,
+        objective: DiTObjective | None = None,
     ):
         super().__init__()
         self.dit, self.template, self.dit_lora = dit, template, dit_lora
+        # ``mu`` only shapes FLUX.2's sigmas; Z-Image draws them on its own static shift
+        self.objective = objective if objective is not None else backbone_of_dit(dit).objective(mu)
         self.mu, self.gradient_checkpointing, self.activation_offload = (
             mu,
             gradient_checkpointing,
@@ -125,45 +128,12 @@ class TrainingModule(nn.Module):
 
     # -- per sample -------------------------------------------------------------------------------
 
-    def _prepare(self, features: SampleFeatures, seed: int) -> _Sample:
-        device = self.device
-        latents = features.latents.to(device, torch.float32)[None]  # [1, C, h, w]
-        sigma, noise = draw_noise(seed, tuple(latents.shape), self.mu)
-        h, w = latents.shape[-2:]
-        embeds = features.prompt_embeds.to(device)[None]
-        text_ids = text_position_ids(1, embeds.shape[1], device)[0]
-        edit_tokens = edit_ids = None
-        if features.edit_latents:
-            edit_tokens = torch.cat(
-                [_pack(e.to(device, torch.float32)[None]) for e in features.edit_latents], dim=1
-            )
-            edit_ids = torch.cat(
-                [
-                    _grid_ids(e.shape[-2], e.shape[-1], t=EDIT_TIME_STEP * (i + 1))
-                    for i, e in enumerate(features.edit_latents)
-                ]
-            ).to(device)
+    def _prepare(self, features: SampleFeatures, seed: int) -> PreparedSample:
         cache = self._template_cache(features)
-        if "extra_text_embedding" in cache:
-            embeds, text_ids = _append_text_tokens(
-                embeds, text_ids, cache["extra_text_embedding"], "extra_text_embedding"
-            )
-        kv = dict(cache.get("kv_cache") or {})
-        if kv:
-            self.dit.validate_kv_cache(kv, batch_size=1, source="the template")
-        return _Sample(
-            x0=_pack(latents),
-            noise=_pack(noise.to(device)),
-            sigma=sigma.to(device),
-            embeds=embeds,
-            text_ids=text_ids,
-            img_ids=_grid_ids(h, w, t=0).to(device),
-            edit_tokens=edit_tokens,
-            edit_ids=edit_ids,
-            edit_shapes=tuple(tuple(e.shape) for e in features.edit_latents),
-            kv=kv,
-            lora=cache.get("lora") or None,
-        )
+        sample = self.objective.prepare(features, seed, cache, self.device)
+        if sample.kv:
+            self.dit.validate_kv_cache(sample.kv, batch_size=1, source="the template")
+        return sample
 
     def _template_cache(self, features: SampleFeatures) -> dict[str, Any]:
         if self.template is None:
@@ -184,22 +154,12 @@ class TrainingModule(nn.Module):
 
     # -- per group of same-shaped samples ---------------------------------------------------------
 
-    def _loss(self, group: list[_Sample]) -> Tensor:
+    def _loss(self, group: list[PreparedSample]) -> Tensor:
         first = group[0]
-        x0 = torch.cat([s.x0 for s in group])
-        noise = torch.cat([s.noise for s in group])
-        sigma = torch.stack([s.sigma for s in group])
-        x_t = add_noise(x0, noise, sigma[:, None, None])
-        target = noise - x0
-        hidden, img_ids = x_t, first.img_ids
-        if first.edit_tokens is not None:
-            hidden = torch.cat([x_t, torch.cat([s.edit_tokens for s in group])], dim=1)
-            img_ids = torch.cat([img_ids, first.edit_ids])
         kv = {
             name: tuple(torch.cat([s.kv[name][i].expand(1, -1, -1, -1) for s in group]) for i in (0, 1))
             for name in first.kv
         }
-        dtype = self.dit_dtype
         with contextlib.ExitStack() as stack:
             if self.dit_lora is not None:
                 stack.enter_context(applied_lora(self.dit, self.dit_lora.cache()))
@@ -207,30 +167,13 @@ class TrainingModule(nn.Module):
                 if sample.lora:
                     rows = None if len(group) == 1 else slice(row, row + 1)
                     stack.enter_context(applied_lora(self.dit, sample.lora, rows=rows, source="the template"))
-            prediction = self.dit(
-                hidden_states=hidden.to(dtype),
-                encoder_hidden_states=torch.cat([s.embeds for s in group]).to(dtype),
-                timestep=sigma.to(dtype),
-                img_ids=img_ids,
-                txt_ids=first.text_ids,
-                kv_cache=kv or None,
-            )
-        return F.mse_loss(prediction[:, : x0.shape[1]].float(), target.float())
+            prediction, target = self.objective.predict(self.dit, group, kv or None)
+        return F.mse_loss(prediction.float(), target.float())
 
 
-def _signature(sample: _Sample) -> tuple:
+def _batchable_groups(samples: list[PreparedSample]) -> list[list[PreparedSample]]:
     """Samples with equal signatures go through the DiT as one batch."""
-    return (
-        tuple(sample.x0.shape),
-        tuple(sample.embeds.shape),
-        sample.edit_shapes,
-        tuple(sorted((n, tuple(k.shape[1:])) for n, (k, _) in sample.kv.items())),
-        sample.text_ids.shape[0],
-    )
-
-
-def _batchable_groups(samples: list[_Sample]) -> list[list[_Sample]]:
-    groups: dict[tuple, list[_Sample]] = {}
+    groups: dict[tuple, list[PreparedSample]] = {}
     for sample in samples:
-        groups.setdefault(_signature(sample), []).append(sample)
+        groups.setdefault(sample.signature(), []).append(sample)
     return list(groups.values())

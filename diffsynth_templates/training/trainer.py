@@ -8,6 +8,9 @@
 * ``full`` - the same training loop, with the features computed on the fly by the stage-I code, never
   written to disk.
 
+The base model's backbone (FLUX.2-klein or Z-Image) is read from its folder (``backbones``); it picks
+the loaders, the text encoding and the objective, and is part of the cache fingerprint.
+
 Multi-process runs go through ``accelerate`` (DDP; DeepSpeed when the accelerate config selects it,
 in which case accelerate imports ``deepspeed``, nothing here does).
 """
@@ -32,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..loading import CheckpointError
 from ..pipelines.flow_match import TRAINING_MU
-from ..pipelines.flux2_pipeline import Flux2ImagePipeline
+from .backbones import TrainingBackbone, UnsupportedFeatureError
 from .checkpoint import ResumeError, TrainingState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .components import (
     TemplateHandle,
@@ -43,6 +46,7 @@ from .components import (
     load_dit,
     load_pipeline,
     model_dtype,
+    training_backbone,
 )
 from .config import ConfigError, TrainConfig
 from .dataset import BucketBatchSampler, DatasetConfig, DatasetError, TemplateDataset, read_metadata
@@ -67,7 +71,7 @@ from .validation import render_validation, save_grid
 logger = logging.getLogger(__name__)
 
 # parts of the cache fingerprint a stage-II run checks: always, with a template, with a dataset given
-_ALWAYS = ("base_model", "features")
+_ALWAYS = ("backbone", "base_model", "features")
 _TEMPLATE = ("template", "data_processor")
 # test hook: a training process exits abruptly (as if killed) after this many optimizer steps
 FAULT_STEPS_ENV = "DIFFSYNTH_TEMPLATES_FAULT_AFTER_STEPS"
@@ -83,6 +87,7 @@ USER_ERRORS = (
     TemplateSetupError,
     CheckpointError,
     FileNotFoundError,
+    UnsupportedFeatureError,
 )
 
 
@@ -156,9 +161,14 @@ def dataset_fingerprint(config: TrainConfig) -> dict[str, Any]:
 
 
 def feature_fingerprint(
-    config: TrainConfig, base: dict[str, str], template: TemplateHandle | None, dataset: dict[str, Any] | None
+    config: TrainConfig,
+    base: dict[str, str],
+    template: TemplateHandle | None,
+    dataset: dict[str, Any] | None,
+    backbone: str = "flux2",
 ) -> dict[str, Any]:
     return {
+        "backbone": backbone,  # FLUX.2 and Z-Image features never mix, whatever the weights
         "base_model": base,
         "template": None
         if template is None
@@ -167,6 +177,11 @@ def feature_fingerprint(
         "dataset": dataset,
         "features": {"max_sequence_length": config.max_sequence_length, "dtype": str(model_dtype(config))},
     }
+
+
+def _cached_fingerprint(index: dict[str, Any]) -> dict[str, Any]:
+    """The cache's fingerprint; caches written before Z-Image existed hold FLUX.2 features."""
+    return {"backbone": "flux2", **index["fingerprint"]}
 
 
 def _seed_everything(seed: int) -> None:
@@ -192,14 +207,17 @@ def process_dataset(config: TrainConfig) -> DataProcessResult:
     root = Path(config.cache_path)
     store_root = Path(config.shared_feature_cache) if config.shared_feature_cache else root / "store"
 
+    backbone = training_backbone(config)
     report, dataset = _dataset(config)
-    template = build_template(config, config.seed) if config.uses_template else None
+    backbone.check_samples(report.samples)
+    template = build_template(config, config.seed, backbone.name) if config.uses_template else None
     base = base_model_fingerprint(config)
-    fingerprint = feature_fingerprint(config, base, template, dataset_fingerprint(config))
+    fingerprint = feature_fingerprint(config, base, template, dataset_fingerprint(config), backbone.name)
     fingerprint["processing_seed"] = config.seed
 
     existing = read_index(root)  # every rank checks, so a mismatch stops all of them alike
     if existing is not None:
+        existing = {**existing, "fingerprint": _cached_fingerprint(existing)}
         check_fingerprint(existing, fingerprint, [*fingerprint], root,
                           "Use a new --cache_path for these inputs, or delete the old cache to rebuild it.")  # fmt: skip
         if existing["store"] != store_reference(root, store_root):
@@ -226,7 +244,7 @@ def process_dataset(config: TrainConfig) -> DataProcessResult:
     )  # fmt: skip
 
     if mine:
-        pipe = load_pipeline(config, device, dtype)
+        pipe = load_pipeline(config, device, dtype, backbone=backbone)
         model = None
         if template is not None:
             model = template.model.to(device).eval()
@@ -323,21 +341,24 @@ def train(config: TrainConfig) -> TrainResult:
     if main:
         output_path.mkdir(parents=True, exist_ok=True)
 
-    template = build_template(config, config.seed) if config.uses_template else None
+    backbone = training_backbone(config)
+    template = build_template(config, config.seed, backbone.name) if config.uses_template else None
     base = base_model_fingerprint(config)
     if config.task == "train":  # check the cache before loading anything big
         index, items = open_cache(config.cache_path)
-        _check_cache(index, config, base, template)
+        _check_cache(index, config, base, template, backbone.name)
         sizes = items.sizes
     else:
-        _, dataset = _dataset(config)
+        report, dataset = _dataset(config)
+        backbone.check_samples(report.samples)
         items, sizes = SafeItems(dataset), dataset.sizes
 
     train_dit = "dit" in config.trainable_models
-    dit = load_dit(config, device, torch.float32 if train_dit else dtype)
+    dit = load_dit(config, device, torch.float32 if train_dit else dtype, backbone)
     extractor, pipe = None, None
     if config.task == "full" or (config.validation_steps and main):
-        pipe = load_pipeline(config, device, dtype)  # text encoder + VAE (features, validation images)
+        # text encoder + VAE (features, validation images)
+        pipe = load_pipeline(config, device, dtype, backbone=backbone)
     if config.task == "full":
         extractor = FeatureExtractor(
             pipe, base, config.max_sequence_length, config.max_pixels,
@@ -406,7 +427,7 @@ def train(config: TrainConfig) -> TrainResult:
                 dit.config.to_diffusers(), save_optimizer=not _is_deepspeed(accelerator),
             )  # fmt: skip
         if config.validation_steps and state.step % config.validation_steps == 0:
-            _validate(accelerator, model, pipe, config, state.step, output_path)
+            _validate(accelerator, model, pipe, backbone, config, state.step, output_path)
         if fault_after is not None and state.step >= fault_after:
             logger.error("%s=%d: exiting abruptly (test hook)", FAULT_STEPS_ENV, fault_after)
             os._exit(17)
@@ -431,15 +452,17 @@ def _fill_deepspeed_config(accelerator, config: TrainConfig) -> None:
     )
 
 
-def _check_cache(index: dict[str, Any], config: TrainConfig, base: dict[str, str], template) -> None:
+def _check_cache(
+    index: dict[str, Any], config: TrainConfig, base: dict[str, str], template, backbone: str
+) -> None:
     """Stage II refuses a cache made from other inputs; the DiT is not part of it (features never see it)."""
     parts = [*_ALWAYS, *(_TEMPLATE if template else ())]
     dataset_fp = None
     if config.dataset_metadata_path:
         parts.append("dataset")
         dataset_fp = dataset_fingerprint(config)
-    current = feature_fingerprint(config, base, template, dataset_fp)
-    check_fingerprint(index, current, parts, Path(config.cache_path),
+    current = feature_fingerprint(config, base, template, dataset_fp, backbone)
+    check_fingerprint({**index, "fingerprint": _cached_fingerprint(index)}, current, parts, Path(config.cache_path),
                       "Rerun --task data_process with the current settings into a new --cache_path.")  # fmt: skip
     if index["fingerprint"].get("processing_seed") != config.seed:
         logger.warning(
@@ -496,15 +519,12 @@ def _features(items: list, extractor: FeatureExtractor | None) -> list[SampleFea
 
 
 def _validate(
-    accelerator, model, pipe: Flux2ImagePipeline | None, config: TrainConfig, step: int, output_path: Path
+    accelerator, model, pipe, backbone: TrainingBackbone, config: TrainConfig, step: int, output_path: Path
 ) -> None:
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         dit, template = unwrapped.dit, unwrapped.template
-        runner = Flux2ImagePipeline(
-            dit, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.device,
-            next(dit.parameters()).dtype, pipe.prompt_encoder,
-        )  # fmt: skip
+        runner = backbone.runner(dit, pipe)
         modules = [m for m in (template, unwrapped.dit_lora) if m is not None]
         modes = [m.training for m in modules]
         for m in modules:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..pipelines.flux2_pipeline import Flux2ImagePipeline
 from ..pipelines.lora import merge_loras
 from ..templates.cache import TemplateOutput, to_device, validate_output
 from .dataset import IMAGE_EXTENSIONS
@@ -44,7 +43,7 @@ def _load_images(value: Any) -> Any:
 
 @torch.no_grad()
 def render_validation(
-    pipe: Flux2ImagePipeline,
+    pipe: Any,  # Flux2ImagePipeline or ZImagePipeline around the DiT being trained
     items: list[dict[str, Any]],
     template: torch.nn.Module | None,
     dit_lora: torch.nn.Module | None,

@@ -1,4 +1,4 @@
-"""Fixtures for trainer tests: a tiny random base model on disk and a tiny image dataset."""
+"""Fixtures for trainer tests: tiny random base models (FLUX.2, Z-Image) on disk and a tiny image dataset."""
 
 from __future__ import annotations
 
@@ -17,6 +17,16 @@ def base_model(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("base") / "model"
     random_flux2_pipeline().save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def zimage_base(tmp_path_factory) -> Path:
+    """The random tiny Z-Image (Turbo) pipeline in the official layout."""
+    from diffsynth_templates.pipelines.random_init import random_zimage_pipeline
+
+    root = tmp_path_factory.mktemp("zbase") / "tiny-z-image-turbo"
+    random_zimage_pipeline().save_pretrained(root)
     return root
 
 
