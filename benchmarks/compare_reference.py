@@ -665,7 +665,8 @@ def ratio(ours: float | None, theirs: float | None) -> str:
     return "n/a" if ours is None or theirs is None or theirs == 0 else f"{ours / theirs:.2f}"
 
 
-def run_benchmark(args) -> str:
+def run_benchmark(args) -> tuple[str, float]:
+    """The markdown report and the largest image difference between ours and a reference."""
     device, dtype = args.device, args.dtype
     systems = [s for s in SYSTEMS if not (s == "diffsynth" and args.no_diffsynth)]
     pythons = {"ours": sys.executable, "diffusers": sys.executable, "diffsynth": args.diffsynth_python}
@@ -708,7 +709,7 @@ def run_benchmark(args) -> str:
                 w.close()
 
 
-def measure(args, workers: dict, systems: list[str], tmp: Path) -> str:
+def measure(args, workers: dict, systems: list[str], tmp: Path) -> tuple[str, float]:
     steps_s: dict[tuple, list[float]] = {}
     images: dict[tuple, Path] = {}
     memory: dict[tuple, dict] = {}
@@ -791,7 +792,7 @@ def measure(args, workers: dict, systems: list[str], tmp: Path) -> str:
             cuda = {s: memory[(phase, s)].get("cuda_peak_mib") for s in ran}
             rows.append(f"| CUDA max allocated MiB, {phase} runs | {cell(cuda, 0)} |")
 
-    agreement = []
+    agreement, worst = [], 0.0
     for size in args.sizes:
         for cfg, count in [(4.0, 0), (1.0, 0)] + [(4.0, k) for k in KV_COUNTS]:
             if (size, cfg, count, "ours") not in images:
@@ -801,6 +802,7 @@ def measure(args, workers: dict, systems: list[str], tmp: Path) -> str:
             for s in SYSTEMS[1:]:
                 if (size, cfg, count, s) in images:
                     diffs[s] = float(np.abs(ours - np.load(images[(size, cfg, count, s)])).max())
+                    worst = max(worst, diffs[s])
             cols = [fmt(diffs.get(s), 2) if (size, cfg, count, s) in images else "n/a" for s in SYSTEMS[1:]]
             what = f"cfg {cfg:g}" + (
                 f", {count} KV template{'s' * (count > 1)}" if count else ", no templates"
@@ -819,8 +821,8 @@ def measure(args, workers: dict, systems: list[str], tmp: Path) -> str:
         f"{args.warmup} warm-up, {TEXT_TOKENS} text tokens, {args.kv_length} KV tokens per block per template, "
         f"random weights: 8 heads x 64, 2 double + 6 single blocks"
     )
-    not_run = "" if "diffsynth" in systems else "\n\nDiffSynth-Studio: not run (--no-diffsynth).\n"
-    return "\n".join(
+    not_run = "" if "diffsynth" in systems else "\n\nDiffSynth-Studio: not run (--no-diffsynth)."
+    report = "\n".join(
         [
             "## Ours vs DiffSynth-Studio vs diffusers",
             "",
@@ -841,6 +843,7 @@ def measure(args, workers: dict, systems: list[str], tmp: Path) -> str:
             "",
         ]
     )
+    return report, worst
 
 
 def main() -> None:
@@ -864,6 +867,9 @@ def main() -> None:
         help="interpreter of the environment with DiffSynth-Studio (default: $DIFFSYNTH_PYTHON or this one)",
     )
     p.add_argument("--no-diffsynth", action="store_true", help="compare ours with diffusers only")
+    p.add_argument(
+        "--max-diff", type=float, default=None, help="exit 1 when ours and a reference differ more (CI)"
+    )
     p.add_argument("--note", default="", help="a sentence about the run written under the settings")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA by default")
@@ -880,9 +886,11 @@ def main() -> None:
         p.error("--steps must be >= 2: a run's first step is not timed")
     if any(s % 16 for s in args.sizes):
         p.error("--sizes must be multiples of 16")
-    table = run_benchmark(args)
+    table, worst = run_benchmark(args)
     print(table)
     args.out.write_text("# Benchmark results\n\nWritten by `benchmarks/compare_reference.py`.\n\n" + table)
+    if args.max_diff is not None and worst > args.max_diff:
+        sys.exit(f"images disagree: max abs difference {worst:.3g} > --max-diff {args.max_diff:g}")
     print(f"written to {args.out}", file=sys.stderr)
 
 
