@@ -1,6 +1,8 @@
 """Assemble the toy world's base model folder in the official FLUX.2-klein layout.
 
-    python scripts/build_toy_base.py --vae models/toy/vae --out models/toy/base-init
+    python scripts/build_toy_base.py --vae WORK/vae --out WORK/base-init          # random DiT, before training
+    python scripts/build_toy_base.py --init WORK/base-init --transformer WORK/dit/checkpoint-N/transformer \
+        --out models/toy/base --dtype bfloat16                                     # after train.py trained it
 
 Same classes as the real stack, small configs: a Flux2DiT (randomly initialized here; train.py's
 `--trainable_models dit` trains it), the toy VAE trained by scripts/train_toy_vae.py, a 28-layer
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -58,13 +62,45 @@ def toy_dit_config(latent_channels: int) -> Flux2DiTConfig:
     )
 
 
+def assemble(init: Path, transformer: Path, out: Path, dtype: torch.dtype) -> None:
+    """``init`` with its DiT replaced by the trained ``transformer``; DiT and text encoder stored in
+    ``dtype`` (the VAE stays float32: the inpainting constraint is measured on its round trip).
+    Written to a temporary folder and renamed into place."""
+    pipe = Flux2ImagePipeline.from_pretrained(
+        init, device="cpu", torch_dtype=torch.float32, transformer=transformer
+    )
+    pipe.dit.to(dtype)
+    pipe.text_encoder.to(dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s (DiT from %s, %s)", out, transformer, dtype)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", default="models/toy/vae", help="trained toy VAE folder")
-    p.add_argument("--out", default="models/toy/base-init", help="output model folder")
+    p.add_argument("--vae", default=None, help="trained toy VAE folder (building base-init)")
+    p.add_argument("--init", default=None, help="base-init folder (assembling the trained base)")
+    p.add_argument("--transformer", default=None, help="trained transformer/ folder (with --init)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="DiT / text dtype")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.init:
+        if not args.transformer:
+            p.error("--init needs --transformer (the trained DiT)")
+        assemble(Path(args.init), Path(args.transformer), Path(args.out), getattr(torch, args.dtype))
+        return
+    if not args.vae:
+        p.error("pass --vae (build base-init) or --init + --transformer (assemble the trained base)")
 
     vae = Flux2VAE.from_pretrained(args.vae)
     tokenizer = word_tokenizer(toy_vocabulary())

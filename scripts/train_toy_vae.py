@@ -153,7 +153,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     images = load_images(Path(args.data), args.limit)
-    held_out = images[-64:]
+    n_held = min(64, max(1, len(images) // 10))  # the last images are only measured, never trained on
+    held_out, images = images[-n_held:], images[:-n_held]
     torch.manual_seed(args.seed)
     vae = Flux2VAE(Flux2VAEConfig(**TOY_VAE_CONFIG))
     logger.info(
@@ -162,7 +163,7 @@ def main() -> None:
     start = time.time()
     train(
         vae,
-        images[:-64],
+        images,
         args.steps,
         args.batch_size,
         args.learning_rate,
@@ -172,7 +173,7 @@ def main() -> None:
         args.full_steps,
         Path(args.out + ".resume.pt"),
     )
-    set_batchnorm_statistics(vae, images[:-64])
+    set_batchnorm_statistics(vae, images)
     logger.info(
         "trained in %.0f s; held-out reconstruction PSNR %.2f dB",
         time.time() - start,

@@ -1,0 +1,393 @@
+"""Measure how well the toy templates control the toy base model, and write a markdown table.
+
+    python scripts/eval_controls.py                       # models/toy: 8 prompts x 2 seeds (minutes)
+    python scripts/eval_controls.py --quick --check       # 2 prompts x 1 seed, exit 1 if a target is missed
+
+Over a fixed set of toy scenes (``datasets.toy_world.fixed_eval_prompts``) and seeds, each template is
+asked for targets that the toy world can produce for that scene (the scene re-rendered with another
+brightness or tint), and the generated image is measured:
+
+- brightness: Spearman correlation between requested and measured mean luminance (Rec.601);
+- color: mean absolute error between requested and measured mean RGB, on [0, 1];
+- structure: IoU between the control silhouette and the generated shapes (pixels that differ from
+  the scene's background color);
+- inpainting (``force_inpaint``): PSNR outside the mask against the input, and the mean change inside;
+- super-resolution: PSNR against the ground truth, next to bicubic upsampling of the same input;
+- sharpness (a LoRA bank): how often the "sharp" LoRA gives a crisper image than the "blurred" one;
+- composition: the metrics again with two and three templates combined, and their ratio to solo.
+
+Targets (issue 7): brightness >= 0.9, color MAE <= 0.1, IoU >= 0.6, inpainting PSNR >= 35 dB,
+super-resolution above bicubic, composed metrics within 20% of solo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds datasets/
+
+from datasets import toy_world  # noqa: E402
+
+logger = logging.getLogger("eval_controls")
+
+TEMPLATES = ("brightness", "color", "structure", "inpaint", "super_resolution", "sharpness")
+BRIGHTNESS_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5)
+TINT_VARIANTS = ({}, {"tint": "warm", "tint_strength": 0.35}, {"tint": "cool", "tint_strength": 0.35},
+                 {"tint": "lime", "tint_strength": 0.35}, {"tint": "magenta", "tint_strength": 0.35})  # fmt: skip
+COMPOSED_TOLERANCE = 0.2
+
+
+# --- the toy world's models ------------------------------------------------------------------------
+
+
+@dataclass
+class ToyWorld:
+    """The base pipeline, the templates by name, and the generation settings every measurement shares."""
+
+    pipe: Any
+    templates: Any  # TemplatePipeline over the available templates, names = folder names
+    names: tuple[str, ...]
+    steps: int = 20
+    size: int = 128
+
+    @classmethod
+    def load(cls, model: str | Path, templates: str | Path, steps: int = 20) -> ToyWorld:
+        from diffsynth_templates.pipelines.auto import load_pipeline
+        from diffsynth_templates.templates import TemplatePipeline
+
+        pipe = load_pipeline(model, device="cpu")
+        folders = [
+            Path(templates) / n for n in TEMPLATES if (Path(templates) / n / "template.json").is_file()
+        ]
+        if not folders:
+            raise SystemExit(f"no toy templates under {templates}: expected folders {TEMPLATES}")
+        names = tuple(f.name for f in folders)
+        tp = TemplatePipeline.from_pretrained([str(f) for f in folders], names=list(names), device="cpu")
+        return cls(pipe, tp, names, steps)
+
+    def generate(self, prompts: Sequence[str], seed: int, inputs: Sequence[dict] = ()) -> list[Image.Image]:
+        """One image per prompt (one batch, noise from ``seed``), with the given template inputs."""
+        call = dict(
+            prompt=list(prompts),
+            height=self.size,
+            width=self.size,
+            num_inference_steps=self.steps,
+            cfg_scale=1.0,  # the toy DiT is trained without caption dropout: no unconditional branch
+            seed=seed,
+            max_sequence_length=40,
+            progress=False,
+        )
+        if not inputs:
+            return self.pipe(**call)
+        return self.templates(self.pipe, template_inputs=list(inputs), **call)
+
+
+# --- measurements ------------------------------------------------------------------------------------
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+
+    def ranks(v: Sequence[float]) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        for value in np.unique(v):  # ties share their mean rank
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
+    """PSNR in dB of images in [0, 255] (optionally over the pixels where ``where`` is true)."""
+    diff = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
+    if where is not None:
+        diff = diff[where]
+    mse = float(np.mean(diff**2))
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def background_rows(image: np.ndarray, border: int = 3) -> np.ndarray:
+    """Per-row background color ``[H, 3]``: the median of the leftmost and rightmost columns (toy
+    backgrounds are solid or vertical gradients; shapes keep a margin from the border)."""
+    edges = np.concatenate([image[:, :border], image[:, -border:]], axis=1).astype(np.float64)
+    return np.median(edges, axis=1)
+
+
+def shape_mask(image: Image.Image, threshold: float = 40.0) -> np.ndarray:
+    """Pixels whose color differs from the row's background by more than ``threshold`` (of 255)."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    return np.abs(rgb - background_rows(rgb)[:, None, :]).max(axis=-1) > threshold
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+# --- the evaluation -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Scene:
+    prompt: str
+    spec: toy_world.SceneSpec
+    image: Image.Image = field(init=False)
+    mask: np.ndarray = field(init=False)  # bool [H, W], the shapes' silhouette
+
+    def __post_init__(self) -> None:
+        rendered = toy_world.render(self.spec)
+        self.image, self.mask = rendered.image, rendered.mask > 127
+
+
+@dataclass
+class Metrics:
+    values: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def eval_brightness(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
+    requested, measured = [], []
+    for scene in scenes:
+        targets = [
+            toy_world.measure_brightness(v.image)
+            for v in toy_world.render_prompt_variants(scene.spec, [{"brightness": f} for f in BRIGHTNESS_FACTORS])
+        ]  # fmt: skip
+        for seed in seeds:
+            for target in targets:
+                image = world.generate([scene.prompt], seed, [{"model_id": "brightness", "scale": target}, *extra(scene)])[0]  # fmt: skip
+                requested.append(target)
+                measured.append(toy_world.measure_brightness(image))
+    error = float(np.mean(np.abs(np.subtract(requested, measured))))
+    return {"brightness_spearman": spearman(requested, measured), "brightness_mae": error}
+
+
+def eval_color(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
+    errors = []
+    for scene in scenes:
+        targets = [toy_world.measure_mean_rgb(v.image) for v in toy_world.render_prompt_variants(scene.spec, TINT_VARIANTS)]  # fmt: skip
+        for seed in seeds:
+            for target in targets:
+                inputs = [{"model_id": "color", **dict(zip("RGB", target))}, *extra(scene)]
+                image = world.generate([scene.prompt], seed, inputs)[0]
+                errors.append(np.abs(np.subtract(toy_world.measure_mean_rgb(image), target)).mean())
+    return {"color_mae": float(np.mean(errors))}
+
+
+def eval_structure(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
+    scores = []
+    for scene in scenes:
+        control = Image.fromarray((scene.mask * 255).astype(np.uint8)).convert("RGB")
+        for seed in seeds:
+            inputs = [{"model_id": "structure", "image": control}, *extra(scene)]
+            scores.append(iou(shape_mask(world.generate([scene.prompt], seed, inputs)[0]), scene.mask))
+    return {"structure_iou": float(np.mean(scores))}
+
+
+def inpaint_mask(scene_index: int, size: int) -> np.ndarray:
+    from diffsynth_templates.templates.processors import random_inpaint_mask
+
+    return random_inpaint_mask(size, size, 0.25, "box", seed=1000 + scene_index) > 127
+
+
+def eval_inpaint(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
+    outside, inside = [], []
+    for i, scene in enumerate(scenes):
+        mask = inpaint_mask(i, world.size)
+        mask_image = Image.fromarray((mask * 255).astype(np.uint8))
+        source = np.asarray(scene.image)
+        for seed in seeds:
+            inputs = [{"model_id": "inpaint", "image": scene.image, "mask": mask_image, "force_inpaint": True}, *extra(scene)]  # fmt: skip
+            out = np.asarray(world.generate([scene.prompt], seed, inputs)[0])
+            outside.append(psnr(out, source, ~mask))
+            inside.append(float(np.abs(out.astype(np.float64) - source)[mask].mean() / 255))
+    return {"inpaint_psnr_outside": float(np.mean(outside)), "inpaint_change_inside": float(np.mean(inside))}
+
+
+def eval_super_resolution(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
+    ours, bicubic = [], []
+    for scene in scenes:
+        low = toy_world.lowres(scene.image)
+        truth = np.asarray(scene.image)
+        baseline = np.asarray(low.resize(scene.image.size, Image.Resampling.BICUBIC))
+        for seed in seeds:
+            inputs = [{"model_id": "super_resolution", "image": low}, *extra(scene)]
+            ours.append(psnr(np.asarray(world.generate([scene.prompt], seed, inputs)[0]), truth))
+            bicubic.append(psnr(baseline, truth))
+    return {"sr_psnr": float(np.mean(ours)), "sr_psnr_bicubic": float(np.mean(bicubic))}
+
+
+def eval_sharpness(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
+    wins, ratios = [], []
+    for scene in scenes:
+        for seed in seeds:
+            sharp, blurred = (
+                toy_world.measure_sharpness(
+                    world.generate([scene.prompt], seed, [{"model_id": "sharpness", "lora_ids": [i]}, *extra(scene)])[0]
+                )
+                for i in (0, 1)
+            )  # fmt: skip
+            wins.append(sharp > blurred)
+            ratios.append(sharp / max(blurred, 1e-6))
+    return {"sharpness_order": float(np.mean(wins)), "sharpness_ratio": float(np.median(ratios))}
+
+
+SOLO: dict[str, Callable] = {
+    "brightness": eval_brightness,
+    "color": eval_color,
+    "structure": eval_structure,
+    "inpaint": eval_inpaint,
+    "super_resolution": eval_super_resolution,
+    "sharpness": eval_sharpness,
+}
+
+
+def structure_input(scene: Scene) -> dict:
+    return {
+        "model_id": "structure",
+        "image": Image.fromarray((scene.mask * 255).astype(np.uint8)).convert("RGB"),
+    }
+
+
+def brightness_input(scene: Scene) -> dict:
+    return {"model_id": "brightness", "scale": toy_world.measure_brightness(scene.image)}
+
+
+# (evaluated template, the templates added, how their inputs are built)
+COMPOSITIONS: tuple[tuple[str, tuple[str, ...], Callable[[Scene], list[dict]]], ...] = (
+    ("brightness", ("structure",), lambda s: [structure_input(s)]),
+    ("structure", ("brightness",), lambda s: [brightness_input(s)]),
+    ("color", ("structure",), lambda s: [structure_input(s)]),
+    (
+        "structure",
+        ("brightness", "sharpness"),
+        lambda s: [brightness_input(s), {"model_id": "sharpness", "lora_ids": [0]}],
+    ),  # fmt: skip
+    (
+        "brightness",
+        ("structure", "sharpness"),
+        lambda s: [structure_input(s), {"model_id": "sharpness", "lora_ids": [0]}],
+    ),  # fmt: skip
+)
+
+# the headline metric of each template, how it is judged, and its target
+HEADLINE = {
+    "brightness": ("brightness_spearman", ">=", 0.9),
+    "color": ("color_mae", "<=", 0.1),
+    "structure": ("structure_iou", ">=", 0.6),
+    "inpaint": ("inpaint_psnr_outside", ">=", 35.0),
+    "super_resolution": ("sr_psnr", ">", "sr_psnr_bicubic"),
+    "sharpness": ("sharpness_order", ">=", None),
+}
+
+
+def passes(value: float, op: str, target: float) -> bool:
+    if math.isnan(value):
+        return False
+    return {">=": value >= target, "<=": value <= target, ">": value > target}[op]
+
+
+def composed_ok(metric: str, solo: float, composed: float) -> bool:
+    """Within 20% of solo: for error metrics (MAE) the composed error may be at most 1.2x."""
+    if metric.endswith("_mae"):
+        return composed <= solo * (1 + COMPOSED_TOLERANCE)
+    return composed >= solo * (1 - COMPOSED_TOLERANCE)
+
+
+def run(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int]) -> tuple[list[list[str]], bool]:
+    rows, ok = [], True
+    solo: dict[str, dict[str, float]] = {}
+    for name in TEMPLATES:
+        if name not in world.names:
+            rows.append([name, "-", "not shipped", "", "missing"])
+            ok = False
+            continue
+        start = time.time()
+        solo[name] = SOLO[name](world, scenes, seeds, lambda s: [])
+        metric, op, target = HEADLINE[name]
+        values = solo[name]
+        target_value = values[target] if isinstance(target, str) else target
+        verdict = (
+            "" if target_value is None else ("pass" if passes(values[metric], op, target_value) else "MISS")
+        )
+        ok &= verdict != "MISS"
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+        goal = "-" if target_value is None else f"{metric} {op} {target_value:.3g}"
+        rows.append([name, "alone", shown, goal, verdict])
+        logger.info("%s: %s (%.0f s)", name, shown, time.time() - start)
+    for name, added, extra in COMPOSITIONS:
+        if name not in solo or any(a not in world.names for a in added):
+            continue
+        metric = HEADLINE[name][0]
+        values = SOLO[name](world, scenes, seeds, extra)
+        good = composed_ok(metric, solo[name][metric], values[metric])
+        ok &= good
+        ratio = values[metric] / solo[name][metric] if solo[name][metric] else float("nan")
+        rows.append([name, f"+ {' + '.join(added)}", f"{metric} {values[metric]:.3f} ({ratio:.2f}x alone)",
+                     f"within {COMPOSED_TOLERANCE:.0%} of alone", "pass" if good else "MISS"])  # fmt: skip
+        logger.info("%s + %s: %s %.3f (alone %.3f)", name, added, metric, values[metric], solo[name][metric])
+    return rows, ok
+
+
+def markdown(rows: list[list[str]], settings: dict[str, Any]) -> str:
+    head = ["template", "with", "measured", "target", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return f"Settings: {json.dumps(settings)}\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/toy/base")
+    p.add_argument("--templates", default="models/toy/templates")
+    p.add_argument("--out", default="outputs/eval_controls.md", help="markdown table to write")
+    p.add_argument("--num_prompts", type=int, default=8)
+    p.add_argument("--num_seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per image")
+    p.add_argument("--quick", action="store_true", help="2 prompts x 1 seed (CI)")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.quick:
+        args.num_prompts, args.num_seeds = 2, 1
+
+    world = ToyWorld.load(args.model, args.templates, args.steps)
+    scenes = [Scene(prompt, spec) for prompt, spec in toy_world.fixed_eval_prompts(args.num_prompts)]
+    seeds = list(range(args.num_seeds))
+    start = time.time()
+    rows, ok = run(world, scenes, seeds)
+    settings = {"prompts": len(scenes), "seeds": len(seeds), "steps": args.steps, "cfg_scale": 1.0,
+                "size": world.size, "seconds": round(time.time() - start)}  # fmt: skip
+    table = markdown(rows, settings)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(table)
+    tmp.replace(out)
+    print(table)
+    if args.check and not ok:
+        print("some targets were missed (see MISS above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Reproduce the toy world from scratch, with this repository's own tools:
+#   dataset (datasets/toy_world.py) -> VAE (scripts/train_toy_vae.py) -> base model whose DiT is trained
+#   by train.py (--trainable_models dit, two-stage) -> six templates trained by train.py (two-stage)
+#   -> packaged in models/toy/ (declarative folders with model cards) -> scripts/eval_controls.py.
+#
+#   bash scripts/train_toy.sh                 # the shipped models: a few hours on 2 CPU cores
+#   TOY_SMOKE=1 bash scripts/train_toy.sh     # every stage with tiny step counts, into outputs/toy_smoke (CI)
+#
+# Each stage is skipped when its output exists and train.py runs resume (--resume auto), so an
+# interrupted run continues where it stopped. Environment: PYTHON, TOY_WORK (intermediate files),
+# TOY_OUT (final models), TOY_TASKS (space-separated subset of scripts/toy_tasks.py's tasks).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process: robust on a shared 2-core machine
+
+if [ "${TOY_SMOKE:-0}" = "1" ]; then
+    ROOT=outputs/toy_smoke
+    DATA=$ROOT/data; WORK=${TOY_WORK:-$ROOT/work}; OUT=${TOY_OUT:-$ROOT/models}
+    SAMPLES=24; VAE_STEPS=2; DIT_STEPS=2; TEMPLATE_STEPS=2; EVAL="--quick"
+else
+    DATA=datasets/toy; WORK=${TOY_WORK:-outputs/toy_work}; OUT=${TOY_OUT:-models/toy}
+    SAMPLES=2000; VAE_STEPS=3000; DIT_STEPS=3000; TEMPLATE_STEPS=""; EVAL=""
+fi
+TASKS=${TOY_TASKS:-$($PY scripts/toy_tasks.py list)}
+COMMON=(--max_sequence_length 40 --shared_feature_cache "$WORK/feature_store")
+
+latest() {  # the newest checkpoint folder of a train.py output path
+    $PY -c "import json,sys; print(sys.argv[1] + '/' + json.load(open(sys.argv[1] + '/latest.json'))['checkpoint'])" "$1"
+}
+
+echo "== 1. dataset: $DATA"
+[ -f "$DATA/metadata.jsonl" ] || $PY -m datasets.toy_world --out "$DATA" --num_samples "$SAMPLES" --seed 0 --size 128
+
+echo "== 2. VAE"
+[ -f "$WORK/vae/config.json" ] || $PY scripts/train_toy_vae.py --data "$DATA" --out "$WORK/vae" --steps "$VAE_STEPS" \
+    $( [ "${TOY_SMOKE:-0}" = "1" ] && echo "--full_steps 1 --batch_size 4" )
+
+echo "== 3. base model: DiT trained by train.py"
+[ -d "$WORK/base-init" ] || $PY scripts/build_toy_base.py --vae "$WORK/vae" --out "$WORK/base-init"
+DIT_ARGS=(--model "$WORK/base-init" --trainable_models dit --dataset_base_path "$DATA" --dataset_metadata_path "$DATA/metadata.jsonl"
+          --cache_path "$WORK/dit/cache" --output_path "$WORK/dit" "${COMMON[@]}")
+$PY train.py --task data_process "${DIT_ARGS[@]}"
+$PY train.py --task train "${DIT_ARGS[@]}" --resume auto --max_steps "$DIT_STEPS" --batch_size 16 --learning_rate 5e-4 \
+    --lr_scheduler cosine --warmup_steps 100 --save_steps 250 --save_total_limit 2 --log_steps 25
+[ -d "$OUT/base" ] || $PY scripts/build_toy_base.py --init "$WORK/base-init" \
+    --transformer "$(latest "$WORK/dit")/transformer" --out "$OUT/base" --dtype bfloat16
+
+echo "== 4. templates: $TASKS"
+for task in $TASKS; do
+    [ -f "$OUT/templates/$task/template.json" ] && continue
+    read -r -a FLAGS <<< "$($PY scripts/toy_tasks.py prepare --task "$task" --data "$DATA" --base "$OUT/base" --work "$WORK/templates")"
+    [ -n "$TEMPLATE_STEPS" ] && FLAGS+=(--max_steps "$TEMPLATE_STEPS")
+    T_ARGS=(--model "$OUT/base" --dataset_base_path "$DATA" --cache_path "$WORK/templates/$task/cache"
+            --output_path "$WORK/templates/$task/run" "${COMMON[@]}" "${FLAGS[@]}")
+    $PY train.py --task data_process "${T_ARGS[@]}"
+    $PY train.py --task train "${T_ARGS[@]}" --resume auto --batch_size 8 --lr_scheduler cosine --warmup_steps 20 \
+        --save_steps 200 --save_total_limit 1 --log_steps 25
+    $PY -m diffsynth_templates publish "$(latest "$WORK/templates/$task/run")" --repo "diffsynth-templates/toy-$task" \
+        --dry-run --out "$OUT/templates/$task" --dtype bfloat16 --base_model "$OUT/base" \
+        --verify_base "$OUT/base" --description "$($PY scripts/toy_tasks.py describe --task "$task")"
+done
+
+echo "== 5. evaluation"
+$PY scripts/eval_controls.py --model "$OUT/base" --templates "$OUT/templates" --out "$OUT/eval_controls.md" $EVAL
