@@ -25,7 +25,7 @@ else
     SAMPLES=2000; VAE_STEPS=3000; DIT_STEPS=3000; TEMPLATE_STEPS=""; EVAL=""
 fi
 TASKS=${TOY_TASKS:-$($PY scripts/toy_tasks.py list)}
-COMMON=(--max_sequence_length 40 --shared_feature_cache "$WORK/feature_store")
+COMMON=(--max_sequence_length 40 --max_pixels 16384 --shared_feature_cache "$WORK/feature_store")  # 128 x 128
 
 latest() {  # the newest checkpoint folder of a train.py output path
     $PY -c "import json,sys; print(sys.argv[1] + '/' + json.load(open(sys.argv[1] + '/latest.json'))['checkpoint'])" "$1"

@@ -42,12 +42,6 @@ def load_images(data: Path, limit: int | None) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def kl_to_standard_normal(moments: torch.Tensor) -> torch.Tensor:
-    mean, logvar = moments.chunk(2, dim=1)
-    logvar = logvar.clamp(-30, 20)
-    return 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
-
-
 def random_crops(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     """One random ``size`` crop per image, aligned to the VAE's 8-pixel latent grid."""
     if size >= x.shape[-1]:
@@ -76,6 +70,7 @@ def train(
     full_steps: int,
     state_path: Path | None = None,
     save_every: int = 250,
+    held_out: torch.Tensor | None = None,
 ) -> None:
     """Reconstruction training on ``crop`` crops (4x cheaper at 64 px), then ``full_steps`` on whole
     images so the mid-block attention also sees the full 16x16 latent grid. With ``state_path`` the
@@ -104,16 +99,23 @@ def train(
         flip = torch.rand(len(x), generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         moments = vae.encoder_moments(x)
-        mean, logvar = moments.chunk(2, dim=1)
-        z = mean + torch.randn(mean.shape, generator=g) * (0.5 * logvar.clamp(-30, 20)).exp()
-        recon = vae.decode(z)
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * kl_to_standard_normal(moments)
+        mean = moments.chunk(2, dim=1)[0]
+        # the decoder reads the posterior mean (what encode() returns to the DiT): at this size, sampling
+        # the posterior during training cost ~10 dB of reconstruction (22 dB after 3000 steps); the tiny
+        # KL term only keeps the means bounded, and the BatchNorm statistics standardize them for the DiT
+        recon = vae.decode(mean)
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + kl_weight * mean.square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_now:.2e}")
+        if held_out is not None and step % 500 == 0:
+            with torch.no_grad():
+                recon = vae.decode(vae.encoder_moments(held_out).chunk(2, dim=1)[0]).clamp(-1, 1)
+            mse = ((recon - held_out) / 2).square().mean().item()
+            logger.info("step %d: held-out PSNR %.2f dB", step, 10 * math.log10(1 / mse))
     vae.eval().requires_grad_(False)
 
 
@@ -140,8 +142,8 @@ def main() -> None:
     p.add_argument("--out", default="models/toy/vae", help="output vae/ folder (official layout)")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--kl_weight", type=float, default=1e-6)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the latent means' L2 penalty")
     p.add_argument("--crop", type=int, default=64, help="training crop size in pixels")
     p.add_argument("--full_steps", type=int, default=300, help="final steps on whole images")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
@@ -172,6 +174,7 @@ def main() -> None:
         args.crop,
         args.full_steps,
         Path(args.out + ".resume.pt"),
+        held_out=held_out[:16],
     )
     set_batchnorm_statistics(vae, images)
     logger.info(

@@ -691,6 +691,18 @@ def make_buckets(
     return sorted(buckets, key=lambda s: (s[0] / s[1], s[0]))
 
 
+def _warn_upscaling(samples: Sequence[Any], sizes: Sequence[Size], max_pixels: int) -> None:
+    """Say so when images are blown up to their training size: usually --max_pixels is too large for them."""
+    grown = [(s.size, z) for s, z in zip(samples, sizes) if z[0] * z[1] > 2 * s.size[0] * s.size[1]]
+    if grown:
+        (w, h), (bw, bh) = grown[0]
+        logger.warning(
+            "%d of %d images are upscaled more than 2x in area to their training size (e.g. %dx%d -> %dx%d) "
+            "because --max_pixels is %d; pass a smaller --max_pixels (e.g. %d) to train at their own size",
+            len(grown), len(samples), w, h, bw, bh, max_pixels, w * h,
+        )  # fmt: skip
+
+
 def assign_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
     """The bucket nearest in log aspect ratio (ties: the larger one). Images beyond the bucket range
     land in the most extreme bucket and are cropped more."""
@@ -848,6 +860,7 @@ class TemplateDataset(torch.utils.data.Dataset):
         else:
             self.buckets = None
             self.sizes = [fit_to_pixel_budget(*s.size, cfg.max_pixels, cfg.multiple) for s in self.samples]
+        _warn_upscaling(self.samples, self.sizes, cfg.max_pixels)
 
     @classmethod
     def from_report(cls, report: MetadataReport, config: DatasetConfig | None = None) -> TemplateDataset:
