@@ -33,7 +33,7 @@ def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    extra_kv: tuple[Tensor, Tensor] | None = None,
+    extra_kv: tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor] | None = None,
     mask: Tensor | None = None,
 ) -> Tensor:
     """Scaled dot-product attention over ``[B, S, H, D]`` tensors; returns ``[B, S, H * D]``.
@@ -41,15 +41,20 @@ def attention(
     ``extra_kv`` holds template tokens ``[B or 1, L, H, D]`` appended to the keys and values. A
     batch-1 cache is broadcast to the batch, so one cache serves both CFG sides or any batch.
     ``mask`` (bool ``[B, S]``, True = a real token) hides padding keys of a ragged batch; template
-    tokens are never masked, so the mask is extended with True for them.
+    tokens are never masked, so the mask is extended with True for them. The one exception is a
+    third entry ``valid`` (bool ``[B, L]``) that pipelines add when they stack two CFG sides whose
+    caches differ in length (``pipelines.common.batch_side_kv``): a row sees only its own tokens.
     """
     if extra_kv is not None and extra_kv[0].shape[1] > 0:
-        extra_k, extra_v = extra_kv
-        batch = k.shape[0]
+        extra_k, extra_v = extra_kv[0], extra_kv[1]
+        valid = extra_kv[2] if len(extra_kv) == 3 else None
+        batch, length = k.shape[0], k.shape[1]
         k = torch.cat([k, extra_k.to(k.dtype).expand(batch, -1, -1, -1)], dim=1)
         v = torch.cat([v, extra_v.to(v.dtype).expand(batch, -1, -1, -1)], dim=1)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(batch, extra_k.shape[1])], dim=1)
+        if mask is not None or valid is not None:
+            own = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=k.device)
+            extra = valid.expand(batch, -1) if valid is not None else own.new_ones(batch, extra_k.shape[1])
+            mask = torch.cat([own, extra.to(own.device)], dim=1)
     attn_mask = None if mask is None else mask[:, None, None, :]  # broadcast over heads and queries
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
@@ -81,9 +86,16 @@ def validate_kv_cache(
             raise KVCacheError(
                 f"kv_cache{who} has unknown block name {name!r}; this model's blocks are {known}"
             )
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+        if not (isinstance(entry, (tuple, list)) and len(entry) in (2, 3)):
             raise KVCacheError(f"kv_cache{who}[{name!r}] must be a (k, v) pair of tensors")
-        k, v = entry
+        k, v = entry[0], entry[1]
+        if len(entry) == 3:  # (k, v, valid): stacked CFG sides, see attention()
+            valid = entry[2]
+            if not (isinstance(valid, Tensor) and valid.dtype == torch.bool and valid.shape == k.shape[:2]):
+                raise KVCacheError(
+                    f"kv_cache{who}[{name!r}] third entry must be a bool mask [batch, tokens] = "
+                    f"{list(k.shape[:2])}, got {getattr(valid, 'shape', type(valid).__name__)}"
+                )
         if not (isinstance(k, Tensor) and isinstance(v, Tensor)):
             raise KVCacheError(
                 f"kv_cache{who}[{name!r}] must hold tensors, got {type(k).__name__}, {type(v).__name__}"

@@ -127,20 +127,45 @@ def at_step(conditioning: Any, step: int, num_steps: int) -> Any:
 def batch_side_kv(
     cond_kv: KVCache | None, uncond_kv: KVCache | None, batch: int
 ) -> tuple[bool, KVCache | None]:
-    """The two CFG sides' caches stacked along the batch: ``(ok, kv)``; ``ok`` is False when they name
-    different blocks or hold different token counts (no mask can reconcile them, so no batching)."""
+    """The two CFG sides' caches stacked along the batch (positive rows first): ``(ok, kv)``.
+
+    Equal blocks and lengths stack as they are. Otherwise (typically templates on the positive side
+    only) each block is zero-padded to the longer side and carries a third entry, the bool mask
+    ``[2 * batch, L]`` of each row's real tokens, so one DiT call still computes both sides exactly:
+    a row attends to its own side's tokens only. ``ok`` is always True (kept for callers that fall
+    back to two passes).
+    """
     if not (cond_kv or uncond_kv):
         return True, None
     a, b = cond_kv or {}, uncond_kv or {}
-    if a.keys() != b.keys() or any(a[n][0].shape[1] != b[n][0].shape[1] for n in a):
-        return False, None
-    stacked = {
-        n: tuple(
-            torch.cat([a[n][i].expand(batch, -1, -1, -1), b[n][i].expand(batch, -1, -1, -1)]) for i in (0, 1)
-        )
-        for n in a
-    }
+    if a.keys() == b.keys() and all(a[n][0].shape[1] == b[n][0].shape[1] for n in a):
+        return True, {n: tuple(_stack(a[n][i], b[n][i], batch) for i in (0, 1)) for n in a}
+    stacked = {}
+    for name in list(a) + [n for n in b if n not in a]:
+        ref = (a.get(name) or b.get(name))[0]
+        length = max(side[name][0].shape[1] for side in (a, b) if name in side)
+        parts = [_padded(side.get(name), ref, length) for side in (a, b)]
+        valid = torch.zeros(2 * batch, length, dtype=torch.bool, device=ref.device)
+        for row, side in enumerate((a, b)):
+            if name in side:
+                valid[row * batch : (row + 1) * batch, : side[name][0].shape[1]] = True
+        stacked[name] = (*(_stack(parts[0][i], parts[1][i], batch) for i in (0, 1)), valid)
     return True, stacked
+
+
+def _stack(a: Tensor, b: Tensor, batch: int) -> Tensor:
+    return torch.cat([a.expand(batch, -1, -1, -1), b.expand(batch, -1, -1, -1)])
+
+
+def _padded(entry: tuple[Tensor, Tensor] | None, ref: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """``(k, v)`` zero-padded along the tokens to ``length`` (a missing entry: all padding)."""
+    if entry is None:
+        empty = ref.new_zeros(1, length, *ref.shape[2:])
+        return empty, empty
+    pad = length - entry[0].shape[1]
+    if pad == 0:
+        return entry[0], entry[1]
+    return tuple(torch.cat([t, t.new_zeros(t.shape[0], pad, *t.shape[2:])], dim=1) for t in entry[:2])
 
 
 def side_lora_rows(cond_lora: LoRACache | None, uncond_lora: LoRACache | None, batch: int):

@@ -515,10 +515,8 @@ def _read_shift(source, revision, cache_dir, offline) -> float:
 
 
 def _batch_sides(cond: Conditioning, uncond: Conditioning) -> Conditioning | None:
-    """Both CFG sides as one batch (captions may differ in length: the DiT masks the padding).
-
-    Not possible when the sides' KV caches name different blocks or hold different token counts.
-    """
+    """Both CFG sides as one batch (captions may differ in length: the DiT masks the padding; KV
+    caches may differ too: see ``batch_side_kv``)."""
     batch = len(cond.cap_feats)
     ok, kv = batch_side_kv(cond.kv_cache, uncond.kv_cache, batch)
     if not ok:

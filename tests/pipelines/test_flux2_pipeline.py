@@ -311,3 +311,36 @@ def test_save_pretrained_round_trip(tmp_path):
     kw = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, seed=1, output_type="np",
               max_sequence_length=32, progress=False)  # fmt: skip
     assert np.array_equal(pipe(**kw), again(**kw))
+
+
+def _random_kv(dit, length: int, seed: int, blocks=None) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    specs = dit.kv_block_specs
+    return {
+        name: tuple(torch.randn(1, length, s.heads, s.head_dim, generator=g) for _ in range(2))
+        for name, s in specs.items()
+        if blocks is None or name in blocks
+    }
+
+
+@pytest.mark.parametrize("negative", ["none", "shorter", "other_blocks"])
+def test_cfg_sides_with_different_kv_stay_batched_and_exact(pipe, monkeypatch, negative):
+    """Templates usually feed only the positive side: the sides are still one DiT call (the shorter
+    side's padding is masked) and equal two separate passes."""
+    kv = _random_kv(pipe.dit, 7, 0)
+    blocks = list(pipe.dit.kv_block_specs)
+    negative_kv = {"none": None, "shorter": _random_kv(pipe.dit, 3, 1), "other_blocks": _random_kv(pipe.dit, 5, 2, blocks[:1])}[negative]  # fmt: skip
+    args = dict(cfg_scale=3.0, max_sequence_length=32, negative_prompt="blurry", kv_cache=kv, negative_kv_cache=negative_kv)  # fmt: skip
+    calls = []
+    handle = pipe.dit.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    try:
+        batched = run(pipe, **args)
+    finally:
+        handle.remove()
+    assert calls == [2] * STEPS
+    import diffsynth_templates.pipelines.flux2_pipeline as mod
+
+    monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
+    sequential = run(pipe, **args)
+    assert np.abs(batched - sequential).max() <= 1e-5
+    assert np.abs(batched - run(pipe, **{**args, "kv_cache": None})).max() > 1e-3  # the KV matters

@@ -379,3 +379,27 @@ def test_save_pretrained_round_trip_loads_in_diffusers(pipe, tmp_path):
             max_sequence_length=64,
         ).images
     assert np.abs(image - expected).max() <= 1e-3
+
+
+def test_cfg_sides_with_different_kv_stay_batched_and_exact(pipe, monkeypatch):
+    """Template KV on the positive side only, a shorter cache on the negative side of one block: one
+    batched DiT call per step (padding masked, on top of the ragged-caption mask), equal to two passes."""
+    import diffsynth_templates.pipelines.zimage_pipeline as mod
+
+    g = torch.Generator().manual_seed(0)
+    specs = pipe.dit.kv_block_specs
+    kv = {
+        n: tuple(torch.randn(1, 6, s.heads, s.head_dim, generator=g) for _ in range(2))
+        for n, s in specs.items()
+    }
+    first = next(iter(specs))
+    negative = {first: tuple(torch.randn(1, 2, specs[first].heads, specs[first].head_dim, generator=g) for _ in range(2))}  # fmt: skip
+    calls = []
+    handle = pipe.dit.register_forward_hook(lambda m, i, o: calls.append(len(o)))
+    try:
+        batched = run(pipe, cfg_scale=3.0, kv_cache=kv, negative_kv_cache=negative)
+    finally:
+        handle.remove()
+    assert calls == [2] * STEPS
+    monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
+    assert np.abs(batched - run(pipe, cfg_scale=3.0, kv_cache=kv, negative_kv_cache=negative)).max() <= 1e-5
