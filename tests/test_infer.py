@@ -117,7 +117,8 @@ def test_zimage_folder_selects_the_zimage_pipeline(tmp_path):
     assert params["num_inference_steps"] is None and params["cfg_scale"] is None  # the pipeline's defaults
 
     pipe = infer_pipeline(root)
-    expected = pipe("a photo of a cat", height=32, width=32, max_sequence_length=16, seed=0, progress=False)[0]
+    expected = pipe("a photo of a cat", height=32, width=32, max_sequence_length=16, seed=0, progress=False)
+    expected = expected[0]
     assert np.array_equal(np.asarray(Image.open(plain)), np.asarray(expected))  # 8 steps, cfg 1
 
     steered = infer.main([*common, "--template", str(folder), "--template_input", "scale=0.9",
