@@ -36,6 +36,7 @@ class TemplateOutput:
     cache: dict[str, Any]
     step_start: float = 0.0
     step_end: float = 1.0
+    key: tuple | None = None  # what determines ``cache`` (template, dtype, pipeline, inputs), when known
 
 
 @dataclass

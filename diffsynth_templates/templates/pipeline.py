@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,7 @@ class TemplatePipeline:
         if lazy_loading and max_resident is None:
             self.scheduler.max_resident = 1
         self.memo = OutputMemo(memo_size)
+        self._merge_memo: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         if not lazy_loading:  # eager: everything read now and kept on the device
             for slot in slots:
                 self.scheduler.acquire(slot.name, self._load(slot))
@@ -187,7 +189,7 @@ class TemplatePipeline:
                 )
             cache = to_device(cache, pipe.device, pipe.torch_dtype)
             self.memo.put(key, cache)
-        return TemplateOutput(slot.name, cache, start, end)
+        return TemplateOutput(slot.name, cache, start, end, key if self.memo.max_entries > 0 else None)
 
     @torch.no_grad()
     def __call__(self, pipe, template_inputs: Sequence[dict] | None = None, negative_template_inputs: Sequence[dict] | None = None, **pipe_kwargs):  # fmt: skip
@@ -206,7 +208,7 @@ class TemplatePipeline:
             accepted = _accepted_keys(params, prefix)
             for out in outputs:
                 validate_output(out, pipe.dit, accepted, batch)
-            for key, value in _merge_side(outputs).items():
+            for key, value in self._merged(outputs).items():
                 name = prefix + key
                 if name in kwargs:
                     kwargs[name] = _merge_with_user(key, kwargs[name], value, name)
@@ -214,6 +216,26 @@ class TemplatePipeline:
                     kwargs[name] = value
         return pipe(**kwargs)
 
+    def _merged(self, outputs: list[TemplateOutput]) -> dict[str, Any]:
+        """``_merge_side(outputs)``, reused when the same memoized outputs come again: merging copies
+        every KV token once, which costs as much as running small templates."""
+        if not outputs:
+            return {}
+        keys = tuple((o.key, o.step_start, o.step_end) for o in outputs)
+        if any(o.key is None for o in outputs):
+            return _merge_side(outputs)
+        merged = self._merge_memo.get(keys)
+        if merged is None:
+            merged = _merge_side(outputs)
+            self._merge_memo[keys] = merged
+            while len(self._merge_memo) > MERGE_MEMO_SIZE:
+                self._merge_memo.popitem(last=False)
+        else:
+            self._merge_memo.move_to_end(keys)
+        return dict(merged)
+
+
+MERGE_MEMO_SIZE = 4  # merged caches kept (one per recent combination of template outputs)
 
 # pipeline arguments no template may set (everything else, e.g. input_image, is allowed)
 _NOT_CACHE_KEYS = {"self", "prompt", "negative_prompt", "output_type", "progress", "callback_on_step_end"}

@@ -164,6 +164,26 @@ def test_identical_inputs_are_memoized(pipe, tmp_path):
     assert len(tp.memo) == 2  # bounded
 
 
+def test_repeated_outputs_are_merged_once(pipe, tmp_path, monkeypatch):
+    """The merge of memoized outputs is reused (it copies every KV token); new inputs merge anew."""
+    import diffsynth_templates.templates.pipeline as mod
+
+    merges = []
+    real = mod._merge_side
+    monkeypatch.setattr(mod, "_merge_side", lambda outputs: merges.append(len(outputs)) or real(outputs))
+    tp = templates([scalar_kv(tmp_path, "a", seed=1), scalar_kv(tmp_path, "b", seed=2)])
+    inputs = [{"model_id": 0, "scale": 0.4}, {"model_id": 1, "scale": 0.6}]
+    first = run(tp, pipe, inputs)
+    assert merges == [2]
+    assert np.array_equal(run(tp, pipe, inputs), first) and merges == [2]
+    changed = run(tp, pipe, [inputs[0], {"model_id": 1, "scale": 0.7}])
+    assert merges == [2, 2] and np.abs(changed - first).max() > 0
+    no_memo = templates([scalar_kv(tmp_path, "c", seed=3)], memo_size=0)
+    run(no_memo, pipe, [{"scale": 0.4}])
+    run(no_memo, pipe, [{"scale": 0.4}])
+    assert merges == [2, 2, 1, 1]  # without the output memo nothing is known to repeat
+
+
 # --- residency ------------------------------------------------------------------------------------
 
 
