@@ -20,9 +20,10 @@ runs one by one, interleaving systems run by run (A B C A B C ...), and reports 
   end of every step); a run's value is (last stamp - first stamp) / (steps - 1), so text encoding,
   the first step's one-time costs and the VAE decode are not counted;
 - template-stage seconds for 11 templates with lazy loading (running the templates and merging their
-  caches: DiffSynth's ``call_single_side``, our ``run_templates`` + ``merge_outputs``): first call
-  (from disk) and repeated calls (memo off; DiffSynth re-reads every template from disk on every call
-  by design), plus ours with its default output memo when the inputs repeat (the merge still runs);
+  caches: DiffSynth's ``call_single_side``, our ``TemplatePipeline.prepare``, i.e. what ``__call__``
+  does before denoising): first call (from disk) and repeated calls (memo off; DiffSynth re-reads
+  every template from disk on every call by design), plus ours with its default output memo when the
+  inputs repeat (then the merged cache is reused too);
 - peak host RSS per phase of runs (``VmHWM``, reset with ``/proc/self/clear_refs`` at each phase
   start, so it includes the loaded weights once touched) and CUDA max allocated on a GPU;
 - output agreement: max abs difference of the images in [0, 1] before 8-bit quantization, ours vs
@@ -356,8 +357,6 @@ class OursWorker(Worker):
         return self.tps[n_templates](self.pipe, template_inputs=self.template_inputs(n_templates), **call)
 
     def template_stage(self, repeats: int) -> dict:
-        from diffsynth_templates.templates import merge_outputs
-
         folders = [t["ours"] for t in self.stage_templates]
         inputs = self.template_inputs(len(folders))
         store = self.HostStore()
@@ -370,8 +369,8 @@ class OursWorker(Worker):
             host_store=store,
         )
 
-        def run(tp):
-            return lambda: merge_outputs(tp.run_templates(self.pipe, inputs)[0])
+        def run(tp):  # what TemplatePipeline.__call__ does before denoising: run, validate, merge
+            return lambda: tp.prepare(self.pipe, inputs, prompt=PROMPT, cfg_scale=1.0)
 
         first = self.timed(run(cold))
         repeated = [self.timed(run(cold)) for _ in range(repeats)]

@@ -194,6 +194,12 @@ class TemplatePipeline:
     @torch.no_grad()
     def __call__(self, pipe, template_inputs: Sequence[dict] | None = None, negative_template_inputs: Sequence[dict] | None = None, **pipe_kwargs):  # fmt: skip
         """Run the templates, merge their caches into pipeline arguments, and call ``pipe``."""
+        return pipe(**self.prepare(pipe, template_inputs, negative_template_inputs, **pipe_kwargs))
+
+    @torch.no_grad()
+    def prepare(self, pipe, template_inputs: Sequence[dict] | None = None, negative_template_inputs: Sequence[dict] | None = None, **pipe_kwargs) -> dict[str, Any]:  # fmt: skip
+        """The template stage alone: ``pipe_kwargs`` with the templates' merged caches added (what
+        ``__call__`` passes to ``pipe``); useful to reuse caches or time the stage."""
         params = inspect.signature(pipe.__call__).parameters
         cfg_scale = pipe_kwargs.get(
             "cfg_scale", params["cfg_scale"].default if "cfg_scale" in params else 1.0
@@ -214,7 +220,7 @@ class TemplatePipeline:
                     kwargs[name] = _merge_with_user(key, kwargs[name], value, name)
                 else:
                     kwargs[name] = value
-        return pipe(**kwargs)
+        return kwargs
 
     def _merged(self, outputs: list[TemplateOutput]) -> dict[str, Any]:
         """``_merge_side(outputs)``, reused when the same memoized outputs come again: merging copies
