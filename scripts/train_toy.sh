@@ -8,8 +8,8 @@
 #   TOY_SMOKE=1 bash scripts/train_toy.sh     # every stage with tiny step counts, into outputs/toy_smoke (CI)
 #
 # Each stage is skipped when its output exists and train.py runs resume (--resume auto), so an
-# interrupted run continues where it stopped. Environment: PYTHON, TOY_WORK (intermediate files),
-# TOY_OUT (final models), TOY_TASKS (space-separated subset of scripts/toy_tasks.py's tasks).
+# interrupted run continues where it stopped. Environment: PYTHON, TOY_DATA (the dataset), TOY_WORK
+# (intermediate files), TOY_OUT (final models), TOY_TASKS (a space-separated subset of the tasks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,10 +18,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process: robust o
 
 if [ "${TOY_SMOKE:-0}" = "1" ]; then
     ROOT=outputs/toy_smoke
-    DATA=$ROOT/data; WORK=${TOY_WORK:-$ROOT/work}; OUT=${TOY_OUT:-$ROOT/models}
-    SAMPLES=24; VAE_STEPS=2; DIT_STEPS=2; TEMPLATE_STEPS=2; EVAL="--quick"
+    DATA=${TOY_DATA:-$ROOT/data}; WORK=${TOY_WORK:-$ROOT/work}; OUT=${TOY_OUT:-$ROOT/models}
+    SAMPLES=24; VAE_STEPS=2; DIT_STEPS=2; TEMPLATE_STEPS=2; EVAL="--quick --steps 4"
 else
-    DATA=datasets/toy; WORK=${TOY_WORK:-outputs/toy_work}; OUT=${TOY_OUT:-models/toy}
+    DATA=${TOY_DATA:-datasets/toy}; WORK=${TOY_WORK:-outputs/toy_work}; OUT=${TOY_OUT:-models/toy}
     SAMPLES=2000; VAE_STEPS=3000; DIT_STEPS=3000; TEMPLATE_STEPS=""; EVAL=""
 fi
 TASKS=${TOY_TASKS:-$($PY scripts/toy_tasks.py list)}
