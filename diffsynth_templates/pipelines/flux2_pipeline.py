@@ -351,7 +351,7 @@ class Flux2ImagePipeline(PipelineBase):
             return self._dit(hidden, sigma, img_ids, cond)[:, :n_img].float()
         key = (id(cond.kv_cache), id(uncond.kv_cache))
         if key not in self._batch_memo:  # concatenating the sides' caches once per call, not per step
-            self._batch_memo[key] = _batch_sides(cond, uncond)
+            self._batch_memo[key] = _batch_sides(cond, uncond, hidden.shape[1])
         batched = self._batch_memo[key]
         if batched is not None:
             both = self._dit(torch.cat([hidden, hidden]), torch.cat([sigma, sigma]), img_ids, batched)
@@ -389,14 +389,15 @@ def _append_text_tokens(embeds: Tensor, text_ids: Tensor, extra: Tensor, name: s
     return torch.cat([embeds, extra], dim=1), torch.cat([text_ids, extra_ids])
 
 
-def _batch_sides(cond: Conditioning, uncond: Conditioning) -> Conditioning | None:
+def _batch_sides(cond: Conditioning, uncond: Conditioning, image_tokens: int = 0) -> Conditioning | None:
     """Both CFG sides as one batch when their shapes match (each side keeps its own LoRA rows)."""
     if cond.prompt_embeds.shape != uncond.prompt_embeds.shape:
         return None
     if not torch.equal(cond.text_ids, uncond.text_ids):
         return None
     batch = cond.prompt_embeds.shape[0]
-    ok, kv = batch_side_kv(cond.kv_cache, uncond.kv_cache, batch)
+    own = cond.prompt_embeds.shape[1] + image_tokens
+    ok, kv = batch_side_kv(cond.kv_cache, uncond.kv_cache, batch, own_tokens=own)
     if not ok:
         return None
     embeds = torch.cat([cond.prompt_embeds, uncond.prompt_embeds])

@@ -470,7 +470,8 @@ class ZImagePipeline(PipelineBase):
             return -self._dit(hidden, t_dit, cond)
         key = (id(cond.kv_cache), id(uncond.kv_cache))
         if key not in self._batch_memo:  # concatenating the sides' caches once per call, not per step
-            self._batch_memo[key] = _batch_sides(cond, uncond)
+            image_tokens = x.shape[-2] * x.shape[-1] // self.patch_size**2
+            self._batch_memo[key] = _batch_sides(cond, uncond, image_tokens)
         batched = self._batch_memo[key]
         if batched is not None:
             pos, neg = self._dit(torch.cat([hidden, hidden]), torch.cat([t_dit, t_dit]), batched).chunk(2)
@@ -514,11 +515,12 @@ def _read_shift(source, revision, cache_dir, offline) -> float:
     return float(config.get("shift", DEFAULT_SHIFT))
 
 
-def _batch_sides(cond: Conditioning, uncond: Conditioning) -> Conditioning | None:
+def _batch_sides(cond: Conditioning, uncond: Conditioning, image_tokens: int = 0) -> Conditioning | None:
     """Both CFG sides as one batch (captions may differ in length: the DiT masks the padding; KV
     caches may differ too: see ``batch_side_kv``)."""
     batch = len(cond.cap_feats)
-    ok, kv = batch_side_kv(cond.kv_cache, uncond.kv_cache, batch)
+    own = len(cond.cap_feats[0]) + image_tokens
+    ok, kv = batch_side_kv(cond.kv_cache, uncond.kv_cache, batch, own_tokens=own)
     if not ok:
         return None
     rows = side_lora_rows(cond.lora, uncond.lora, batch)

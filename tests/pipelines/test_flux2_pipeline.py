@@ -107,7 +107,7 @@ def test_batched_cfg_equals_two_passes(pipe, monkeypatch):
     batched = run(pipe, cfg_scale=3.0, max_sequence_length=32, negative_prompt="blurry")
     import diffsynth_templates.pipelines.flux2_pipeline as mod
 
-    monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
+    monkeypatch.setattr(mod, "_batch_sides", lambda *args: None)
     sequential = run(pipe, cfg_scale=3.0, max_sequence_length=32, negative_prompt="blurry")
     assert np.abs(batched - sequential).max() <= 1e-5
 
@@ -297,7 +297,7 @@ def test_per_side_loras_batched_equal_two_passes(pipe, monkeypatch):
     assert calls == [2] * STEPS
     import diffsynth_templates.pipelines.flux2_pipeline as mod
 
-    monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
+    monkeypatch.setattr(mod, "_batch_sides", lambda *args: None)
     assert np.abs(batched - run(pipe, **kw)).max() <= 1e-5
     assert np.abs(batched - run(pipe, cfg_scale=3.0, max_sequence_length=16)).max() > 1e-4
 
@@ -340,7 +340,23 @@ def test_cfg_sides_with_different_kv_stay_batched_and_exact(pipe, monkeypatch, n
     assert calls == [2] * STEPS
     import diffsynth_templates.pipelines.flux2_pipeline as mod
 
-    monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
+    monkeypatch.setattr(mod, "_batch_sides", lambda *args: None)
     sequential = run(pipe, **args)
     assert np.abs(batched - sequential).max() <= 1e-5
     assert np.abs(batched - run(pipe, **{**args, "kv_cache": None})).max() > 1e-3  # the KV matters
+
+
+def test_long_one_sided_kv_runs_two_passes(pipe):
+    """Padding the negative side to a long positive cache would make attention visit mostly masked
+    tokens: beyond MAX_PADDING_FRACTION of the row's own tokens the sides run as two passes."""
+    from diffsynth_templates.pipelines.common import MAX_PADDING_FRACTION
+
+    own = 16 + (H // 16) * (W // 16)  # text + image tokens
+    long_kv = _random_kv(pipe.dit, int(MAX_PADDING_FRACTION * own) + 1, 0)
+    calls = []
+    handle = pipe.dit.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    try:
+        run(pipe, cfg_scale=3.0, max_sequence_length=16, kv_cache=long_kv)
+    finally:
+        handle.remove()
+    assert calls == [1, 1] * STEPS

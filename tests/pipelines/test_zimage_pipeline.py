@@ -257,7 +257,7 @@ def test_batched_cfg_equals_two_passes(pipe, monkeypatch):
     import diffsynth_templates.pipelines.zimage_pipeline as mod
 
     batched = run(pipe, cfg_scale=3.0)
-    monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
+    monkeypatch.setattr(mod, "_batch_sides", lambda *args: None)
     assert np.abs(batched - run(pipe, cfg_scale=3.0)).max() <= 1e-5
 
 
@@ -308,7 +308,7 @@ def test_runtime_lora_and_per_side_loras(pipe, monkeypatch):
     batched = run(pipe, cfg_scale=2.0, lora=pos, negative_lora=neg)
     assert np.abs(batched - base).max() > 1e-4
     assert np.array_equal(run(pipe, cfg_scale=2.0), base)  # removed after the call
-    monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
+    monkeypatch.setattr(mod, "_batch_sides", lambda *args: None)
     assert np.abs(run(pipe, cfg_scale=2.0, lora=pos, negative_lora=neg) - batched).max() <= 1e-5
 
 
@@ -401,5 +401,5 @@ def test_cfg_sides_with_different_kv_stay_batched_and_exact(pipe, monkeypatch):
     finally:
         handle.remove()
     assert calls == [2] * STEPS
-    monkeypatch.setattr(mod, "_batch_sides", lambda cond, uncond: None)
+    monkeypatch.setattr(mod, "_batch_sides", lambda *args: None)
     assert np.abs(batched - run(pipe, cfg_scale=3.0, kv_cache=kv, negative_kv_cache=negative)).max() <= 1e-5
