@@ -71,8 +71,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ holds results.py
 import numpy as np
 import torch
+from results import write_section  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 TEXT_TOKENS = 512  # DiffSynth's Flux2ImagePipeline always pads the prompt to 512 tokens
@@ -887,7 +889,7 @@ def main() -> None:
         p.error("--sizes must be multiples of 16")
     table, worst = run_benchmark(args)
     print(table)
-    args.out.write_text("# Benchmark results\n\nWritten by `benchmarks/compare_reference.py`.\n\n" + table)
+    write_section(args.out, "Ours vs DiffSynth-Studio vs diffusers", table)
     if args.max_diff is not None and worst > args.max_diff:
         sys.exit(f"images disagree: max abs difference {worst:.3g} > --max-diff {args.max_diff:g}")
     print(f"written to {args.out}", file=sys.stderr)

@@ -74,8 +74,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ holds results.py
 import numpy as np
 import torch
+from results import write_section  # noqa: E402
 
 try:  # as a module of the repository (tests) or as a script (benchmarks/ on sys.path)
     from benchmarks.compare_reference import (
@@ -683,19 +685,6 @@ def report(args, table: dict[str, dict[str, Any]], source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the "## Training" section of ``path`` (or append it); everything else is kept."""
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.startswith("## Training")), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    rest = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + rest if rest else ""))
-
-
 def run_benchmark(args) -> str:
     systems = [s for s in SYSTEMS if not (s == "diffsynth" and args.no_diffsynth)]
     pythons = {"ours": sys.executable, "diffsynth": args.diffsynth_python}
@@ -777,7 +766,7 @@ def main() -> None:
     table = run_benchmark(args)
     print(table)
     if not args.no_write:
-        write_section(args.out, table)
+        write_section(args.out, "Training", table)
         print(f"written to {args.out}", file=sys.stderr)
 
 

@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print the task names, one per line")
+    sub.add_parser("describe", help="print a task's one-line description").add_argument(
+        "--task", required=True, choices=sorted(TASKS)
+    )
     prep = sub.add_parser("prepare", help="write a task's metadata + configs; print train.py flags")
     prep.add_argument("--task", required=True, choices=sorted(TASKS))
     prep.add_argument("--data", default="datasets/toy")
@@ -164,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.command == "list":
         print("\n".join(TASKS))
+        return
+    if args.command == "describe":
+        print(f"Toy world {args.task} template: {TASKS[args.task].description}")
         return
     task = TASKS[args.task]
     paths = prepare(task, Path(args.data), Path(args.base), Path(args.work))

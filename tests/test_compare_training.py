@@ -37,8 +37,8 @@ def test_our_worker_trains_and_the_table_keeps_other_sections(tmp_path):
     assert "| stage II s / step" in table and "not run" in table
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmark results\n\n## Ours vs DiffSynth-Studio vs diffusers\n\n| a | b |\n")
-    write_section(out, table)
-    write_section(out, table)  # replaced, not appended twice
+    write_section(out, "Training", table)
+    write_section(out, "Training", table)  # replaced, not appended twice
     text = out.read_text()
     assert text.startswith("# Benchmark results\n\n## Ours vs DiffSynth-Studio vs diffusers\n\n| a | b |\n")
     assert text.count("## Training") == 1

@@ -131,10 +131,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_grad_norm == 0:  # 0 turns clipping off (the default clips at 1.0)
+            self.max_grad_norm = None
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(
-                f"--max_grad_norm must be > 0 (or omitted for no clipping), got {self.max_grad_norm}"
-            )
+            raise ConfigError(f"--max_grad_norm must be > 0, or 0 for no clipping; got {self.max_grad_norm}")
 
         self._validate_models()
         needs_dataset = self.task in ("data_process", "full")
@@ -293,7 +293,7 @@ _HELP = {
     "max_steps": "optimizer steps (caps --num_epochs when both are given)",
     "batch_size": "samples per micro-batch per process (a batch shares one resolution bucket)",
     "gradient_accumulation_steps": "micro-batches per optimizer step",
-    "max_grad_norm": "clip the global gradient norm to this",
+    "max_grad_norm": "clip the global gradient norm to this (0: no clipping)",
     "warmup_steps": "linear warmup from 0 to --learning_rate",
     "lr_scheduler": "after warmup: constant, cosine (to 0) or linear (to 0)",
     "mixed_precision": "bf16: frozen weights and features in bf16, autocast, trainable weights in fp32",

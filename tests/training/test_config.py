@@ -18,6 +18,15 @@ def test_defaults_and_comma_lists():
     assert config.trainable_models == ["template", "dit_lora"]
     assert config.lora_target_modules == ["to_q", "to_k"]
     assert config.learning_rate == 1e-4 and config.batch_size == 1 and config.mixed_precision == "no"
+    assert config.max_grad_norm == 1.0
+
+
+def test_max_grad_norm_zero_turns_clipping_off():
+    args = ["--task", "train", "--cache_path", "c", *BASE, "--architecture", "value_kv"]
+    assert parse_args([*args, "--max_grad_norm", "0"]).max_grad_norm is None
+    assert parse_args([*args, "--max_grad_norm", "0.5"]).max_grad_norm == 0.5
+    with pytest.raises(ConfigError, match="or 0 for no clipping"):
+        parse_args([*args, "--max_grad_norm", "-1"])
 
 
 def test_flags_override_the_config_file(tmp_path):
