@@ -44,7 +44,7 @@ def load_images(data: Path, limit: int | None) -> torch.Tensor:
 
 def random_crops(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     """One random ``size`` crop per image, aligned to the VAE's 8-pixel latent grid."""
-    if size >= x.shape[-1]:
+    if not size or size >= x.shape[-1]:
         return x
     cells = (x.shape[-1] - size) // 8 + 1
     ys, xs = (torch.randint(0, cells, (len(x),), generator=g) * 8 for _ in range(2))
@@ -144,7 +144,11 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the latent means' L2 penalty")
-    p.add_argument("--crop", type=int, default=64, help="training crop size in pixels")
+    p.add_argument("--crop", type=int, default=64, help="training crop size in pixels (0: whole images)")
+    p.add_argument(
+        "--channels", default=None, help="block_out_channels, e.g. 32,64,64,128 (default: the toy config's)"
+    )
+    p.add_argument("--layers_per_block", type=int, default=None)
     p.add_argument("--full_steps", type=int, default=300, help="final steps on whole images")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--seed", type=int, default=0)
@@ -158,7 +162,12 @@ def main() -> None:
     n_held = min(64, max(1, len(images) // 10))  # the last images are only measured, never trained on
     held_out, images = images[-n_held:], images[:-n_held]
     torch.manual_seed(args.seed)
-    vae = Flux2VAE(Flux2VAEConfig(**TOY_VAE_CONFIG))
+    config = dict(TOY_VAE_CONFIG)
+    if args.channels:
+        config["block_out_channels"] = tuple(int(c) for c in args.channels.split(","))
+    if args.layers_per_block:
+        config["layers_per_block"] = args.layers_per_block
+    vae = Flux2VAE(Flux2VAEConfig(**config))
     logger.info(
         "toy VAE: %.2fM parameters, %d images", sum(t.numel() for t in vae.parameters()) / 1e6, len(images)
     )
