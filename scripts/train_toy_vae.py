@@ -149,6 +149,7 @@ def main() -> None:
         "--channels", default=None, help="block_out_channels, e.g. 32,64,64,128 (default: the toy config's)"
     )
     p.add_argument("--layers_per_block", type=int, default=None)
+    p.add_argument("--init", default=None, help="start from this trained VAE folder (fine-tuning)")
     p.add_argument("--full_steps", type=int, default=300, help="final steps on whole images")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--seed", type=int, default=0)
@@ -167,7 +168,7 @@ def main() -> None:
         config["block_out_channels"] = tuple(int(c) for c in args.channels.split(","))
     if args.layers_per_block:
         config["layers_per_block"] = args.layers_per_block
-    vae = Flux2VAE(Flux2VAEConfig(**config))
+    vae = Flux2VAE.from_pretrained(args.init) if args.init else Flux2VAE(Flux2VAEConfig(**config))
     logger.info(
         "toy VAE: %.2fM parameters, %d images", sum(t.numel() for t in vae.parameters()) / 1e6, len(images)
     )
