@@ -306,10 +306,12 @@ def passes(value: float, op: str, target: float) -> bool:
 
 
 def composed_ok(metric: str, solo: float, composed: float) -> bool:
-    """Within 20% of solo: for error metrics (MAE) the composed error may be at most 1.2x."""
+    """Within 20% of solo: an error metric (MAE) may grow by at most 20% of the solo value, any other
+    metric may drop by at most 20% of its magnitude."""
+    margin = COMPOSED_TOLERANCE * abs(solo)
     if metric.endswith("_mae"):
-        return composed <= solo * (1 + COMPOSED_TOLERANCE)
-    return composed >= solo * (1 - COMPOSED_TOLERANCE)
+        return composed <= solo + margin
+    return composed >= solo - margin
 
 
 def run(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int]) -> tuple[list[list[str]], bool]:
