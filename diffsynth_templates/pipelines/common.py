@@ -147,19 +147,21 @@ def batch_side_kv(
     a, b = cond_kv or {}, uncond_kv or {}
     if a.keys() == b.keys() and all(a[n][0].shape[1] == b[n][0].shape[1] for n in a):
         return True, {n: tuple(_stack(a[n][i], b[n][i], batch) for i in (0, 1)) for n in a}
-    length = {side: {n: e[0].shape[1] for n, e in kv.items()} for side, kv in (("a", a), ("b", b))}
-    padding = max(abs(length["a"].get(n, 0) - length["b"].get(n, 0)) for n in a.keys() | b.keys())
+    # per block: (positive tokens, negative tokens); a block one side lacks counts 0 there
+    lengths = {
+        n: tuple(side[n][0].shape[1] if n in side else 0 for side in (a, b)) for n in a.keys() | b.keys()
+    }
+    padding = max(abs(len_a - len_b) for len_a, len_b in lengths.values())
     if own_tokens is not None and padding > MAX_PADDING_FRACTION * own_tokens:
         return False, None
     stacked = {}
-    for name in list(a) + [n for n in b if n not in a]:
+    for name, (len_a, len_b) in lengths.items():
         ref = (a.get(name) or b.get(name))[0]
-        length = max(side[name][0].shape[1] for side in (a, b) if name in side)
+        length = max(len_a, len_b)
         parts = [_padded(side.get(name), ref, length) for side in (a, b)]
         valid = torch.zeros(2 * batch, length, dtype=torch.bool, device=ref.device)
-        for row, side in enumerate((a, b)):
-            if name in side:
-                valid[row * batch : (row + 1) * batch, : side[name][0].shape[1]] = True
+        valid[:batch, :len_a] = True
+        valid[batch:, :len_b] = True
         stacked[name] = (*(_stack(parts[0][i], parts[1][i], batch) for i in (0, 1)), valid)
     return True, stacked
 

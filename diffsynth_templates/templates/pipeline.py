@@ -253,13 +253,12 @@ def check_base(name: str, template: LoadedTemplate, pipe) -> None:
     have = getattr(pipe, "backbone", None)
     if not wanted or not have or wanted == have:
         return
-    titles = BACKBONE_TITLES
+    want_title, have_title = (BACKBONE_TITLES.get(b, b) for b in (wanted, have))
     trained_on = template.base_model or "an unnamed base model"
     this = getattr(pipe, "name_or_path", None) or f"a {type(pipe).__name__}"
     raise TemplateError(
-        f"template {name!r} was built for base model {trained_on!r} ({titles.get(wanted, wanted)}), "
-        f"but this pipeline's base model is {this!r} ({titles.get(have, have)}); "
-        f"load it on a {titles.get(wanted, wanted)} pipeline"
+        f"template {name!r} was built for base model {trained_on!r} ({want_title}), "
+        f"but this pipeline's base model is {this!r} ({have_title}); load it on a {want_title} pipeline"
     )
 
 
