@@ -62,13 +62,29 @@ def toy_dit_config(latent_channels: int) -> Flux2DiTConfig:
     )
 
 
-def assemble(init: Path, transformer: Path, out: Path, dtype: torch.dtype) -> None:
-    """``init`` with its DiT replaced by the trained ``transformer``; DiT and text encoder stored in
-    ``dtype`` (the VAE stays float32: the inpainting constraint is measured on its round trip).
-    Written to a temporary folder and renamed into place."""
+def check_same_encoder(vae: Flux2VAE, reference: Flux2VAE, name: str) -> None:
+    """The DiT was trained on ``reference``'s latents: a replacement VAE may only differ in its decoder."""
+    ours, theirs = vae.state_dict(), reference.state_dict()
+    keys = [k for k in theirs if not k.startswith(("decoder.", "post_quant_conv.", "bn.num_batches"))]
+    changed = [k for k in keys if k not in ours or not torch.equal(ours[k], theirs[k])]
+    if changed:
+        raise SystemExit(
+            f"--vae {name} encodes differently from the VAE the DiT was trained on ({len(changed)} tensors "
+            f"differ, e.g. {changed[0]!r}); only a decoder fine-tune (train_toy_vae.py --decoder_only) fits"
+        )
+
+
+def assemble(init: Path, transformer: Path, out: Path, dtype: torch.dtype, vae: Path | None = None) -> None:
+    """``init`` with its DiT replaced by the trained ``transformer`` (and optionally its VAE by a decoder
+    fine-tune of it); DiT and text encoder stored in ``dtype`` (the VAE stays float32: the inpainting
+    constraint is measured on its round trip). Written to a temporary folder and renamed into place."""
     pipe = Flux2ImagePipeline.from_pretrained(
         init, device="cpu", torch_dtype=torch.float32, transformer=transformer
     )
+    if vae is not None:
+        tuned = Flux2VAE.from_pretrained(vae)
+        check_same_encoder(tuned, pipe.vae, str(vae))
+        pipe.vae.load_state_dict(tuned.state_dict())
     pipe.dit.to(dtype)
     pipe.text_encoder.to(dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +102,11 @@ def assemble(init: Path, transformer: Path, out: Path, dtype: torch.dtype) -> No
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", default=None, help="trained toy VAE folder (building base-init)")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="trained toy VAE folder (building base-init; with --init: a decoder fine-tune)",
+    )
     p.add_argument("--init", default=None, help="base-init folder (assembling the trained base)")
     p.add_argument("--transformer", default=None, help="trained transformer/ folder (with --init)")
     p.add_argument("--out", required=True, help="output model folder")
@@ -97,7 +117,8 @@ def main() -> None:
     if args.init:
         if not args.transformer:
             p.error("--init needs --transformer (the trained DiT)")
-        assemble(Path(args.init), Path(args.transformer), Path(args.out), getattr(torch, args.dtype))
+        vae = Path(args.vae) if args.vae else None
+        assemble(Path(args.init), Path(args.transformer), Path(args.out), getattr(torch, args.dtype), vae)
         return
     if not args.vae:
         p.error("pass --vae (build base-init) or --init + --transformer (assemble the trained base)")

@@ -60,7 +60,7 @@ class ToyWorld:
     templates: Any  # TemplatePipeline over the available templates, names = folder names
     names: tuple[str, ...]
     steps: int = 20
-    size: int = 128
+    size: int = toy_world.TOY_SIZE
 
     @classmethod
     def load(cls, model: str | Path, templates: str | Path, steps: int = 20) -> ToyWorld:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root ho
 from datasets import toy_world  # noqa: E402
 from scripts.eval_controls import ToyWorld, inpaint_mask  # noqa: E402
 
-CELL = 160  # pixels per cell side in the grid (images are upscaled from 128, nearest neighbour)
+CELL = 3 * toy_world.TOY_SIZE  # pixels per cell side in the grid (images upscaled 3x, nearest neighbour)
 LABEL = 30  # label strip under each cell
 COLUMNS = 5
 SEED = 0
@@ -38,7 +38,7 @@ def demo_cells(scene: toy_world.SceneSpec, other: toy_world.SceneSpec) -> list[C
     """Cells for one scene; ``other`` gives the structure-control layout (shapes elsewhere)."""
     rendered = toy_world.render(scene)
     silhouette = Image.fromarray(toy_world.render(other).mask).convert("RGB")
-    mask = Image.fromarray((inpaint_mask(0, 128) * 255).astype(np.uint8))
+    mask = Image.fromarray((inpaint_mask(0, toy_world.TOY_SIZE) * 255).astype(np.uint8))
     low = toy_world.lowres(rendered.image)
     warm = toy_world.measure_mean_rgb(toy_world.render_prompt_variants(scene, [{"tint": "warm", "tint_strength": 0.4}])[0].image)  # fmt: skip
     structure = {"model_id": "structure", "image": silhouette}

@@ -102,7 +102,7 @@ TASKS: dict[str, ToyTask] = {
             "image_kv",
             _super_resolution,
             {"num_single_blocks": 1, "upscale": 4.0},
-            description="32x32 low-resolution image -> KV tokens for the 128x128 image",
+            description="4x downscaled low-resolution image -> KV tokens for the full-size image",
         ),
         ToyTask(
             "sharpness",

@@ -19,33 +19,42 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process: robust o
 if [ "${TOY_SMOKE:-0}" = "1" ]; then
     ROOT=outputs/toy_smoke
     DATA=${TOY_DATA:-$ROOT/data}; WORK=${TOY_WORK:-$ROOT/work}; OUT=${TOY_OUT:-$ROOT/models}
-    SAMPLES=24; VAE_STEPS=2; DIT_STEPS=2; TEMPLATE_STEPS=2; EVAL="--quick --steps 4"
+    SAMPLES=24; VAE_STEPS=2; DECODER_STEPS=2; DIT_STEPS=2; TEMPLATE_STEPS=2; EVAL="--quick --steps 4"
 else
     DATA=${TOY_DATA:-datasets/toy}; WORK=${TOY_WORK:-outputs/toy_work}; OUT=${TOY_OUT:-models/toy}
-    SAMPLES=2000; VAE_STEPS=3000; DIT_STEPS=3000; TEMPLATE_STEPS=""; EVAL=""
+    SAMPLES=4000; VAE_STEPS=2000; DECODER_STEPS=6000; DIT_STEPS=6000; TEMPLATE_STEPS=""; EVAL=""
 fi
 TASKS=${TOY_TASKS:-$($PY scripts/toy_tasks.py list)}
-COMMON=(--max_sequence_length 40 --max_pixels 16384 --shared_feature_cache "$WORK/feature_store")  # 128 x 128
+COMMON=(--max_sequence_length 40 --max_pixels 4096 --shared_feature_cache "$WORK/feature_store")  # 64 x 64
 
 latest() {  # the newest checkpoint folder of a train.py output path
     $PY -c "import json,sys; print(sys.argv[1] + '/' + json.load(open(sys.argv[1] + '/latest.json'))['checkpoint'])" "$1"
 }
 
 echo "== 1. dataset: $DATA"
-[ -f "$DATA/metadata.jsonl" ] || $PY -m datasets.toy_world --out "$DATA" --num_samples "$SAMPLES" --seed 0 --size 128
+[ -f "$DATA/metadata.jsonl" ] || $PY -m datasets.toy_world --out "$DATA" --num_samples "$SAMPLES" --seed 0 --size 64
 
 echo "== 2. VAE"
 [ -f "$WORK/vae/config.json" ] || $PY scripts/train_toy_vae.py --data "$DATA" --out "$WORK/vae" --steps "$VAE_STEPS" \
     $( [ "${TOY_SMOKE:-0}" = "1" ] && echo "--full_steps 1 --batch_size 4" )
+
+echo "== 2b. VAE decoder fine-tune (encoder frozen: runs beside the DiT, whose latents it does not change)"
+DECODER_PID=""
+if [ ! -f "$WORK/vae_decoder/config.json" ]; then
+    $PY scripts/train_toy_vae.py --data "$DATA" --init "$WORK/vae" --decoder_only --out "$WORK/vae_decoder" \
+        --steps "$DECODER_STEPS" --learning_rate 1e-3 $( [ "${TOY_SMOKE:-0}" = "1" ] && echo "--batch_size 4" ) &
+    DECODER_PID=$!
+fi
 
 echo "== 3. base model: DiT trained by train.py"
 [ -d "$WORK/base-init" ] || $PY scripts/build_toy_base.py --vae "$WORK/vae" --out "$WORK/base-init"
 DIT_ARGS=(--model "$WORK/base-init" --trainable_models dit --dataset_base_path "$DATA" --dataset_metadata_path "$DATA/metadata.jsonl"
           --cache_path "$WORK/dit/cache" --output_path "$WORK/dit" "${COMMON[@]}")
 $PY train.py --task data_process "${DIT_ARGS[@]}"
-$PY train.py --task train "${DIT_ARGS[@]}" --resume auto --max_steps "$DIT_STEPS" --batch_size 16 --learning_rate 5e-4 \
-    --lr_scheduler cosine --warmup_steps 100 --save_steps 250 --save_total_limit 2 --log_steps 25
-[ -d "$OUT/base" ] || $PY scripts/build_toy_base.py --init "$WORK/base-init" \
+$PY train.py --task train "${DIT_ARGS[@]}" --resume auto --max_steps "$DIT_STEPS" --batch_size 16 --learning_rate 1e-3 \
+    --lr_scheduler cosine --warmup_steps 200 --save_steps 250 --save_total_limit 2 --log_steps 25
+[ -z "$DECODER_PID" ] || wait "$DECODER_PID"
+[ -d "$OUT/base" ] || $PY scripts/build_toy_base.py --init "$WORK/base-init" --vae "$WORK/vae_decoder" \
     --transformer "$(latest "$WORK/dit")/transformer" --out "$OUT/base" --dtype bfloat16
 
 echo "== 4. templates: $TASKS"

@@ -43,8 +43,8 @@ def toy_dataset(tmp_path_factory) -> Path:
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(toy_dataset, tmp_path):
-    again = tw.generate(tmp_path / "again", num_samples=8, seed=0)
-    other = tw.generate(tmp_path / "other", num_samples=8, seed=1)
+    again = tw.generate(tmp_path / "again", num_samples=8, seed=0, size=128)
+    other = tw.generate(tmp_path / "other", num_samples=8, seed=1, size=128)
     first_rows = (toy_dataset / "metadata.jsonl").read_text().splitlines()[:8]
     assert (again / "metadata.jsonl").read_text().splitlines() == first_rows  # sample i ignores num_samples
     for sub in ("images", "masks", "edges", "lowres"):
