@@ -540,7 +540,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--num_samples", type=int, default=4000, help="number of images (default: 4000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
     parser.add_argument(
-        "--size", type=int, default=TOY_SIZE, help=f"image side in pixels, multiple of 4 (default: {TOY_SIZE})"
+        "--size",
+        type=int,
+        default=TOY_SIZE,
+        help=f"image side in pixels, multiple of 4 (default: {TOY_SIZE})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     args = parser.parse_args(argv)
