@@ -164,6 +164,46 @@ class Metrics:
     notes: dict[str, str] = field(default_factory=dict)
 
 
+def named_color(rgb: Sequence[float], choices: Sequence[str] = toy_world.SHAPE_COLORS) -> str:
+    """The palette color nearest to a measured mean RGB (on [0, 1]), allowing any brightness factor in
+    the toy world's range: the base model draws brightness freely, so "dark red" still reads as red."""
+    low, high = toy_world.BRIGHTNESS_RANGE
+    m = np.asarray(rgb, dtype=np.float64)
+
+    def error(name: str) -> float:
+        c = np.asarray(toy_world.COLORS[name], dtype=np.float64) / 255
+        scale = float(np.clip(m @ c / max(c @ c, 1e-12), low, high))
+        return float(np.abs(m - scale * c).sum())
+
+    return min(choices, key=error)
+
+
+def interior(mask: np.ndarray) -> np.ndarray:
+    """A silhouette without its one-pixel anti-aliased rim (whose colors mix with the background)."""
+    padded = np.pad(mask, 1)  # outside the image counts as background
+    inner = mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return inner if inner.any() else mask
+
+
+def eval_base(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int]) -> dict[str, float]:
+    """Does the base model draw the caption? Layout: IoU between the generated shapes and the scene's
+    silhouettes. Color: share of captioned shapes found where the caption puts them (at least a quarter
+    of their silhouette covered by generated shape pixels) whose mean color reads as the named one."""
+    layout, colors = [], []
+    for scene in scenes:
+        shape_masks = [interior(m > 127) for m in toy_world.render(scene.spec, world.size).shape_masks]
+        for seed in seeds:
+            image = world.generate([scene.prompt], seed)[0]
+            drawn = shape_mask(image)
+            layout.append(iou(drawn, scene.mask))
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+            for shape, silhouette in zip(scene.spec.shapes, shape_masks):
+                found = drawn & silhouette
+                hit = found.sum() >= 0.25 * silhouette.sum()
+                colors.append(bool(hit) and named_color(rgb[found].mean(axis=0)) == shape.color)
+    return {"base_layout_iou": float(np.mean(layout)), "base_shape_color_accuracy": float(np.mean(colors))}
+
+
 def eval_brightness(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
     requested, measured = [], []
     for scene in scenes:
@@ -317,6 +357,9 @@ def composed_ok(metric: str, solo: float, composed: float) -> bool:
 def run(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int]) -> tuple[list[list[str]], bool]:
     rows, ok = [], True
     solo: dict[str, dict[str, float]] = {}
+    base = eval_base(world, scenes, seeds)
+    rows.append(["(base model)", "no template", ", ".join(f"{k} {v:.3f}" for k, v in base.items()), "-", ""])
+    logger.info("base model: %s", base)
     for name in TEMPLATES:
         if name not in world.names:
             rows.append([name, "-", "not shipped", "", "missing"])

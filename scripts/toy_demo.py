@@ -54,7 +54,7 @@ def demo_cells(scene: toy_world.SceneSpec, other: toy_world.SceneSpec) -> list[C
             mask.convert("RGB"),
         ),  # fmt: skip
         Cell(
-            "super-res from 32px",
+            f"super-res from {low.width}px",
             [{"model_id": "super_resolution", "image": low}],
             ("super_resolution",),
             low,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats  # installed with scikit-image (the test extra)
+from scipy import ndimage, stats  # installed with scikit-image (the test extra)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from eval_controls import composed_ok, iou, psnr, shape_mask, spearman  # noqa: E402
+from eval_controls import composed_ok, interior, iou, named_color, psnr, shape_mask, spearman  # noqa: E402
 
 from datasets import toy_world  # noqa: E402
 
@@ -50,3 +51,28 @@ def test_composed_within_tolerance():
         "brightness_spearman", 0.95, 0.7
     )
     assert composed_ok("color_mae", 0.05, 0.059) and not composed_ok("color_mae", 0.05, 0.07)
+
+
+def test_named_color_reads_rendered_shapes_at_any_brightness():
+    """The base model's color metric on ground truth: every shape of the fixed scenes, rendered dark
+    and bright, reads as the color its caption names; a shape drawn in another color does not. (Above
+    about 1.3x, clipping at 255 turns orange into yellow for real, so the sweep stops at 1.25.)"""
+    for _, spec in toy_world.fixed_eval_prompts(8):
+        for factor in (0.5, 1.0, 1.25):
+            rendered = toy_world.render(dataclasses.replace(spec, brightness=factor))
+            rgb = np.asarray(rendered.image, dtype=np.float64) / 255
+            for shape, mask in zip(spec.shapes, rendered.shape_masks):
+                inner = interior(mask > 127)
+                assert named_color(rgb[inner].mean(axis=0)) == shape.color, (shape, factor)
+    assert named_color([0.9, 0.1, 0.1]) == "red" and named_color([0.45, 0.05, 0.05]) == "red"
+    assert named_color([0.1, 0.1, 0.8]) != "red"
+
+
+def test_interior_matches_scipy_binary_erosion():
+    rng = np.random.default_rng(0)
+    mask = rng.random((20, 24)) > 0.3
+    expected = ndimage.binary_erosion(mask, border_value=0)
+    assert np.array_equal(interior(mask), expected) and expected.any()
+    lone = np.zeros((5, 5), bool)
+    lone[2, 2] = True
+    assert np.array_equal(interior(lone), lone)  # nothing would remain: the silhouette itself
