@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds datasets/
@@ -92,6 +93,14 @@ class ToyWorld:
         if not inputs:
             return self.pipe(**call)
         return self.templates(self.pipe, template_inputs=list(inputs), **call)
+
+    def vae_round_trip(self, image: Image.Image) -> Image.Image:
+        """``image`` encoded and decoded by the base model's VAE, as the pipeline would output it."""
+        from diffsynth_templates.pipelines.image_io import tensor_to_output
+
+        with torch.no_grad():
+            latents = self.pipe.encode_image(image, self.size, self.size)
+            return tensor_to_output(self.pipe.decode_latents(latents).float(), "pil")[0]
 
 
 # --- measurements ------------------------------------------------------------------------------------
@@ -249,17 +258,28 @@ def inpaint_mask(scene_index: int, size: int) -> np.ndarray:
 
 
 def eval_inpaint(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
-    outside, inside = [], []
+    """PSNR outside the mask against the input; the same against the input's VAE round trip (what the
+    hard constraint keeps: infinite when it holds exactly) and the round trip's own PSNR (the ceiling
+    the VAE sets); the mean absolute change inside the mask."""
+    outside, kept, ceiling, inside = [], [], [], []
     for i, scene in enumerate(scenes):
         mask = inpaint_mask(i, world.size)
         mask_image = Image.fromarray((mask * 255).astype(np.uint8))
         source = np.asarray(scene.image)
+        round_trip = np.asarray(world.vae_round_trip(scene.image))
         for seed in seeds:
             inputs = [{"model_id": "inpaint", "image": scene.image, "mask": mask_image, "force_inpaint": True}, *extra(scene)]  # fmt: skip
             out = np.asarray(world.generate([scene.prompt], seed, inputs)[0])
             outside.append(psnr(out, source, ~mask))
+            kept.append(psnr(out, round_trip, ~mask))
+            ceiling.append(psnr(round_trip, source, ~mask))
             inside.append(float(np.abs(out.astype(np.float64) - source)[mask].mean() / 255))
-    return {"inpaint_psnr_outside": float(np.mean(outside)), "inpaint_change_inside": float(np.mean(inside))}
+    return {
+        "inpaint_psnr_outside": float(np.mean(outside)),
+        "inpaint_psnr_outside_vs_vae_round_trip": float(np.mean(kept)),
+        "vae_round_trip_psnr_outside": float(np.mean(ceiling)),
+        "inpaint_change_inside": float(np.mean(inside)),
+    }
 
 
 def eval_super_resolution(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
@@ -354,7 +374,11 @@ def composed_ok(metric: str, solo: float, composed: float) -> bool:
     return composed >= solo - margin
 
 
-def run(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int]) -> tuple[list[list[str]], bool]:
+def run(
+    world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], known_miss: Sequence[str] = ()
+) -> tuple[list[list[str]], bool]:
+    """The table rows and whether every target was met (a miss of a template in ``known_miss`` is still
+    measured and shown, as "MISS (known)", but does not count)."""
     rows, ok = [], True
     solo: dict[str, dict[str, float]] = {}
     base = eval_base(world, scenes, seeds)
@@ -373,6 +397,8 @@ def run(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int]) -> tuple[lis
         verdict = (
             "" if target_value is None else ("pass" if passes(values[metric], op, target_value) else "MISS")
         )
+        if verdict == "MISS" and name in known_miss:
+            verdict = "MISS (known)"
         ok &= verdict != "MISS"
         shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
         goal = "-" if target_value is None else f"{metric} {op} {target_value:.3g}"
@@ -409,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="denoising steps per image")
     p.add_argument("--quick", action="store_true", help="2 prompts x 1 seed (CI)")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument(
+        "--known_miss",
+        action="append",
+        default=[],
+        choices=TEMPLATES,
+        help="a template whose solo target is known to be missed: still measured and shown, not failed",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
@@ -418,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     scenes = [Scene(prompt, spec) for prompt, spec in toy_world.fixed_eval_prompts(args.num_prompts)]
     seeds = list(range(args.num_seeds))
     start = time.time()
-    rows, ok = run(world, scenes, seeds)
+    rows, ok = run(world, scenes, seeds, args.known_miss)
     settings = {"prompts": len(scenes), "seeds": len(seeds), "steps": args.steps, "cfg_scale": 1.0,
                 "size": world.size, "seconds": round(time.time() - start)}  # fmt: skip
     table = markdown(rows, settings)

@@ -72,6 +72,7 @@ TASKS: dict[str, ToyTask] = {
             "value_kv",
             _brightness,
             {"length": 16},
+            steps=2000,
             description="mean luminance (Rec.601, [0, 1]) -> KV tokens",
         ),
         ToyTask(
@@ -79,6 +80,7 @@ TASKS: dict[str, ToyTask] = {
             "value_kv",
             _color,
             {"values": ["R", "G", "B"], "length": 16},
+            steps=2000,
             description="mean R, G, B ([0, 1] each) -> KV tokens",
         ),
         ToyTask(
@@ -86,6 +88,7 @@ TASKS: dict[str, ToyTask] = {
             "image_kv",
             _structure,
             {"num_single_blocks": 1},
+            steps=2000,
             description="silhouette map of the shapes -> KV tokens (structure control)",
         ),
         ToyTask(
