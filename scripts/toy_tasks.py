@@ -112,6 +112,7 @@ TASKS: dict[str, ToyTask] = {
             "lora_bank",
             _sharpness,
             {"num_loras": 2, "rank": 4},
+            steps=2000,
             description="LoRA 0 = sharp, LoRA 1 = blurred (a LoRA-carried template)",
         ),
     )
