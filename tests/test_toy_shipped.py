@@ -47,7 +47,9 @@ def test_shipped_templates_load_on_the_shipped_base_and_change_its_image():
     assert base.shape == (64, 64, 3) and base.std() > 5  # an image, not a flat field
     tp = TemplatePipeline.from_pretrained([str(TOY / "templates" / "brightness")], device="cpu")
     dark = np.asarray(tp(pipe, template_inputs=[{"scale": 0.1}], cfg_scale=1.0, **call)[0], dtype=np.float64)
-    bright = np.asarray(tp(pipe, template_inputs=[{"scale": 0.7}], cfg_scale=1.0, **call)[0], dtype=np.float64)
+    bright = np.asarray(
+        tp(pipe, template_inputs=[{"scale": 0.7}], cfg_scale=1.0, **call)[0], dtype=np.float64
+    )
     assert dark.mean() + 40 < bright.mean(), (dark.mean(), bright.mean())
 
 
