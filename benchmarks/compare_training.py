@@ -77,28 +77,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ holds results.py
 import numpy as np
 import torch
+from compare_reference import (  # noqa: E402  (benchmarks/ is on sys.path above, run as a script or a module)
+    allow_torchvision_without_cpp_ops,
+    bench_dit_config,
+    build_model_folder,
+    build_templates,
+    proc_status_kib,
+    register_diffsynth_configs,
+    reset_peak_rss,
+)
 from results import write_section  # noqa: E402
-
-try:  # as a module of the repository (tests) or as a script (benchmarks/ on sys.path)
-    from benchmarks.compare_reference import (
-        allow_torchvision_without_cpp_ops,
-        bench_dit_config,
-        build_model_folder,
-        build_templates,
-        proc_status_kib,
-        register_diffsynth_configs,
-        reset_peak_rss,
-    )
-except ImportError:
-    from compare_reference import (  # type: ignore[no-redef]
-        allow_torchvision_without_cpp_ops,
-        bench_dit_config,
-        build_model_folder,
-        build_templates,
-        proc_status_kib,
-        register_diffsynth_configs,
-        reset_peak_rss,
-    )
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = "examples/flux2/model_training/train.py"
