@@ -1,6 +1,6 @@
 """Train the toy world's FLUX.2 VAE (the real Flux2VAE class, small config) and set its BatchNorm statistics.
 
-    python scripts/train_toy_vae.py --data datasets/toy --out models/toy/vae --steps 4000
+    python scripts/train_toy_vae.py --data datasets/toy --out models/toy/vae --steps 2000
 
 The DiT never sees pixels, only the VAE's patchified latents normalized by the BatchNorm running
 statistics, so after reconstruction training the statistics are measured on the training set (as
