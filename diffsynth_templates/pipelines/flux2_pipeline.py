@@ -36,7 +36,15 @@ from .common import (
 )
 from .flow_match import add_noise, euler_step, klein_schedule, velocity_towards
 from .flux2_prompt import Flux2PromptEncoder, load_tokenizer, read_tokenizer_settings
-from .image_io import ImageLike, fit_to_area, image_to_tensor, mask_to_tensor, resize_image, tensor_to_output
+from .image_io import (
+    ImageLike,
+    fit_to_area,
+    image_to_tensor,
+    mask_to_tensor,
+    paste_unmasked,
+    resize_image,
+    tensor_to_output,
+)
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, validate_lora
 
@@ -294,10 +302,8 @@ class Flux2ImagePipeline(PipelineBase):
             with self._on_device(self.vae):
                 return self.vae.unpatchify(self.vae.denormalize(latents_out.to(self.device)))
         images = self.decode_latents(latents_out).float()
-        if inpaint_mask is not None:  # pixels outside the mask: exactly the input's VAE round trip
-            pixel_mask = mask_to_tensor(inpaint_mask, height, width).to(images.device)
-            kept = self.decode_latents(clean).float()
-            images = kept * (1 - pixel_mask) + images * pixel_mask
+        if inpaint_mask is not None:  # pixels outside the mask: exactly the input's
+            images = paste_unmasked(images, input_image, inpaint_mask)
         return tensor_to_output(images, output_type)
 
     def _conditioning(self, prompts, max_len, kv_cache, lora, extra_embedding, side: str) -> Conditioning:

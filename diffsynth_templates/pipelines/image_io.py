@@ -74,6 +74,19 @@ def resize_image(image: Tensor, height: int, width: int) -> Tensor:
     return image[..., top : top + height, left : left + width]
 
 
+def paste_unmasked(images: Tensor, input_image: ImageLike, inpaint_mask: ImageLike) -> Tensor:
+    """Decoded ``images [B, 3, H, W]`` (in [-1, 1]) with the input's own pixels wherever the mask is 0.
+
+    The latent hard constraint alone keeps only the input's VAE round trip outside the mask, which
+    loses the detail the VAE cannot carry; pasting the pixels back makes "outside the mask the result
+    is the input" exact. A soft (grey) mask blends the two.
+    """
+    height, width = images.shape[-2:]
+    pixels = resize_image(image_to_tensor(input_image, "input_image"), height, width).to(images)
+    keep = 1 - mask_to_tensor(inpaint_mask, height, width).to(images)
+    return pixels * keep + images * (1 - keep)
+
+
 def fit_to_area(height: int, width: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
     """Shrink (never grow) to at most ``max_area`` pixels, keeping aspect; round down to ``multiple``."""
     if height * width > max_area:

@@ -51,7 +51,14 @@ from .flux2_prompt import (
     prepare_tokenizer,
     read_tokenizer_settings,
 )
-from .image_io import ImageLike, image_to_tensor, mask_to_tensor, resize_image, tensor_to_output
+from .image_io import (
+    ImageLike,
+    image_to_tensor,
+    mask_to_tensor,
+    paste_unmasked,
+    resize_image,
+    tensor_to_output,
+)
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, validate_lora
 
@@ -433,9 +440,8 @@ class ZImagePipeline(PipelineBase):
         if output_type == "latent":
             return x
         images = self.decode_latents(x).float()
-        if inpaint_mask is not None:  # pixels outside the mask: exactly the input's VAE round trip
-            pixel_mask = mask_to_tensor(inpaint_mask, height, width).to(images.device)
-            images = self.decode_latents(clean).float() * (1 - pixel_mask) + images * pixel_mask
+        if inpaint_mask is not None:  # pixels outside the mask: exactly the input's
+            images = paste_unmasked(images, input_image, inpaint_mask)
         return tensor_to_output(images, output_type)
 
     def _conditioning(self, prompts, max_len, kv_cache, lora, extra_embedding, side: str) -> Conditioning:

@@ -317,12 +317,10 @@ def test_inpaint_keeps_pixels_outside_the_mask(pipe):
     mask = np.zeros((H, W), dtype=np.uint8)
     mask[8:24, 8:24] = 255
     out = run(pipe, input_image=image, inpaint_mask=Image.fromarray(mask), cfg_scale=2.0)
-    with torch.no_grad():
-        clean = pipe.encode_image(image, H, W)
-        roundtrip = (pipe.decode_latents(clean).float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    pixels = np.asarray(image, dtype=np.float32) / 255  # the input's own pixels, not its VAE round trip
     outside = mask == 0
-    assert np.abs(out[0][outside] - roundtrip[0][outside]).max() <= 1e-6
-    assert np.abs(out[0][~outside] - roundtrip[0][~outside]).mean() > 1e-3
+    assert np.abs(out[0][outside] - pixels[outside]).max() <= 1e-6
+    assert np.abs(out[0][~outside] - pixels[~outside]).mean() > 1e-3
 
 
 def test_inpaint_latents_land_on_the_input(pipe):
