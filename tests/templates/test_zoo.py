@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffsynth_templates.backbones.attention import apply_rope, rope_cos_sin
 from diffsynth_templates.backbones.flux2_dit import Flux2DiT, Flux2DiTConfig
+from diffsynth_templates.pipelines.flux2_pipeline import _grid_ids
 from diffsynth_templates.pipelines.lora import applied_lora, validate_lora
 from diffsynth_templates.pipelines.random_init import RandomPipelineSpec, random_flux2_pipeline
 from diffsynth_templates.templates import (
@@ -188,6 +190,32 @@ def test_init_from_dit_copies_the_first_blocks(pipe):
     assert torch.equal(ours["x_embedder.weight"][:, :128], dit["x_embedder.weight"])
     assert not ours["x_embedder.weight"][:, 128].any()  # the mask column starts at zero
     assert not any(name.startswith("proj_") for name in copied)
+
+
+def test_image_kv_keys_meet_queries_at_their_own_position(pipe):
+    # The DiT rotates its image queries by their grid position and appends the cache unrotated, so a
+    # rotated key at (row, col) scores against the query at (row, col) as if neither were rotated.
+    rotated = ImageKV(ImageKVConfig.tiny())
+    plain = ImageKV(ImageKVConfig.tiny(key_rope=False))
+    plain.load_state_dict(rotated.state_dict())
+    with torch.no_grad():
+        features = rotated.process_inputs(pipe=pipe, image=rgb(48), height=48, width=32)
+        k_rot = rotated(pipe=pipe, **features)["kv_cache"]
+        k_plain = plain(pipe=pipe, **features)["kv_cache"]
+    h, w = features["latents"].shape[-2:]
+    cos, sin = rope_cos_sin(_grid_ids(h, w, t=0), pipe.dit.config.axes_dims_rope, pipe.dit.config.rope_theta)
+    for block in ("double_0", "single_1"):
+        k, k0 = k_rot[block][0], k_plain[block][0]  # [1, h*w, heads, head_dim]
+        q0 = torch.randn_like(k0)
+        q = apply_rope(q0, cos, sin)  # the queries of the DiT's own image tokens
+        torch.testing.assert_close((q * k).sum(-1), (q0 * k0).sum(-1), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose((q * k0).sum(-1), (q0 * k0).sum(-1), atol=1e-2)  # unrotated keys drift
+
+
+def test_zimage_image_kv_keys_stay_unrotated():
+    # Z-Image's image positions shift with the caption's length: no fixed rotation can meet them
+    assert ImageKVConfig.tiny_zimage().key_rope is False
+    assert ImageKVConfig.tiny().key_rope is True
 
 
 # --- full size, on the meta device ------------------------------------------------------------------
@@ -448,6 +476,8 @@ def test_lora_bank_merges_by_rank_concatenation():
         (lambda: ImageKVConfig(num_double_blocks=0, num_single_blocks=0), "at least one encoder block"),
         (lambda: ImageKVConfig(hidden_head_dim=100), "axes_dims_rope"),
         (lambda: ImageKVConfig(upscale=0), "upscale"),
+        (lambda: ImageKVConfig(key_axes_dims_rope=(32, 32, 32)), "key_axes_dims_rope"),
+        (lambda: ImageKVConfig(head_dim=64), "summing to head_dim=64"),
         (lambda: InpaintConfig(mask_channel=False), "mask_channel must be True"),
         (lambda: ImageLoRAConfig(hidden=30, num_heads=4), "not divisible"),
         (

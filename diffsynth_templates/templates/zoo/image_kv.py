@@ -7,6 +7,9 @@ classes as the base DiT: latent tokens -> ``x_embedder`` -> double-stream blocks
 single-stream blocks, conditioned on the embedding of a fixed timestep (``sigma``, default 0: the
 condition is a clean image) and rotated with the condition grid's RoPE positions. Per base block,
 ``proj_k`` / ``proj_v`` map the condition's hidden states to K and V ``[1, N_cond, heads, head_dim]``.
+On FLUX.2 each K is then rotated with the base DiT's RoPE at its token's grid position (``key_rope``):
+the DiT appends the cache unrotated, and its queries are rotated, so this is what lets a query at
+(row, col) find the condition token at (row, col) by position rather than only by content.
 
 Its module names follow the DiT's, so ``init_from_dit(dit)`` starts the encoder from the base
 model's first blocks. V projections start at zero and K projections small: an untrained template
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...backbones.attention import rope_cos_sin
+from ...backbones.attention import apply_rope, rope_cos_sin
 from ...backbones.flux2_dit import (
     DoubleStreamBlock,
     Flux2DiT,
@@ -91,11 +94,18 @@ class ImageKVConfig:
     axes_dims_rope: tuple[int, ...] = (32, 32, 32, 32)
     rope_theta: float = 2000.0
     sigma: float = 0.0  # the timestep the encoder is conditioned on
+    # Rotate each output key with the base DiT's RoPE at its condition token's position, so a query at
+    # (row, col) meets the condition token at (row, col) at relative offset zero. The DiT appends the
+    # cache unrotated (DESIGN 4.1), so without this a spatial map is matchable only through content.
+    key_rope: bool = True
+    key_axes_dims_rope: tuple[int, ...] = (32, 32, 32, 32)  # the base DiT's RoPE axes
+    key_rope_theta: float = 2000.0
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         self.block_names = check_names(owner, "block_names", self.block_names)
         self.axes_dims_rope = tuple(int(a) for a in self.axes_dims_rope)
+        self.key_axes_dims_rope = tuple(int(a) for a in self.key_axes_dims_rope)
         check_positive(
             owner,
             num_heads=self.num_heads,
@@ -122,10 +132,22 @@ class ImageKVConfig:
             raise ValueError(
                 f"{owner}.sigma must be in [0, 1] (a flow-matching noise level), got {self.sigma}"
             )
+        if self.key_rope:
+            self._check_key_rope(owner)
         try:
             self.encoder_config()
         except ValueError as e:
             raise ValueError(f"{owner}: {e}") from e
+
+    def _check_key_rope(self, owner: str) -> None:
+        axes = self.key_axes_dims_rope
+        if len(axes) != 4 or any(a <= 0 or a % 2 for a in axes) or sum(axes) != self.head_dim:
+            raise ValueError(
+                f"{owner}.key_axes_dims_rope must be four positive even sizes summing to head_dim="
+                f"{self.head_dim} (the base DiT's RoPE axes t, row, col, l), got {axes}"
+            )
+        if self.key_rope_theta <= 0:
+            raise ValueError(f"{owner}.key_rope_theta must be > 0, got {self.key_rope_theta}")
 
     def encoder_config(self) -> Flux2DiTConfig:
         """The encoder's blocks as a Flux2DiTConfig (so they are built by the DiT's own classes)."""
@@ -169,9 +191,13 @@ class ImageKVConfig:
                 mlp_ratio=dit_config.mlp_ratio,
                 axes_dims_rope=dit_config.axes_dims_rope,
                 rope_theta=dit_config.rope_theta,
+                key_axes_dims_rope=dit_config.axes_dims_rope,
+                key_rope_theta=dit_config.rope_theta,
             )
         else:  # four equal RoPE axes (t, row, col, unused) over the encoder's head dim
-            base.update(axes_dims_rope=(layout.head_dim // 4,) * 4)
+            # Z-Image's image tokens sit at a time offset that depends on the caption's length, so no
+            # fixed key rotation meets its queries at offset zero: keys stay unrotated there.
+            base.update(axes_dims_rope=(layout.head_dim // 4,) * 4, key_rope=False)
         return cls(**{**base, **kwargs})
 
     @classmethod
@@ -363,10 +389,15 @@ class ImageKV(TemplateModel):
             img = x[:, txt.shape[1] :]
 
         heads = (cfg.num_heads, cfg.head_dim)
-        kv_cache = {
-            b: (self.proj_k[b](img).unflatten(-1, heads), self.proj_v[b](img).unflatten(-1, heads))
-            for b in cfg.block_names
-        }
+        key_rope = None
+        if cfg.key_rope:  # the positions the DiT gives its own image tokens: (0, row, col, 0)
+            key_rope = rope_cos_sin(img_ids, cfg.key_axes_dims_rope, cfg.key_rope_theta)
+        kv_cache = {}
+        for b in cfg.block_names:
+            k = self.proj_k[b](img).unflatten(-1, heads)
+            if key_rope is not None:
+                k = apply_rope(k, *key_rope)
+            kv_cache[b] = (k, self.proj_v[b](img).unflatten(-1, heads))
         return {"kv_cache": kv_cache}
 
     def _check_features(self, latents, prompt_embeds, text_ids) -> None:
