@@ -18,6 +18,7 @@ TASKS = ("data_process", "train", "full")
 TRAINABLE = ("template", "dit", "dit_lora")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16")
+CONDITION_SIZES = ("target", "original")
 # Linear layers of the FLUX.2 DiT that get a LoRA by default (suffixes of module paths); the same set
 # DiffSynth-Studio trains for klein: attention projections and both MLPs of every block. On Z-Image
 # they match the attention projections (to_q, to_k, to_v, to_out.0) of every block.
@@ -39,6 +40,7 @@ class TrainConfig:
     dataset_base_path: str | None = None
     dataset_metadata_path: str | None = None
     max_pixels: int = 1024 * 1024
+    condition_size: str = "target"  # template-input and edit images: cover-cropped to the target, or native
     max_sequence_length: int = 512
     dataset_num_workers: int = 0
     cache_path: str | None = None  # stage I output, stage II input
@@ -119,6 +121,7 @@ class TrainConfig:
         _choice("task", self.task, TASKS)
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        _choice("condition_size", self.condition_size, CONDITION_SIZES)
         for name in ("max_pixels", "max_sequence_length", "batch_size", "gradient_accumulation_steps"):
             _positive(name, getattr(self, name))
         for name in ("cache_chunk_size", "lora_rank", "log_steps"):
@@ -264,6 +267,9 @@ _HELP = {
     "dataset_base_path": "folder that relative paths in the metadata resolve against (default: the metadata's folder)",
     "dataset_metadata_path": "metadata.json / .jsonl / .csv with image, prompt, optional edit_image and template_inputs",
     "max_pixels": "pixel budget per training image (images are bucketed by aspect ratio)",
+    "condition_size": "target (default): images in template_inputs and edit_image are cover-cropped to the "
+    "training image's size, so aligned maps (depth, edges, masks) stay aligned; original: their own size "
+    "(e.g. the low-resolution input of super-resolution)",
     "max_sequence_length": "prompt tokens (padded/truncated)",
     "dataset_num_workers": "DataLoader worker processes",
     "cache_path": "feature cache folder (stage I writes it, stage II reads it)",

@@ -145,7 +145,8 @@ def _is_deepspeed(accelerator) -> bool:
 def _dataset(config: TrainConfig):
     report = read_metadata(config.dataset_metadata_path, config.dataset_base_path, on_bad_row="skip")
     dataset = TemplateDataset.from_report(
-        report, DatasetConfig(max_pixels=config.max_pixels, seed=config.seed)
+        report,
+        DatasetConfig(max_pixels=config.max_pixels, seed=config.seed, condition_size=config.condition_size),
     )
     return report, dataset
 
@@ -153,11 +154,14 @@ def _dataset(config: TrainConfig):
 def dataset_fingerprint(config: TrainConfig) -> dict[str, Any]:
     """The metadata file's bytes and the image preparation: what decides which latents a sample gets."""
     metadata = Path(config.dataset_metadata_path).read_bytes()
-    return {
+    fingerprint = {
         "metadata": hashlib.sha256(metadata).hexdigest(),
         "max_pixels": config.max_pixels,
         "buckets": True,
     }
+    if config.condition_size != "target":  # only when set, so caches written before the option stay valid
+        fingerprint["condition_size"] = config.condition_size
+    return fingerprint
 
 
 def feature_fingerprint(

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffsynth_templates.backbones.flux2_dit import Flux2DiT
 from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline
 from diffsynth_templates.templates import TemplatePipeline, build_architecture
 from diffsynth_templates.training import trainer
-from diffsynth_templates.training.config import parse_args
+from diffsynth_templates.training.config import ConfigError, parse_args
 from diffsynth_templates.training.feature_cache import (
     FAULT_ENV,
     FeatureCacheError,
@@ -206,6 +207,36 @@ def test_stale_cache_is_refused_with_a_clear_message(base_model, dataset, tmp_pa
     other_base = random_flux2_pipeline(RandomPipelineSpec(seed=1)).save_pretrained(tmp_path / "other-base")
     with pytest.raises(FeatureCacheError, match=r"base_model \(text_encoder: .*vae: "):
         run(config(*train, *SCALAR_KV, "--model", other_base))
+
+
+@pytest.mark.parametrize("condition_size, tokens", [("target", 4), ("original", 2)])
+def test_condition_size_decides_the_size_template_images_are_read_at(base_model, tmp_path, condition_size, tokens):  # fmt: skip
+    # super-resolution reads a 16 px image and encodes it at 2x: at its own size that is 32 px (2 x 2
+    # tokens of 16 px); cover-cropped to the 32 px target first, it would be 64 px (4 x 4 tokens)
+    from dataclasses import asdict
+
+    from diffsynth_templates.templates.zoo import ImageKVConfig
+
+    data = tmp_path / "data"
+    write_dataset(data)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        Image.open(data / row["image"]).resize((16, 16), Image.Resampling.BOX).save(data / f"low{i}.png")
+        row["template_inputs"] = {"image": f"low{i}.png"}
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sr = json.dumps(asdict(ImageKVConfig.tiny(upscale=2.0)))
+    run(config("--task", "data_process", "--model", base_model, "--dataset_metadata_path", data / "metadata.jsonl",
+               "--cache_path", tmp_path / "cache", "--architecture", "image_kv", "--architecture_config", sr,
+               "--condition_size", condition_size, *SMALL))  # fmt: skip
+    _, cached = open_cache(tmp_path / "cache")
+    assert {tuple(cached[i].template["latents"].shape) for i in range(len(cached))} == {
+        (1, 128, tokens, tokens)
+    }
+
+
+def test_condition_size_must_be_known():
+    with pytest.raises(ConfigError, match=r"--condition_size must be one of \['target', 'original'\], got 'native'"):
+        config("--task", "full", "--model", "m", "--condition_size", "native")
 
 
 BAD_ROWS = [
