@@ -61,6 +61,8 @@ class ToyTask:
     data_processor_config: dict[str, Any] = field(default_factory=dict)
     steps: int = 600
     learning_rate: float = 1e-3
+    # "original": the template reads its input images at their own size (train.py --condition_size)
+    condition_size: str = "target"
     description: str = ""
 
 
@@ -105,6 +107,7 @@ TASKS: dict[str, ToyTask] = {
             "image_kv",
             _super_resolution,
             {"num_single_blocks": 1, "upscale": 4.0},
+            condition_size="original",  # the 16 px input, encoded at 4x: the 64 px target's 8 x 8 tokens
             description="4x downscaled low-resolution image -> KV tokens for the full-size image",
         ),
         ToyTask(
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         f"--template_name toy-{task.name}",
         f"--learning_rate {task.learning_rate}",
         f"--max_steps {task.steps}",
+        f"--condition_size {task.condition_size}",
     ]
     if task.data_processor:
         flags += [
