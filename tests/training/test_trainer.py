@@ -235,7 +235,9 @@ def test_condition_size_decides_the_size_template_images_are_read_at(base_model,
 
 
 def test_condition_size_must_be_known():
-    with pytest.raises(ConfigError, match=r"--condition_size must be one of \['target', 'original'\], got 'native'"):
+    with pytest.raises(
+        ConfigError, match=r"--condition_size must be one of \['target', 'original'\], got 'native'"
+    ):
         config("--task", "full", "--model", "m", "--condition_size", "native")
 
 
