@@ -212,6 +212,26 @@ def test_image_kv_keys_meet_queries_at_their_own_position(pipe):
         assert not torch.allclose((q * k0).sum(-1), (q0 * k0).sum(-1), atol=1e-2)  # unrotated keys drift
 
 
+def test_key_norm_starts_the_keys_as_the_dits_own(pipe):
+    model = ImageKV(ImageKVConfig.tiny(key_norm=True, num_double_blocks=1, num_single_blocks=1))
+    copied = model.init_from_dit(pipe.dit)
+    dit, dim = pipe.dit, pipe.dit.config.hidden_size
+    assert {"proj_k.double_0.weight", "key_norm.double_0.weight", "proj_k.single_1.weight"} <= set(copied)
+    assert torch.equal(model.proj_k["double_0"].weight, dit.transformer_blocks[0].attn.to_k.weight)
+    fused = dit.single_transformer_blocks[1].attn.to_qkv_mlp_proj.weight
+    assert torch.equal(model.proj_k["single_1"].weight, fused[dim : 2 * dim])  # the K rows
+    assert torch.equal(model.key_norm["single_1"].weight, dit.single_transformer_blocks[1].attn.norm_k.weight)
+    assert not any(name.startswith("proj_v") for name in copied)  # V stays zero: no effect at the start
+
+    with torch.no_grad():
+        model.key_norm["double_0"].weight.fill_(2.0)
+        features = model.process_inputs(pipe=pipe, image=rgb())
+        k, v = model(pipe=pipe, **features)["kv_cache"]["double_0"]
+    rms = k.float().pow(2).mean(-1).sqrt()  # RoPE rotates pairs, so it keeps each head's RMS
+    torch.testing.assert_close(rms, torch.full_like(rms, 2.0), atol=1e-3, rtol=1e-3)
+    assert not v.any()
+
+
 def test_zimage_image_kv_keys_stay_unrotated():
     # Z-Image's image positions shift with the caption's length: no fixed rotation can meet them
     assert ImageKVConfig.tiny_zimage().key_rope is False

@@ -98,6 +98,10 @@ class ImageKVConfig:
     # (row, col) meets the condition token at (row, col) at relative offset zero. The DiT appends the
     # cache unrotated (DESIGN 4.1), so without this a spatial map is matchable only through content.
     key_rope: bool = True
+    # RMS-normalize each block's keys per head (a learned scale, like the DiT's own norm_k), so they
+    # have the magnitude of the DiT's keys whatever proj_k's scale; init_from_dit then starts proj_k
+    # and the scale as the DiT's own K projection and norm_k
+    key_norm: bool = False
     key_axes_dims_rope: tuple[int, ...] = (32, 32, 32, 32)  # the base DiT's RoPE axes
     key_rope_theta: float = 2000.0
 
@@ -278,6 +282,10 @@ class ImageKV(TemplateModel):
         for b in config.block_names:
             nn.init.normal_(self.proj_k[b].weight, std=K_INIT_STD)
             nn.init.zeros_(self.proj_v[b].weight)
+        if config.key_norm:
+            self.key_norm = nn.ModuleDict(
+                {b: nn.RMSNorm(config.head_dim, eps=1e-6) for b in config.block_names}
+            )
 
     @property
     def _who(self) -> str:
@@ -395,6 +403,8 @@ class ImageKV(TemplateModel):
         kv_cache = {}
         for b in cfg.block_names:
             k = self.proj_k[b](img).unflatten(-1, heads)
+            if cfg.key_norm:
+                k = self.key_norm[b](k)
             if key_rope is not None:
                 k = apply_rope(k, *key_rope)
             kv_cache[b] = (k, self.proj_v[b](img).unflatten(-1, heads))
@@ -431,7 +441,10 @@ class ImageKV(TemplateModel):
 
         The encoder's i-th double / single block starts as the DiT's i-th; embedders and modulations
         as the DiT's. With a mask channel, ``x_embedder``'s latent columns are copied and the mask
-        column is zeroed. Returns the names copied (none for a Z-Image DiT, whose blocks differ).
+        column is zeroed. With ``key_norm``, each block's ``proj_k`` and key scale start as that DiT
+        block's image K projection and ``norm_k``, so the condition's keys start out shaped like the
+        DiT's own (V stays zero: the template still starts by adding nothing). Returns the names
+        copied (none for a Z-Image DiT, whose blocks differ).
         """
         ours = self.state_dict()
         copied = []
@@ -446,4 +459,24 @@ class ImageKV(TemplateModel):
                 target[:, : value.shape[1]].copy_(value)
                 target[:, value.shape[1] :].zero_()
                 copied.append(name)
+        if self.config.key_norm and isinstance(dit, Flux2DiT):
+            copied += self._keys_from_dit(dit)
+        return copied
+
+    def _keys_from_dit(self, dit: Flux2DiT) -> list[str]:
+        copied = []
+        for b in self.config.block_names:
+            kind, index = b.split("_")
+            if kind == "double":
+                attn = dit.transformer_blocks[int(index)].attn
+                weight = attn.to_k.weight
+            else:  # the fused projection's rows: Q, K, V, then the MLP input
+                attn = dit.single_transformer_blocks[int(index)].attn
+                dim = attn.to_qkv_mlp_proj.in_features
+                weight = attn.to_qkv_mlp_proj.weight[dim : 2 * dim]
+            if weight.shape != self.proj_k[b].weight.shape or attn.norm_k.weight.shape != self.key_norm[b].weight.shape:  # fmt: skip
+                continue  # an encoder of another width: keep the random start
+            self.proj_k[b].weight.copy_(weight)
+            self.key_norm[b].weight.copy_(attn.norm_k.weight)
+            copied += [f"proj_k.{b}.weight", f"key_norm.{b}.weight"]
         return copied
