@@ -19,6 +19,7 @@ TRAINABLE = ("template", "dit", "dit_lora")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16")
 CONDITION_SIZES = ("target", "original")
+TEMPLATE_INITS = ("dit", "random")
 # Linear layers of the FLUX.2 DiT that get a LoRA by default (suffixes of module paths); the same set
 # DiffSynth-Studio trains for klein: attention projections and both MLPs of every block. On Z-Image
 # they match the attention projections (to_q, to_k, to_v, to_out.0) of every block.
@@ -62,6 +63,7 @@ class TrainConfig:
     data_processor: str | None = None  # registered processor name (default: the template's own)
     data_processor_config: dict[str, Any] = field(default_factory=dict)
     template_name: str | None = None  # name written into checkpoints' template.json
+    template_init: str = "dit"  # a fresh --architecture: copy the base DiT's weights where it can, or random
     import_modules: list[str] = field(default_factory=list)  # register custom architectures/processors
 
     # what to train
@@ -122,6 +124,7 @@ class TrainConfig:
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("condition_size", self.condition_size, CONDITION_SIZES)
+        _choice("template_init", self.template_init, TEMPLATE_INITS)
         for name in ("max_pixels", "max_sequence_length", "batch_size", "gradient_accumulation_steps"):
             _positive(name, getattr(self, name))
         for name in ("cache_chunk_size", "lora_rank", "log_steps"):
@@ -288,6 +291,8 @@ _HELP = {
     "data_processor": "registered data processor turning a dataset row into template inputs (default: the template's own)",
     "data_processor_config": "JSON object of options for --data_processor",
     "template_name": "name recorded in the checkpoints' template.json",
+    "template_init": "how a fresh --architecture template starts: dit (default; architectures with init_from_dit, "
+    "e.g. image_kv and inpaint, copy the base DiT's weights where names and shapes match) or random",
     "import_modules": "comma-separated Python modules to import first (to register custom architectures or processors)",
     "trainable_models": "comma-separated: template (default), dit (full fine-tuning, no template), dit_lora; e.g. template,dit_lora",
     "lora_rank": "rank of the DiT LoRA (dit_lora)",

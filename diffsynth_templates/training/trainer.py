@@ -485,6 +485,7 @@ def _build_training_module(config: TrainConfig, dit, template: TemplateHandle | 
     template_model = None
     if template is not None:
         template_model = template.model.to(device)
+        _init_from_dit(config, template_model, dit)
         template_model.requires_grad_(config.trains_template).train(config.trains_template)
     dit_lora = None
     if "dit_lora" in config.trainable_models:
@@ -507,6 +508,19 @@ def _build_training_module(config: TrainConfig, dit, template: TemplateHandle | 
     logger.info("trainable parameters: %.3f M", sum(p.numel() for p in params) / 1e6)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     return model, optimizer
+
+
+def _init_from_dit(config: TrainConfig, template_model, dit) -> None:
+    """A fresh template starts from the base DiT where its architecture can (a resumed run then loads
+    its checkpoint over this, so the start does not matter there)."""
+    if (
+        config.architecture is None
+        or config.template_init != "dit"
+        or not hasattr(template_model, "init_from_dit")
+    ):
+        return
+    copied = template_model.init_from_dit(dit)
+    logger.info("--template_init dit: %d tensors of the template start as the base DiT's", len(copied))
 
 
 def _features(items: list, extractor: FeatureExtractor | None) -> list[SampleFeatures]:

@@ -234,6 +234,29 @@ def test_condition_size_decides_the_size_template_images_are_read_at(base_model,
     }
 
 
+@pytest.mark.parametrize("template_init", ["dit", "random"])
+def test_template_init_starts_a_fresh_template_from_the_dit(base_model, dataset, tmp_path, template_init):
+    from dataclasses import asdict
+
+    from diffsynth_templates.templates.zoo import ImageKVConfig
+
+    structure = json.dumps(asdict(ImageKVConfig.tiny(key_norm=True)))
+    common = ["--model", base_model, "--dataset_metadata_path", dataset, "--architecture", "image_kv",
+              "--architecture_config", structure, "--data_processor", "inpaint", *SMALL]  # fmt: skip
+    # one step at a negligible learning rate: the checkpoint holds the start
+    run(config("--task", "full", "--output_path", tmp_path / "out", "--max_steps", 1, "--learning_rate", 1e-12,
+               "--weight_decay", 0, "--template_init", template_init, *common))  # fmt: skip
+    trained = load_file(tmp_path / "out" / "checkpoint-1" / "model.safetensors")
+    dit = load_file(Path(base_model) / "transformer" / "diffusion_pytorch_model.safetensors")
+    name = "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight"
+    fused_k = dit[name][dit[name].shape[1] : 2 * dit[name].shape[1]]
+    same = [
+        torch.allclose(trained[name].float(), dit[name].float(), atol=1e-6),
+        torch.allclose(trained["proj_k.single_0.weight"].float(), fused_k.float(), atol=1e-6),
+    ]
+    assert same == ([True, True] if template_init == "dit" else [False, False])
+
+
 def test_condition_size_must_be_known():
     with pytest.raises(
         ConfigError, match=r"--condition_size must be one of \['target', 'original'\], got 'native'"
