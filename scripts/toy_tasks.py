@@ -108,6 +108,7 @@ TASKS: dict[str, ToyTask] = {
             _super_resolution,
             {"num_single_blocks": 1, "upscale": 4.0, "key_norm": True},
             condition_size="original",  # the 16 px input, encoded at 4x: the 64 px target's 8 x 8 tokens
+            steps=2000,
             description="4x downscaled low-resolution image -> KV tokens for the full-size image",
         ),
         ToyTask(
