@@ -82,7 +82,7 @@ TASKS: dict[str, ToyTask] = {
             "value_kv",
             _color,
             {"values": ["R", "G", "B"], "length": 16},
-            steps=2000,
+            steps=4000,
             description="mean R, G, B ([0, 1] each) -> KV tokens",
         ),
         ToyTask(
