@@ -22,7 +22,7 @@ if [ "${TOY_SMOKE:-0}" = "1" ]; then
     SAMPLES=24; VAE_STEPS=2; DECODER_STEPS=2; DIT_STEPS=2; TEMPLATE_STEPS=2; EVAL="--quick --steps 4"
 else
     DATA=${TOY_DATA:-datasets/toy}; WORK=${TOY_WORK:-outputs/toy_work}; OUT=${TOY_OUT:-models/toy}
-    SAMPLES=4000; VAE_STEPS=2000; DECODER_STEPS=8000; DIT_STEPS=6000; TEMPLATE_STEPS=""; EVAL=""
+    SAMPLES=4000; VAE_STEPS=2000; DECODER_STEPS=5000; DIT_STEPS=6000; TEMPLATE_STEPS=""; EVAL=""
 fi
 TASKS=${TOY_TASKS:-$($PY scripts/toy_tasks.py list)}
 COMMON=(--max_sequence_length 40 --max_pixels 4096 --shared_feature_cache "$WORK/feature_store")  # 64 x 64
