@@ -161,8 +161,11 @@ def _load_declarative(folder: Path, torch_dtype, device) -> LoadedTemplate:
             f"{where} lists non-safetensors weights {bad}; only .safetensors files are read"
         )
     DISK_READS[str(folder.resolve())] += 1
+    config_class = get_architecture(spec.architecture).config_class
+    # fields added after folders were first written: a folder without one gets the value it was made with
+    saved = {**getattr(config_class, "SAVED_BEFORE", {}), **spec.config} if spec.config else {}
     model = load_module_from_files(
-        lambda: build_architecture(spec.architecture, spec.config),
+        lambda: build_architecture(spec.architecture, saved),
         files,
         torch_dtype=torch_dtype,
         device=device,

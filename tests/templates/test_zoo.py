@@ -232,6 +232,20 @@ def test_key_norm_starts_the_keys_as_the_dits_own(pipe):
     assert not v.any()
 
 
+def test_a_folder_saved_before_key_rope_loads_unrotated(tmp_path):
+    import json
+
+    model = ImageKV(ImageKVConfig.tiny())
+    folder = save_template_folder(tmp_path / "old", model, template_spec(model, name="old"))
+    data = json.loads((folder / "template.json").read_text())
+    assert data["config"].pop("key_rope") is True
+    data.pop("sha256", None)
+    (folder / "template.json").write_text(json.dumps(data))
+    assert load_template_folder(folder).model.config.key_rope is False  # as it was trained
+    new = save_template_folder(tmp_path / "new", model, template_spec(model, name="new"))
+    assert load_template_folder(new).model.config.key_rope is True
+
+
 def test_zimage_image_kv_keys_stay_unrotated():
     # Z-Image's image positions shift with the caption's length: no fixed rotation can meet them
     assert ImageKVConfig.tiny_zimage().key_rope is False

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,9 @@ class ImageKVConfig:
     key_norm: bool = False
     key_axes_dims_rope: tuple[int, ...] = (32, 32, 32, 32)  # the base DiT's RoPE axes
     key_rope_theta: float = 2000.0
+
+    # a saved template.json without these fields predates them and was trained without them
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"key_rope": False}
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -443,7 +446,7 @@ class ImageKV(TemplateModel):
         as the DiT's. With a mask channel, ``x_embedder``'s latent columns are copied and the mask
         column is zeroed. With ``key_norm``, each block's ``proj_k`` and key scale start as that DiT
         block's image K projection and ``norm_k``, so the condition's keys start out shaped like the
-        DiT's own (V stays zero: the template still starts by adding nothing). Returns the names
+        DiT's own (V stays zero: the untrained template takes attention mass but adds no content). Returns the names
         copied (none for a Z-Image DiT, whose blocks differ).
         """
         ours = self.state_dict()
