@@ -89,7 +89,7 @@ TASKS: dict[str, ToyTask] = {
             "structure",
             "image_kv",
             _structure,
-            {"num_single_blocks": 1, "key_norm": True},
+            {"num_single_blocks": 2, "key_norm": True},
             steps=2000,
             description="silhouette map of the shapes -> KV tokens (structure control)",
         ),
