@@ -90,7 +90,7 @@ TASKS: dict[str, ToyTask] = {
             "image_kv",
             _structure,
             {"num_single_blocks": 2, "key_norm": True},
-            steps=2000,
+            steps=4000,
             description="silhouette map of the shapes -> KV tokens (structure control)",
         ),
         ToyTask(
