@@ -446,8 +446,8 @@ class ImageKV(TemplateModel):
         as the DiT's. With a mask channel, ``x_embedder``'s latent columns are copied and the mask
         column is zeroed. With ``key_norm``, each block's ``proj_k`` and key scale start as that DiT
         block's image K projection and ``norm_k``, so the condition's keys start out shaped like the
-        DiT's own (V stays zero: the untrained template takes attention mass but adds no content). Returns the names
-        copied (none for a Z-Image DiT, whose blocks differ).
+        DiT's own (V stays zero: the untrained template takes attention mass but adds no content).
+        Returns the names copied (none for a Z-Image DiT, whose blocks differ).
         """
         ours = self.state_dict()
         copied = []
@@ -477,7 +477,8 @@ class ImageKV(TemplateModel):
                 attn = dit.single_transformer_blocks[int(index)].attn
                 dim = attn.to_qkv_mlp_proj.in_features
                 weight = attn.to_qkv_mlp_proj.weight[dim : 2 * dim]
-            if weight.shape != self.proj_k[b].weight.shape or attn.norm_k.weight.shape != self.key_norm[b].weight.shape:  # fmt: skip
+            fits = weight.shape == self.proj_k[b].weight.shape
+            if not fits or attn.norm_k.weight.shape != self.key_norm[b].weight.shape:
                 continue  # an encoder of another width: keep the random start
             self.proj_k[b].weight.copy_(weight)
             self.key_norm[b].weight.copy_(attn.norm_k.weight)
