@@ -79,6 +79,10 @@ TINTS: dict[str, tuple[int, int, int]] = {
     "magenta": (230, 60, 200),
 }
 
+# Tint strengths are drawn from [MIN, max_tint]. The base model's data stops at 0.25: strong enough to see,
+# weak enough that the color words of the caption still hold. A color template's data may go further.
+MIN_TINT_STRENGTH = 0.05
+MAX_TINT_STRENGTH = 0.25
 BRIGHTNESS_RANGE = (0.4, 1.6)
 MAX_BLUR_SIGMA = 3.0
 MAX_JITTER = 0.04  # of the image side; keeps a shape well inside its named cell
@@ -165,6 +169,13 @@ def _check_choice(what: str, value: Any, choices: Sequence[str]) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _check_max_tint(max_tint: float) -> None:
+    if not MIN_TINT_STRENGTH <= max_tint <= 1.0:
+        raise ValueError(
+            f"max_tint {max_tint} outside [{MIN_TINT_STRENGTH}, 1]: tint strengths are drawn from [{MIN_TINT_STRENGTH}, max_tint]"
+        )
+
+
 def _round(x: float) -> float:
     # Rounded so the spec survives a JSON round trip bit-exactly and re-renders the same image.
     return round(float(x), 3)
@@ -197,8 +208,15 @@ def _sample_shape(rng: np.random.Generator, position: str, forbidden_colors: set
     )
 
 
-def sample_scene(rng: np.random.Generator, *, photometric: bool = True) -> SceneSpec:
-    """Draw a random scene. With ``photometric=False`` brightness is 1, and there is no blur or tint."""
+def sample_scene(
+    rng: np.random.Generator, *, photometric: bool = True, max_tint: float = MAX_TINT_STRENGTH
+) -> SceneSpec:
+    """Draw a random scene. With ``photometric=False`` brightness is 1, and there is no blur or tint.
+
+    ``max_tint`` bounds the tint strength. It changes only the drawn strengths, never which random
+    numbers are drawn, so datasets that differ only in it have the same shapes and captions.
+    """
+    _check_max_tint(max_tint)
     background = str(rng.choice(BACKGROUND_COLORS))
     background_bottom = None
     if rng.random() < 0.25:
@@ -225,8 +243,7 @@ def sample_scene(rng: np.random.Generator, *, photometric: bool = True) -> Scene
             blur_sigma = _round(rng.uniform(0.5, MAX_BLUR_SIGMA))
         if rng.random() < 0.3:
             tint = str(rng.choice(tuple(TINTS)))
-            # Strong enough to see, weak enough that the color words of the caption still hold.
-            tint_strength = _round(rng.uniform(0.05, 0.25))
+            tint_strength = _round(rng.uniform(MIN_TINT_STRENGTH, max_tint))
     return SceneSpec(
         background=background,
         shapes=tuple(shapes),
@@ -475,16 +492,24 @@ def _write_sample(root: Path, index: int, spec: SceneSpec, size: int) -> dict[st
 
 
 def generate(
-    out_dir: str | Path, num_samples: int, seed: int = 0, size: int = TOY_SIZE, *, overwrite: bool = False
+    out_dir: str | Path,
+    num_samples: int,
+    seed: int = 0,
+    size: int = TOY_SIZE,
+    *,
+    max_tint: float = MAX_TINT_STRENGTH,
+    overwrite: bool = False,
 ) -> Path:
     """Write a toy-world dataset to ``out_dir`` and return its path.
 
     Layout: ``images/``, ``masks/``, ``edges/``, ``lowres/`` (``{i:05d}.png``), ``metadata.jsonl`` and
-    ``metadata.json`` (same rows). The same (num_samples, seed, size) gives byte-identical files.
+    ``metadata.json`` (same rows). The same (num_samples, seed, size, max_tint) gives byte-identical
+    files; ``max_tint`` changes only the tinted images, not the scenes or captions.
     Everything is written to a hidden sibling folder first and renamed into place at the end, so an
     interrupted run never leaves a dataset that looks complete.
     """
     _check_size(size)
+    _check_max_tint(max_tint)
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     out_dir = Path(out_dir)
@@ -500,7 +525,7 @@ def generate(
             (tmp / sub).mkdir()
         rows = []
         for i in range(num_samples):
-            rows.append(_write_sample(tmp, i, sample_scene(sample_rng(seed, i)), size))
+            rows.append(_write_sample(tmp, i, sample_scene(sample_rng(seed, i), max_tint=max_tint), size))
             if (i + 1) % 500 == 0:
                 logger.info("rendered %d / %d samples", i + 1, num_samples)
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -545,11 +570,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
         default=TOY_SIZE,
         help=f"image side in pixels, multiple of 4 (default: {TOY_SIZE})",
     )
+    parser.add_argument(
+        "--max_tint",
+        type=float,
+        default=MAX_TINT_STRENGTH,
+        help=f"largest tint strength; the same seed keeps the same scenes (default: {MAX_TINT_STRENGTH})",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return generate(args.out, args.num_samples, args.seed, args.size, overwrite=args.overwrite)
+        return generate(
+            args.out, args.num_samples, args.seed, args.size, max_tint=args.max_tint, overwrite=args.overwrite
+        )
     except (FileExistsError, ValueError) as e:
         parser.error(str(e))  # a usage problem: say it in one line, exit 2, no traceback
 

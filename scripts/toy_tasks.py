@@ -63,6 +63,9 @@ class ToyTask:
     learning_rate: float = 1e-3
     # "original": the template reads its input images at their own size (train.py --condition_size)
     condition_size: str = "target"
+    # Largest tint strength of the task's own copy of the dataset (same seed, so the same scenes and
+    # captions); None trains on the base model's dataset.
+    max_tint: float | None = None
     description: str = ""
 
 
@@ -83,6 +86,7 @@ TASKS: dict[str, ToyTask] = {
             _color,
             {"values": ["R", "G", "B"], "length": 16},
             steps=4000,
+            max_tint=0.5,  # the base data's tints stop at 0.25; requests beyond it were extrapolations
             description="mean R, G, B ([0, 1] each) -> KV tokens",
         ),
         ToyTask(
@@ -160,6 +164,22 @@ def prepare(task: ToyTask, data: Path, base: Path, work: Path) -> dict[str, str]
     return paths
 
 
+def task_dataset(task: ToyTask, data: Path, num_samples: int, seed: int, size: int) -> Path:
+    """The dataset the task trains on: ``data`` itself, or a sibling copy with a wider tint range.
+
+    The copy is generated once, with the same seed, so its scenes and captions are ``data``'s; only
+    the tinted images differ.
+    """
+    if task.max_tint is None:
+        return data
+    from datasets import toy_world
+
+    folder = data.with_name(f"{data.name}-tint{task.max_tint:g}")
+    if not (folder / "metadata.jsonl").is_file():
+        toy_world.generate(folder, num_samples, seed, size, max_tint=task.max_tint, overwrite=True)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("describe", help="print a task's one-line description").add_argument(
         "--task", required=True, choices=sorted(TASKS)
     )
+    ds = sub.add_parser("dataset", help="print the dataset folder a task trains on (generated if missing)")
+    ds.add_argument("--task", required=True, choices=sorted(TASKS))
+    ds.add_argument("--data", default="datasets/toy", help="the base model's dataset")
+    ds.add_argument("--num_samples", type=int, default=4000)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--size", type=int, default=64)
     prep = sub.add_parser("prepare", help="write a task's metadata + configs; print train.py flags")
     prep.add_argument("--task", required=True, choices=sorted(TASKS))
     prep.add_argument("--data", default="datasets/toy")
@@ -180,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Toy world {args.task} template: {TASKS[args.task].description}")
         return
     task = TASKS[args.task]
+    if args.command == "dataset":
+        print(task_dataset(task, Path(args.data), args.num_samples, args.seed, args.size))
+        return
     paths = prepare(task, Path(args.data), Path(args.base), Path(args.work))
     flags = [
         f"--dataset_metadata_path {paths['metadata']}",

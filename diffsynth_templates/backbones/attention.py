@@ -7,7 +7,7 @@ single function means every backbone honours the same contract.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +128,15 @@ def _summarize_names(specs: Mapping[str, KVBlockSpec]) -> str:
 
 
 # --- rotary position embedding -------------------------------------------------------------------
+
+
+def check_rope_axes(axes: Sequence[int], head_dim: int, name: str) -> None:
+    """RoPE axis sizes must be even (rotations act on pairs), non-negative (a 0-size axis is simply not
+    rotated) and sum to ``head_dim``; ``name`` says whose field is wrong."""
+    if sum(axes) != head_dim or any(a < 0 or a % 2 for a in axes):
+        raise ValueError(
+            f"{name} {tuple(axes)} must be even, non-negative sizes summing to head_dim {head_dim}"
+        )
 
 
 def rope_cos_sin(ids: Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KVBlockSpec, KVCache, apply_rope, attention, rope_cos_sin, validate_kv_cache
+from .attention import (
+    KVBlockSpec,
+    KVCache,
+    apply_rope,
+    attention,
+    check_rope_axes,
+    rope_cos_sin,
+    validate_kv_cache,
+)
 
 
 @dataclass
@@ -48,10 +56,7 @@ class Flux2DiTConfig:
                 raise ValueError(f"Flux2DiTConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_double_blocks < 0 or self.num_single_blocks < 0:
             raise ValueError("Flux2DiTConfig block counts must be >= 0")
-        if sum(self.axes_dims_rope) != self.head_dim or any(a % 2 for a in self.axes_dims_rope):
-            raise ValueError(
-                f"axes_dims_rope {self.axes_dims_rope} must be even sizes summing to head_dim {self.head_dim}"
-            )
+        check_rope_axes(self.axes_dims_rope, self.head_dim, "Flux2DiTConfig.axes_dims_rope")
         if self.patch_size != 1:
             raise ValueError(
                 f"patch_size {self.patch_size} is not supported: FLUX.2 patchifies in the VAE (use 1)"

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KVBlockSpec, KVCache, apply_rope, attention, validate_kv_cache
+from .attention import KVBlockSpec, KVCache, apply_rope, attention, check_rope_axes, validate_kv_cache
 from .flux2_dit import timestep_embedding
 
 SEQ_MULTIPLE = 32  # captions and images are each padded to a multiple of this many tokens
@@ -68,10 +68,7 @@ class ZImageDiTConfig:
             raise ValueError(
                 f"ZImageDiTConfig.dim {self.dim} must be divisible by num_heads {self.num_heads}"
             )
-        if sum(self.axes_dims) != self.head_dim or any(a % 2 for a in self.axes_dims):
-            raise ValueError(
-                f"axes_dims {self.axes_dims} must be even sizes summing to head_dim {self.head_dim}"
-            )
+        check_rope_axes(self.axes_dims, self.head_dim, "ZImageDiTConfig.axes_dims")
         if len(self.axes_lens) != len(self.axes_dims):
             raise ValueError(f"axes_lens {self.axes_lens} needs one length per RoPE axis {self.axes_dims}")
         if len(self.all_patch_size) != len(self.all_f_patch_size) or not self.all_patch_size:

@@ -143,6 +143,10 @@ def test_config_round_trip_and_presets():
 def test_bad_config_values_are_named():
     with pytest.raises(ValueError, match="axes_dims_rope"):
         Flux2DiTConfig(head_dim=64)
+    # a negative size can sum to head_dim; it is refused, while a 0-size (unrotated) axis is allowed
+    with pytest.raises(ValueError, match=r"axes_dims_rope \(-32, 96, 32, 32\) must be even, non-negative"):
+        Flux2DiTConfig(axes_dims_rope=(-32, 96, 32, 32))
+    assert Flux2DiTConfig(axes_dims_rope=(0, 64, 32, 32)).axes_dims_rope == (0, 64, 32, 32)
     with pytest.raises(ValueError, match="num_heads"):
         Flux2DiTConfig(num_heads=0)
 

@@ -156,6 +156,8 @@ def test_config_round_trip_and_official_preset(reference):
 def test_bad_config_values_are_named():
     with pytest.raises(ValueError, match="axes_dims"):
         ZImageDiTConfig(axes_dims=(32, 48, 40))
+    with pytest.raises(ValueError, match="non-negative"):
+        ZImageDiTConfig(axes_dims=(-16, 72, 72))
     with pytest.raises(ValueError, match="Omni"):
         ZImageDiTConfig.from_diffusers(dict(TINY, siglip_feat_dim=1152))
 

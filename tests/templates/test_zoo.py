@@ -511,7 +511,9 @@ def test_lora_bank_merges_by_rank_concatenation():
         (lambda: ImageKVConfig(hidden_head_dim=100), "axes_dims_rope"),
         (lambda: ImageKVConfig(upscale=0), "upscale"),
         (lambda: ImageKVConfig(key_axes_dims_rope=(32, 32, 32)), "key_axes_dims_rope"),
-        (lambda: ImageKVConfig(head_dim=64), "summing to head_dim=64"),
+        (lambda: ImageKVConfig(key_axes_dims_rope=(64, 0, 32, 32)), "non-zero row and col"),
+        (lambda: ImageKVConfig(key_axes_dims_rope=(-32, 96, 32, 32)), "non-negative"),
+        (lambda: ImageKVConfig(head_dim=64), "summing to head_dim 64"),
         (lambda: InpaintConfig(mask_channel=False), "mask_channel must be True"),
         (lambda: ImageLoRAConfig(hidden=30, num_heads=4), "not divisible"),
         (

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...backbones.attention import apply_rope, rope_cos_sin
+from ...backbones.attention import apply_rope, check_rope_axes, rope_cos_sin
 from ...backbones.flux2_dit import (
     DoubleStreamBlock,
     Flux2DiT,
@@ -148,10 +148,12 @@ class ImageKVConfig:
 
     def _check_key_rope(self, owner: str) -> None:
         axes = self.key_axes_dims_rope
-        if len(axes) != 4 or any(a <= 0 or a % 2 for a in axes) or sum(axes) != self.head_dim:
+        check_rope_axes(axes, self.head_dim, f"{owner}.key_axes_dims_rope")
+        # the keys sit at (0, row, col, 0): without rotated row and col axes they would carry no position
+        if len(axes) != 4 or axes[1] == 0 or axes[2] == 0:
             raise ValueError(
-                f"{owner}.key_axes_dims_rope must be four positive even sizes summing to head_dim="
-                f"{self.head_dim} (the base DiT's RoPE axes t, row, col, l), got {axes}"
+                f"{owner}.key_axes_dims_rope must be the base DiT's four RoPE axes (t, row, col, l) with "
+                f"non-zero row and col sizes, got {axes}"
             )
         if self.key_rope_theta <= 0:
             raise ValueError(f"{owner}.key_rope_theta must be > 0, got {self.key_rope_theta}")
