@@ -60,9 +60,11 @@ $PY train.py --task train "${DIT_ARGS[@]}" --resume auto --max_steps "$DIT_STEPS
 echo "== 4. templates: $TASKS"
 for task in $TASKS; do
     [ -f "$OUT/templates/$task/template.json" ] && continue
-    read -r -a FLAGS <<< "$($PY scripts/toy_tasks.py prepare --task "$task" --data "$DATA" --base "$OUT/base" --work "$WORK/templates")"
+    # the task's dataset: $DATA, or its copy with a wider tint range (same scenes; made here once)
+    TDATA=$($PY scripts/toy_tasks.py dataset --task "$task" --data "$DATA" --num_samples "$SAMPLES" --seed 0 --size 64)
+    read -r -a FLAGS <<< "$($PY scripts/toy_tasks.py prepare --task "$task" --data "$TDATA" --base "$OUT/base" --work "$WORK/templates")"
     [ -n "$TEMPLATE_STEPS" ] && FLAGS+=(--max_steps "$TEMPLATE_STEPS")
-    T_ARGS=(--model "$OUT/base" --dataset_base_path "$DATA" --cache_path "$WORK/templates/$task/cache"
+    T_ARGS=(--model "$OUT/base" --dataset_base_path "$TDATA" --cache_path "$WORK/templates/$task/cache"
             --output_path "$WORK/templates/$task/run" "${COMMON[@]}" "${FLAGS[@]}")
     $PY train.py --task data_process "${T_ARGS[@]}"
     $PY train.py --task train "${T_ARGS[@]}" --resume auto --batch_size 8 --lr_scheduler cosine --warmup_steps 20 \

@@ -39,6 +39,15 @@ def test_train_toy_smoke(tmp_path):
         run = json.loads((tmp_path / "work" / "templates" / task / "run" / "latest.json").read_text())
         assert run["step"] == 2
 
+    # color trained on its own copy of the dataset with a wider tint range: the same captions
+    tint_copy = tmp_path / "data-tint0.5"
+    read = lambda d: [json.loads(r) for r in (d / "metadata.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["prompt"] for r in read(tint_copy)] == [r["prompt"] for r in read(tmp_path / "data")]
+    color_rows = read(tmp_path / "work" / "templates" / "color" / "metadata.jsonl")
+    assert [r["template_inputs"] for r in color_rows] == [
+        dict(zip("RGB", r["mean_rgb"])) for r in read(tint_copy)
+    ]
+
     # the evaluation ran every template alone and composed, and wrote its table
     table = (models / "eval_controls.md").read_text()
     for task in TASKS:

@@ -53,6 +53,26 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(toy_dataset, t
     assert (other / "images" / "00005.png").read_bytes() != (again / "images" / "00005.png").read_bytes()
 
 
+def test_max_tint_widens_only_the_tints(toy_dataset, tmp_path):
+    wide = tw.generate(tmp_path / "wide", num_samples=50, seed=0, size=128, max_tint=0.5)
+    base_rows = [json.loads(r) for r in (toy_dataset / "metadata.jsonl").read_text().splitlines()]
+    wide_rows = [json.loads(r) for r in (wide / "metadata.jsonl").read_text().splitlines()]
+    tinted = 0
+    for a, b in zip(base_rows, wide_rows, strict=True):
+        # the same scene and caption; only the tint strength (and so the image) may differ
+        assert a["prompt"] == b["prompt"]
+        assert {**a["spec"], "tint_strength": 0} == {**b["spec"], "tint_strength": 0}
+        if b["spec"]["tint"] is not None:
+            tinted += 1
+            assert tw.MIN_TINT_STRENGTH <= a["spec"]["tint_strength"] <= tw.MAX_TINT_STRENGTH
+            assert tw.MIN_TINT_STRENGTH <= b["spec"]["tint_strength"] <= 0.5
+            assert b["spec"]["tint_strength"] > a["spec"]["tint_strength"]  # the same draw, scaled wider
+    assert tinted >= 5
+    for bad in (0.01, 1.5):
+        with pytest.raises(ValueError, match=f"max_tint {bad} outside"):
+            tw.generate(tmp_path / f"bad{bad}", num_samples=2, max_tint=bad)
+
+
 def test_metadata_rows_are_valid_and_point_at_existing_files(toy_dataset):
     lines = (toy_dataset / "metadata.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]

@@ -68,6 +68,24 @@ class PipelineBase:
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
 
+# The official layout's components, each a subfolder of the model repo.
+COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
+
+
+def default_device_and_dtype(device, torch_dtype) -> tuple[torch.device, torch.dtype]:
+    """Explicit values win; otherwise CUDA in bfloat16 when there is a GPU, else the CPU in float32."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def component_folders(source, overrides: dict[str, Any], revision, cache_dir, offline) -> dict[str, Path]:
+    """Each component's folder: from its override (a folder or repo id) when given, else from ``source``."""
+    return {
+        name: component_folder(overrides.get(name) or source, name, revision, cache_dir, offline)
+        for name in COMPONENTS
+    }
+
+
 def component_folder(source, name: str, revision, cache_dir, offline) -> Path:
     """The folder of one component: ``{source}/{name}/``, or ``source`` itself when it is that component."""
     patterns = [f"{name}/*", "model_index.json"]

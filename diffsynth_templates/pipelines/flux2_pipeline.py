@@ -30,8 +30,9 @@ from .common import (
     batch_side_kv,
     check_call,
     check_size,
-    component_folder,
+    component_folders,
     conditioning_loras,
+    default_device_and_dtype,
     side_lora_rows,
 )
 from .flow_match import add_noise, euler_step, klein_schedule, velocity_towards
@@ -50,7 +51,6 @@ from .lora import LoRACache, validate_lora
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 EDIT_TIME_STEP = 10  # reference images sit at t = 10, 20, ... in the position ids
 MAX_EDIT_AREA = 1024 * 1024
 # what the official klein repos ship, so saved folders load in diffusers too
@@ -136,18 +136,14 @@ class Flux2ImagePipeline(PipelineBase):
         (klein-base repos may take the text encoder, VAE and tokenizer from the klein repo): pass a
         folder or id holding that component, either as its ``{component}/`` subfolder or directly.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch_dtype = torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        device, torch_dtype = default_device_and_dtype(device, torch_dtype)
         overrides = {
             "transformer": transformer,
             "text_encoder": text_encoder,
             "vae": vae,
             "tokenizer": tokenizer,
         }
-        folders = {
-            name: component_folder(overrides[name] or source, name, revision, cache_dir, offline)
-            for name in COMPONENTS
-        }
+        folders = component_folders(source, overrides, revision, cache_dir, offline)
         dit = Flux2DiT.from_pretrained(folders["transformer"], torch_dtype=torch_dtype, device=device)
         te = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=torch_dtype, device=device)
         vae_model = Flux2VAE.from_pretrained(folders["vae"], torch_dtype=torch_dtype, device=device)

@@ -39,8 +39,9 @@ from .common import (
     batch_side_kv,
     check_call,
     check_size,
-    component_folder,
+    component_folders,
     conditioning_loras,
+    default_device_and_dtype,
     side_lora_rows,
 )
 from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule, add_noise, euler_step, velocity_towards
@@ -64,7 +65,6 @@ from .lora import LoRACache, validate_lora
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 DEFAULT_SHIFT = 3.0
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 SCHEDULER_CONFIG = {
@@ -283,18 +283,14 @@ class ZImagePipeline(PipelineBase):
         ``variant`` ("turbo" or "base") picks the sampling defaults; when omitted it is "turbo" if the
         source's name contains "turbo", else "base". The scheduler's ``shift`` is read when present.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch_dtype = torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        device, torch_dtype = default_device_and_dtype(device, torch_dtype)
         overrides = {
             "transformer": transformer,
             "text_encoder": text_encoder,
             "vae": vae,
             "tokenizer": tokenizer,
         }
-        folders = {
-            name: component_folder(overrides[name] or source, name, revision, cache_dir, offline)
-            for name in COMPONENTS
-        }
+        folders = component_folders(source, overrides, revision, cache_dir, offline)
         variant = variant or ("turbo" if "turbo" in Path(str(source)).name.lower() else "base")
         shift = _read_shift(source, revision, cache_dir, offline)
         logger.info("Z-Image %s defaults %s, shift %s", variant, VARIANTS.get(variant), shift)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..loading.resolve import resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
-from ..pipelines.common import component_folder
+from ..pipelines.common import COMPONENTS, component_folder
 from ..templates import TemplateSpec, build_architecture, load_template_folder
 from ..templates.folder import fingerprint_callable
 from ..templates.processors import get_processor
@@ -36,7 +36,6 @@ from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 FEATURE_COMPONENTS = ("text_encoder", "vae", "tokenizer")  # what stage-I features depend on
 _BLOCK = 1 << 20
 _BLOCKS = 16
