@@ -12,7 +12,8 @@ brightness or tint), and the generated image is measured:
 - structure: IoU between the control silhouette and the generated shapes (pixels that differ from
   the scene's background color);
 - inpainting (``force_inpaint``): PSNR outside the mask against the input, and the mean change inside;
-- super-resolution: PSNR against the ground truth, next to bicubic upsampling of the same input;
+- super-resolution: PSNR against the ground truth, next to bicubic upsampling of the same input and
+  the ground truth's own VAE round trip (the most any generated latent can reach through this VAE);
 - sharpness (a LoRA bank): how often the "sharp" LoRA gives a crisper image than the "blurred" one;
 - composition: the metrics again with two and three templates combined, and their ratio to solo.
 
@@ -281,16 +282,22 @@ def eval_inpaint(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], ext
 
 
 def eval_super_resolution(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
-    ours, bicubic = [], []
+    ours, bicubic, ceiling = [], [], []
     for scene in scenes:
         low = toy_world.lowres(scene.image)
         truth = np.asarray(scene.image)
         baseline = np.asarray(low.resize(scene.image.size, Image.Resampling.BICUBIC))
+        # the ground truth's own VAE round trip: what an exact latent would score through this VAE
+        ceiling.append(psnr(np.asarray(world.vae_round_trip(scene.image)), truth))
         for seed in seeds:
             inputs = [{"model_id": "super_resolution", "image": low}, *extra(scene)]
             ours.append(psnr(np.asarray(world.generate([scene.prompt], seed, inputs)[0]), truth))
             bicubic.append(psnr(baseline, truth))
-    return {"sr_psnr": float(np.mean(ours)), "sr_psnr_bicubic": float(np.mean(bicubic))}
+    return {
+        "sr_psnr": float(np.mean(ours)),
+        "sr_psnr_bicubic": float(np.mean(bicubic)),
+        "sr_psnr_vae_round_trip": float(np.mean(ceiling)),
+    }
 
 
 def eval_sharpness(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip

@@ -1,13 +1,16 @@
 """The toy world's templates: what each one is, what it reads from a toy row, and how it is trained.
 
     python scripts/toy_tasks.py list
+    python scripts/toy_tasks.py dataset --task color --data datasets/toy   # the folder the task trains on
     python scripts/toy_tasks.py prepare --task brightness --data datasets/toy --base models/toy/base \
         --work outputs/toy_work          # writes the task's metadata and architecture config, prints paths
 
 ``scripts/train_toy.sh`` calls ``prepare`` for each task and then ``train.py`` with the printed files,
 so the templates in ``models/toy/templates/`` are trained by the same two-stage trainer users run.
 Each task's metadata is the toy dataset's rows with ``template_inputs`` rewritten to exactly the
-inputs its template takes (the toy generator records every annotation; a task picks its own).
+inputs its template takes (the toy generator records every annotation; a task picks its own). A task
+may train on its own copy of the dataset, generated with the same seed (the same scenes and captions)
+but a wider tint range, so that its requests at inference stay inside what it was trained on.
 """
 
 from __future__ import annotations
