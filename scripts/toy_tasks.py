@@ -90,7 +90,7 @@ TASKS: dict[str, ToyTask] = {
             {"values": ["R", "G", "B"], "length": 16},
             steps=4000,
             max_tint=0.5,  # the base data's tints stop at 0.25; requests beyond it were extrapolations
-            description="mean R, G, B ([0, 1] each) -> KV tokens",
+            description="mean R, G, B ([0, 1] each) -> KV tokens; trained on tints of strength up to 0.5",
         ),
         ToyTask(
             "structure",
