@@ -43,7 +43,7 @@ def test_train_toy_smoke(tmp_path):
     tint_copy = tmp_path / "data-tint0.5"
     read = lambda d: [json.loads(r) for r in (d / "metadata.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["prompt"] for r in read(tint_copy)] == [r["prompt"] for r in read(tmp_path / "data")]
-    color_rows = read(tmp_path / "work" / "templates" / "color" / "metadata.jsonl")
+    color_rows = read(tmp_path / "work" / "templates" / "color")
     assert [r["template_inputs"] for r in color_rows] == [
         dict(zip("RGB", r["mean_rgb"])) for r in read(tint_copy)
     ]
