@@ -172,7 +172,8 @@ def _check_choice(what: str, value: Any, choices: Sequence[str]) -> None:
 def _check_max_tint(max_tint: float) -> None:
     if not MIN_TINT_STRENGTH <= max_tint <= 1.0:
         raise ValueError(
-            f"max_tint {max_tint} outside [{MIN_TINT_STRENGTH}, 1]: tint strengths are drawn from [{MIN_TINT_STRENGTH}, max_tint]"
+            f"max_tint {max_tint} outside [{MIN_TINT_STRENGTH}, 1]: tint strengths are drawn "
+            f"from [{MIN_TINT_STRENGTH}, max_tint]"
         )
 
 
