@@ -113,9 +113,9 @@ TASKS: dict[str, ToyTask] = {
             "super_resolution",
             "image_kv",
             _super_resolution,
-            {"num_single_blocks": 1, "upscale": 4.0, "key_norm": True},
+            {"num_single_blocks": 2, "upscale": 4.0, "key_norm": True},
             condition_size="original",  # the 16 px input, encoded at 4x: the 64 px target's 8 x 8 tokens
-            steps=2000,
+            steps=4000,
             description="4x downscaled low-resolution image -> KV tokens for the full-size image",
         ),
         ToyTask(
