@@ -71,6 +71,13 @@ class ToyTask:
     max_tint: float | None = None
     description: str = ""
 
+    def card_description(self) -> str:
+        """The published template's one-line description; says so when it trained on wider tints."""
+        text = f"Toy world {self.name} template: {self.description}"
+        if self.max_tint is not None:
+            text += f"; trained on tints of strength up to {self.max_tint:g}"
+        return text
+
 
 TASKS: dict[str, ToyTask] = {
     t.name: t
@@ -90,7 +97,7 @@ TASKS: dict[str, ToyTask] = {
             {"values": ["R", "G", "B"], "length": 16},
             steps=4000,
             max_tint=0.5,  # the base data's tints stop at 0.25; requests beyond it were extrapolations
-            description="mean R, G, B ([0, 1] each) -> KV tokens; trained on tints of strength up to 0.5",
+            description="mean R, G, B ([0, 1] each) -> KV tokens",
         ),
         ToyTask(
             "structure",

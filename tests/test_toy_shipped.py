@@ -32,6 +32,8 @@ def test_shipped_toy_world_is_complete_and_under_40_mb():
         folder = TOY / "templates" / name
         meta = json.loads((folder / "template.json").read_text())
         assert meta["architecture"] == TASKS[name].architecture
+        # train_toy.sh publishes with this description: the shipped file must match what rebuilds it
+        assert meta["description"] == TASKS[name].card_description()
         assert (folder / "README.md").read_text().strip(), f"{name} has no model card"
         assert list(folder.glob("*.safetensors")), f"{name} has no weights"
 
