@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import DiffSynthTemplatesError
+
 KVCache = Mapping[str, tuple[Tensor, Tensor]]
 
 
-class KVCacheError(ValueError):
+class KVCacheError(DiffSynthTemplatesError, ValueError):
     """A KV cache does not fit the model it is given to."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError, find_weight_files, iter_tensors, write_json_atomic
 from ..loading.integrity import SHA256_KEY, compute_sha256
 from ..templates.folder import MODEL_PY, TEMPLATE_JSON, TemplateSpec, save_template_folder
@@ -40,7 +41,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(DiffSynthTemplatesError, ValueError):
     """A DiffSynth-format folder cannot be converted; the message lists what is supported."""
 
 

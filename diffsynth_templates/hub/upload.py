@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import DiffSynthTemplatesError
 from ..loading.integrity import TEMPLATE_JSON, verify_sha256
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 _REPO_ID = re.compile(rf"^{_PART}/{_PART}$")
 
 
-class PublishError(RuntimeError):
+class PublishError(DiffSynthTemplatesError, RuntimeError):
     """Publishing a template failed; the message says what to do."""
 
 

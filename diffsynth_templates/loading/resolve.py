@@ -13,6 +13,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import DiffSynthTemplatesError
+
 logger = logging.getLogger(__name__)
 
 OFFLINE_ENV = "DIFFSYNTH_TEMPLATES_OFFLINE"
@@ -20,7 +22,7 @@ CACHE_ENV = "DIFFSYNTH_TEMPLATES_CACHE"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(DiffSynthTemplatesError, FileNotFoundError):
     """A source is neither a local folder nor something that can be downloaded (or is not cached offline)."""
 
 

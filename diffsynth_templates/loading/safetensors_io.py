@@ -16,11 +16,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import DiffSynthTemplatesError
+
 # Stems in the order they are tried when the caller does not name one.
 KNOWN_STEMS = ("diffusion_pytorch_model", "model")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DiffSynthTemplatesError, RuntimeError):
     """A checkpoint folder is missing files, is corrupt, or does not match the model."""
 
 

@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import DiffSynthTemplatesError
+
 LoRACache = Mapping[str, Tensor]
 
 
-class LoRAError(ValueError):
+class LoRAError(DiffSynthTemplatesError, ValueError):
     """A LoRA cache does not fit the model it is applied to."""
 
 

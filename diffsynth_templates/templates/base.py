@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import DiffSynthTemplatesError
 from .schema import InputSchema
 
 
-class TemplateError(ValueError):
+class TemplateError(DiffSynthTemplatesError, ValueError):
     """Base class of the template framework's errors; messages name the template involved."""
 
 

@@ -10,12 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DiffSynthTemplatesError
+
 FIELD_TYPES = ("float", "int", "bool", "str", "image", "mask", "list[float]", "list[int]", "any")
 #: keys the template framework reads itself; never passed to a template
 RESERVED_KEYS = ("model_id", "step_start", "step_end")
 
 
-class TemplateInputError(ValueError):
+class TemplateInputError(DiffSynthTemplatesError, ValueError):
     """A template's inputs do not match its declared schema."""
 
 

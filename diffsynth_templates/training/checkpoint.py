@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ..errors import DiffSynthTemplatesError
 from ..loading import save_safetensors_atomic, write_json_atomic
 from ..templates.folder import TemplateSpec, save_template_folder
 from .components import TemplateHandle
@@ -62,7 +63,7 @@ RESUME_KEYS = (
 )
 
 
-class ResumeError(RuntimeError):
+class ResumeError(DiffSynthTemplatesError, RuntimeError):
     """A checkpoint cannot be resumed from (missing, incomplete, or from a different configuration)."""
 
 

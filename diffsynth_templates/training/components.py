@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import DiffSynthTemplatesError
 from ..loading.resolve import resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
 from ..pipelines.common import COMPONENTS, component_folder
@@ -41,7 +42,7 @@ _BLOCK = 1 << 20
 _BLOCKS = 16
 
 
-class TemplateSetupError(ValueError):
+class TemplateSetupError(DiffSynthTemplatesError, ValueError):
     """The template, its architecture or its data processor cannot be used for training."""
 
 

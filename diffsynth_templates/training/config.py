@@ -14,6 +14,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..errors import DiffSynthTemplatesError
+
 TASKS = ("data_process", "train", "full")
 TRAINABLE = ("template", "dit", "dit_lora")
 SCHEDULERS = ("constant", "cosine", "linear")
@@ -29,7 +31,7 @@ DEFAULT_LORA_TARGETS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(DiffSynthTemplatesError, ValueError):
     """A training argument is missing, malformed or contradicts another one."""
 
 

@@ -52,6 +52,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Sampler
 
+from ..errors import DiffSynthTemplatesError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -64,7 +66,7 @@ _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these rotate by 90 degrees: width and height swap
 
 
-class DatasetError(Exception):
+class DatasetError(DiffSynthTemplatesError):
     """The dataset metadata or one of its files cannot be used; the message says what to fix."""
 
 

@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from ..errors import DiffSynthTemplatesError
 from ..loading import save_safetensors_atomic, write_json_atomic
 from .features import SampleFeatures, flatten_features, unflatten_features
 
@@ -44,7 +45,7 @@ SHARD_FORMAT = "diffsynth-templates-feature-shard"
 FAULT_ENV = "DIFFSYNTH_TEMPLATES_FAULT_AFTER_SAMPLES"
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(DiffSynthTemplatesError, RuntimeError):
     """The cache is missing, incomplete, corrupt or was made from different inputs."""
 
 

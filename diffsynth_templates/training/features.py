@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ..errors import DiffSynthTemplatesError
 from ..pipelines.image_io import fit_to_area
 from .backbones import EDIT_IMAGES_UNSUPPORTED, UnsupportedFeatureError, get_backbone
 from .dataset import SampleLoadError, TemplateDataset
@@ -31,7 +32,7 @@ from .dataset import SampleLoadError, TemplateDataset
 logger = logging.getLogger(__name__)
 
 
-class FeatureError(ValueError):
+class FeatureError(DiffSynthTemplatesError, ValueError):
     """A template's ``process_inputs`` returned something that cannot be cached."""
 
 

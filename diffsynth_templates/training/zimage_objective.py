@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import DiffSynthTemplatesError
 from ..pipelines.flow_match import NUM_TRAIN_TIMESTEPS, add_noise
 from .noise import ZIMAGE_TRAINING_SHIFT, draw_shifted_noise
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .features import SampleFeatures
 
 
-class UnsupportedFeatureError(ValueError):
+class UnsupportedFeatureError(DiffSynthTemplatesError, ValueError):
     """The base model cannot use this part of a sample (e.g. edit images on Z-Image)."""
 
 
