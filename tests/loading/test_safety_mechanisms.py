@@ -31,7 +31,9 @@ def test_resolve_inside_accepts_relative_files(tmp_path):
     assert resolve_inside(tmp_path, "sub/w.safetensors") == tmp_path / "sub" / "w.safetensors"
 
 
-@pytest.mark.parametrize("entry", ["../x.safetensors", "a/../../x", "/etc/passwd", "", 1, None, ["a"], "C:\\x"])
+@pytest.mark.parametrize(
+    "entry", ["../x.safetensors", "a/../../x", "/etc/passwd", "", 1, None, ["a"], "C:\\x"]
+)
 def test_resolve_inside_refuses_escapes_and_non_strings(tmp_path, entry):
     with pytest.raises(PathContainmentError) as e:
         resolve_inside(tmp_path, entry, "template.json 'weights' entry")
