@@ -114,7 +114,7 @@ def test_zimage_folder_selects_the_zimage_pipeline(tmp_path):
               "--quiet", "--device", "cpu"]  # fmt: skip
     plain = infer.main([*common, "--output", str(tmp_path / "plain.png")])[0]
     params = json.loads(Image.open(plain).text["parameters"])
-    assert params["num_inference_steps"] is None and params["cfg_scale"] is None  # the pipeline's defaults
+    assert params["num_inference_steps"] == 8 and params["cfg_scale"] == 1.0  # Turbo's, recorded
 
     pipe = infer_pipeline(root)
     expected = pipe("a photo of a cat", height=32, width=32, max_sequence_length=16, seed=0, progress=False)
