@@ -290,8 +290,10 @@ def generate(argv: list[str]) -> list[Path]:
 
     skipped = ("output", "quiet", "num_images", *LIMITS)
     record = {k: v for k, v in vars(args).items() if k not in skipped}
-    record.update(
-        template_inputs=_jsonable(template_inputs), negative_template_inputs=_jsonable(negative_inputs)
+    record.update(  # what actually ran: the job's lists and the flags' together
+        template=templates,
+        template_inputs=_jsonable(template_inputs),
+        negative_template_inputs=_jsonable(negative_inputs),
     )
     written = []
     for k, (prompt, index) in enumerate((p, i) for p in prompts for i in range(args.num_images)):
@@ -578,10 +580,11 @@ def _job_value(key: str, value, action: argparse.Action, where: str):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad("a list of strings")
     elif action.type in (int, _seed):
+        what = f"an integer in {SEED_RANGE_TEXT}" if action.type is _seed else "an integer"
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
+            raise bad(what)
         if action.type is _seed and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
-            raise bad(f"an integer in {SEED_RANGE_TEXT}")
+            raise bad(what)
     elif action.type is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")

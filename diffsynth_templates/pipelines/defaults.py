@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import DiffSynthTemplatesError
-from ..loading.finite import check_finite_number
+from ..loading.finite import NonFiniteError, check_finite_number
 from ..loading.resolve import resolve_model_path
 
 DEFAULTS_FILE = "generation_defaults.json"
@@ -130,8 +130,12 @@ def _read_defaults_file(path: Path) -> dict:
     out = {}
     for key, value in data.items():
         if key == "cfg_scale":
-            value = check_finite_number(f"{str(path)!r}: cfg_scale", value)
-            ok, what = value >= 0, "a finite number >= 0"
+            what = "a finite number >= 0"
+            try:
+                value = check_finite_number("cfg_scale", value)
+            except NonFiniteError:
+                raise GenerationDefaultsError(f"{str(path)!r}: {key} must be {what}, got {value!r}") from None
+            ok = value >= 0
         else:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             what = "an integer >= 1"
