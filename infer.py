@@ -569,8 +569,8 @@ def _job_value(key: str, value, action: argparse.Action, where: str):
 
     if value is None and action.default is None:
         return None
-    if key == "prompt" and isinstance(value, list):
-        if not value or not all(isinstance(p, str) for p in value):
+    if key == "prompt" and not isinstance(value, str):
+        if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
             raise bad("a string or a non-empty list of strings")
         return value
     if isinstance(action, argparse._StoreTrueAction):

@@ -111,6 +111,8 @@ def test_job_types_are_checked():
     assert "finite" in job_error({"template_inputs": [{"scale": float("nan")}]})
     assert "twice" in job_error({"steps": 1, "num_inference_steps": 2})
     assert "JSON object" in job_error(["steps", 2])
+    for prompt in ([], [1], 5, None):
+        assert "non-empty list of strings" in job_error({"prompt": prompt})
     # valid: flag names and their destinations, nulls where the flag has no default
     assert infer.validate_job({"steps": 3, "cfg_scale": 1, "variant": None}, "job.json") == {
         "num_inference_steps": 3,
