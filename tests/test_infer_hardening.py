@@ -239,6 +239,10 @@ def test_errors_are_ours_and_exit_2(tmp_path, capsys):
     assert "not a readable image" in err
     err = fails([*FAST, "--template_input", "scale", "--output", str(tmp_path / "x.png")], capsys)
     assert "KEY=VALUE" in err
+    for value in ("NaN", "1e999", "[1, -Infinity]"):
+        err = fails([*FAST, "--template", str(TOY_TEMPLATES / "brightness"), "--template_input",
+                     f"model_id=0 scale={value.replace(' ', '')}", "--output", str(tmp_path / "x.png")], capsys)  # fmt: skip
+        assert "template_input[0].scale" in err and "finite" in err
 
 
 # -- 4. inpainting from the command line ------------------------------------------------------------
