@@ -461,6 +461,23 @@ def scan_shards(root: Path) -> dict[str, list[dict[str, Any]]]:
     return shards
 
 
+def clear_leftovers(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Rank 0 before a stage-I (re)run: delete the half-written shards of a killed run and the last run's
+    skipped lists, set unreadable shards aside; return the committed shards (as ``scan_shards``).
+
+    Only cache files are touched, only inside the cache (its ``shards``/``skipped`` folders must not be
+    symlinks out of it), only in a folder that holds an ``index.json``.
+    """
+    root = check_cache_root(root)
+    if not (root / INDEX).is_file():
+        raise FeatureCacheError(f"{root} holds no {INDEX}; it is not a feature cache, nothing was removed")
+    for leftover in _inside(root, "shards", "the feature cache's shards folder").glob(".*.tmp-*"):
+        leftover.unlink(missing_ok=True)
+    for old in _inside(root, "skipped", "the feature cache's skipped folder").glob("*.json"):
+        old.unlink()  # this run retries every skipped sample
+    return scan_shards(root)
+
+
 class ShardWriter:
     """One rank's writer: buffers samples and commits a shard every ``chunk_size`` of them."""
 

@@ -27,6 +27,7 @@ from diffsynth_templates.training.feature_cache import (
     FeatureCacheError,
     ShardWriter,
     check_index,
+    clear_leftovers,
     merge_index,
     open_cache,
     read_index,
@@ -407,6 +408,28 @@ def test_a_bad_shard_is_set_aside_inside_the_cache(cache: Path) -> None:
     before = set(cache.parent.iterdir())
     assert len(scan_shards(cache)) == 1
     assert (shard.parent / (shard.name + ".corrupt")).is_file() and set(cache.parent.iterdir()) == before
+
+
+def test_clearing_leftovers_touches_only_cache_files_inside_the_cache(cache: Path, tmp_path: Path) -> None:
+    (cache / "shards" / ".r000-dead-00001.safetensors.tmp-7").write_bytes(b"half")
+    (cache / "skipped" / "r000-old.json").write_text("[]")
+    assert len(clear_leftovers(cache)) == 2
+    assert not list((cache / "shards").glob(".*")) and not list((cache / "skipped").iterdir())
+    # a skipped folder that is a symlink to the user's files is refused before anything is removed
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.json").write_text("{}")
+    (cache / "skipped").rmdir()
+    (cache / "skipped").symlink_to(mine)
+    with pytest.raises(FeatureCacheError, match="skipped folder.*outside"):
+        clear_leftovers(cache)
+    assert (mine / "keep.json").is_file()
+    # and a folder that is not a cache is not touched at all
+    (mine / "skipped").mkdir()
+    (mine / "skipped" / "notes.json").write_text("{}")
+    with pytest.raises(FeatureCacheError, match="not a feature cache"):
+        clear_leftovers(mine)
+    assert (mine / "skipped" / "notes.json").is_file()
 
 
 def test_stage_one_refuses_the_current_directory_as_cache(base_model, dataset, tmp_path, monkeypatch) -> None:
