@@ -37,6 +37,27 @@ def _is_within(path: Path, other: Path) -> bool:
     return path == other or other in path.parents
 
 
+def check_not_protected(out: str | os.PathLike, what: str = "output folder") -> Path:
+    """Raise ``UnsafeOutputError`` if ``out`` is ``/``, the home or current directory, or a parent of one.
+
+    For folders written incrementally (feature caches), where ``check_output_folder``'s replace rules do
+    not apply; returns ``out`` resolved.
+    """
+    target = Path(out).resolve()
+    protected = {"/": Path("/").resolve(), "the current directory": Path.cwd().resolve()}
+    try:
+        protected["the home directory"] = Path.home().resolve()
+    except RuntimeError:  # no home directory (some containers)
+        pass
+    for name, path in protected.items():
+        if _is_within(path, target):  # the target is that folder or one of its parents
+            raise UnsafeOutputError(
+                f"refusing to write {what} {str(out)!r}: it is {name} or contains it ({str(path)!r}); "
+                "choose a new folder, e.g. a subfolder that does not exist yet"
+            )
+    return target
+
+
 def check_output_folder(
     out: str | os.PathLike,
     *,
@@ -54,18 +75,7 @@ def check_output_folder(
         raise UnsafeOutputError(
             f"{what} {str(out)!r} names no new folder; give a path such as {str(out.resolve() / 'converted')!r}"
         )
-    target = out.resolve()
-    protected = {"/": Path("/").resolve(), "the current directory": Path.cwd().resolve()}
-    try:
-        protected["the home directory"] = Path.home().resolve()
-    except RuntimeError:  # no home directory (some containers)
-        pass
-    for name, path in protected.items():
-        if _is_within(path, target):  # the target is that folder or one of its parents
-            raise UnsafeOutputError(
-                f"refusing to write {what} {str(out)!r}: it is {name} or contains it ({str(path)!r}); "
-                "choose a new folder, e.g. a subfolder that does not exist yet"
-            )
+    target = check_not_protected(out, what)
     for source in sources:
         src = Path(source).resolve()
         if _is_within(target, src) or _is_within(src, target):

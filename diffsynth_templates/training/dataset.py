@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -178,6 +179,10 @@ def _read_json_list(text: str, path: Path) -> Iterator[_RawRow]:
                 f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
                 "a broken .json list cannot be read past that point, fix the file"
             ) from None
+        except RecursionError:
+            raise DatasetError(
+                f"{path}: the row starting on line {line} is nested too deeply to read; fix the file"
+            ) from None
         if isinstance(value, dict):
             yield _RawRow(line, value)
         else:
@@ -204,14 +209,17 @@ def _read_jsonl(text: str) -> Iterator[_RawRow]:
         except json.JSONDecodeError as err:
             yield _RawRow(line, None, f"malformed JSON ({err.msg} at column {err.colno})")
             continue
+        except RecursionError:
+            yield _RawRow(line, None, "JSON nested too deeply to read")
+            continue
         if isinstance(value, dict):
             yield _RawRow(line, value)
         else:
             yield _RawRow(line, None, f"row is a JSON {type(value).__name__}, expected an object")
 
 
-def _read_csv(path: Path) -> Iterator[_RawRow]:
-    with path.open(encoding="utf-8-sig", newline="") as file:
+def _read_csv(text: str, path: Path) -> Iterator[_RawRow]:
+    with io.StringIO(text, newline="") as file:  # newline="": quoted fields keep their line breaks
         reader = csv.reader(file)
         header: list[str] | None = None
         while True:
@@ -256,13 +264,26 @@ def _check_csv_header(header: list[str], path: Path) -> None:
         )
 
 
-def _raw_rows(path: Path, fmt: str) -> list[_RawRow]:
-    if fmt == "csv":
-        return list(_read_csv(path))
+def _read_text(path: Path) -> str:
+    """The metadata file as text (UTF-8, a byte-order mark ignored); errors name the file and line."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"cannot read metadata file {path}: {err}") from None
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DatasetError(f"{path} is not UTF-8 text ({err}); save it as UTF-8") from None
+        line = data[: err.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{path} is not UTF-8 text: line {line} holds the byte {data[err.start : err.start + 1]!r} "
+            f"({err.reason}); save the file as UTF-8"
+        ) from None
+
+
+def _raw_rows(path: Path, fmt: str) -> list[_RawRow]:
+    text = _read_text(path)
+    if fmt == "csv":
+        return list(_read_csv(text, path))
     return list(_read_json_list(text, path) if fmt == "json" else _read_jsonl(text))
 
 
@@ -273,7 +294,11 @@ def _raw_rows(path: Path, fmt: str) -> list[_RawRow]:
 
 def _resolve(base: Path, value: str) -> Path:
     # normpath, not resolve(): "./a.png" and "a.png" are the same row, but symlinks stay as written
-    return Path(os.path.normpath(base / Path(value).expanduser()))
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # "~user/..." of an unknown user: a plain relative name, reported as not found
+        path = Path(value)
+    return Path(os.path.normpath(base / path))
 
 
 def _is_file(path: Path) -> bool:
@@ -299,6 +324,9 @@ def _resolve_template_inputs(
         return [
             _resolve_template_inputs(v, base, f"{label}[{i}]", reasons, images) for i, v in enumerate(value)
         ]
+    if isinstance(value, float) and not math.isfinite(value):  # JSON NaN, Infinity, 1e999
+        reasons.append(f"{label} is {value}; template inputs must be finite numbers")
+        return value
     if not isinstance(value, str) or not value.strip():
         return value
     path = _resolve(base, value)

@@ -53,6 +53,8 @@ class SampleFeatures:
     edit_latents: list[Tensor | None] = field(default_factory=list)
     template: dict[str, Any] = field(default_factory=dict)  # process_inputs output: tensors + JSON values
     keys: dict[str, Any] = field(default_factory=dict)  # content keys: "text", "latents", "edit"
+    # shapes of latents / prompt_embeds / edit_latents, recorded in the cache and checked on reading
+    shapes: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,6 +124,8 @@ class ContentStoreLike(Protocol):
 
     def put(self, kind: str, key: str, tensor: Tensor) -> None: ...
 
+    def shape(self, kind: str, key: str) -> list[int]: ...
+
 
 class FeatureExtractor:
     """``extractor(item) -> SampleFeatures`` for items of ``SafeItems`` (a ``TemplateDataset`` row)."""
@@ -173,10 +177,17 @@ class FeatureExtractor:
             prompt_embeds=embeds,
             edit_latents=[t for _, t in edit],
             keys={"text": text_key, "latents": latents_key, "edit": [k for k, _ in edit]},
-        )
+            shapes={"latents": self._shape("latents", latents_key, latents),
+                    "text": self._shape("text", text_key, embeds),
+                    "edit": [self._shape("latents", k, t) for k, t in edit]},
+        )  # fmt: skip
         if self.template is not None:
             features.template = self._template_features(item, where)
         return features
+
+    def _shape(self, kind: str, key: str, tensor: Tensor | None) -> list[int]:
+        """A tensor's shape; one kept only in the store is read from its file header."""
+        return list(tensor.shape) if tensor is not None else self.store.shape(kind, key)
 
     def _text(self, prompt: str) -> tuple[str, Tensor | None]:
         key = content_key("text", prompt=prompt, **self._text_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -17,8 +18,7 @@ class MetricsLog:
     def __init__(self, output_path: Path, resume_step: int = 0, tensorboard: bool = True):
         self.path = output_path / "logs" / "metrics.csv"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = read_metrics(self.path) if self.path.is_file() else []
-        kept = [r for r in rows if int(r["step"]) <= resume_step]
+        kept = self._rows_up_to(resume_step) if self.path.is_file() else []
         with self.path.open("w", newline="") as f:  # rewrite: steps after the resume point are redone
             writer = csv.DictWriter(f, FIELDS)
             writer.writeheader()
@@ -33,6 +33,19 @@ class MetricsLog:
                 self.writer = SummaryWriter(
                     str(output_path / "logs" / "tensorboard"), purge_step=resume_step + 1
                 )
+
+    def _rows_up_to(self, resume_step: int) -> list[dict[str, str]]:
+        """The earlier run's rows up to the resume step; an unreadable file is set aside, never fatal."""
+        try:
+            rows = read_metrics(self.path)
+            return [r for r in rows if int(r["step"]) <= resume_step]
+        except (UnicodeDecodeError, csv.Error, ValueError, KeyError, TypeError) as e:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            logger.warning(
+                "%s is unreadable (%s); moved to %s, metrics start afresh", self.path, e, aside.name
+            )
+            os.replace(self.path, aside)
+            return []
 
     def log(
         self,
@@ -65,5 +78,5 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
