@@ -184,7 +184,7 @@ def check_run_folder(output_path: Path, total_steps: int, save_steps: int | None
     planned = [
         step
         for step, _ in list_checkpoints(output_path)
-        if step <= total_steps and (step == total_steps or (save_steps and step % save_steps == 0))
+        if 1 <= step <= total_steps and (step == total_steps or (save_steps and step % save_steps == 0))
     ]
     check_checkpoint_targets(output_path, planned)
     latest = output_path / LATEST
