@@ -74,7 +74,7 @@ from .feature_cache import (
 from .features import FeatureError, FeatureExtractor, SafeItems, SampleFeatures, SampleSkipped
 from .metrics import MetricsLog
 from .objective import TrainingModule, noise_seed
-from .validation import render_validation, save_grid
+from .validation import check_validation_images, render_validation, save_grid
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +365,10 @@ def train(config: TrainConfig) -> TrainResult:
         backbone.check_samples(report.samples)
         items, sizes = SafeItems(dataset), dataset.sizes
 
+    if main:
+        check_validation_images(
+            config.validation_inputs
+        )  # a bad image fails now, not at the first validation
     train_dit = "dit" in config.trainable_models
     dit = load_dit(config, device, torch.float32 if train_dit else dtype, backbone)
     extractor, pipe = None, None

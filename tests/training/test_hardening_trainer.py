@@ -277,3 +277,14 @@ def test_train_py_reports_a_damaged_resume_without_a_traceback(
     )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "state.json" in err and "Traceback" not in err
+
+
+def test_an_unreadable_validation_image_fails_before_training(base_model, cache, tmp_path):
+    from diffsynth_templates.training.config import ConfigError
+
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    inputs = json.dumps([{"prompt": "a red circle", "template_inputs": {"image": str(tmp_path / "bad.png")}}])
+    with pytest.raises(ConfigError, match=r"bad.png'.*cannot be read"):
+        train_run(base_model, cache, tmp_path / "run", "--max_steps", 2, "--validation_steps", 1,
+                  "--validation_inputs", inputs)  # fmt: skip
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
