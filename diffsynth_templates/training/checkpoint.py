@@ -43,7 +43,13 @@ from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError, save_safetensors_atomic, write_json_atomic
 from ..loading.finite import NonFiniteError, check_finite_state
 from ..loading.safetensors_io import load_safetensors
-from ..loading.write_safety import check_output_folder, commit_folder, new_staging_folder, remove_our_folder
+from ..loading.write_safety import (
+    UnsafeOutputError,
+    check_output_folder,
+    commit_folder,
+    new_staging_folder,
+    remove_our_folder,
+)
 from ..templates.folder import TemplateSpec, save_template_folder
 from .components import TemplateHandle
 from .config import TrainConfig
@@ -189,7 +195,7 @@ def check_run_folder(output_path: Path, total_steps: int, save_steps: int | None
     check_checkpoint_targets(output_path, planned)
     latest = output_path / LATEST
     if latest.exists() and not _is_latest(latest):
-        raise ResumeError(
+        raise UnsafeOutputError(
             f"{latest} exists and was not written by diffsynth_templates (the run would overwrite it); "
             "move it away or choose another --output_path"
         )

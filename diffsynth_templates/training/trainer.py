@@ -334,7 +334,7 @@ def _total_steps(config: TrainConfig, sizes: list, world: int) -> int:
     )
     steps_per_epoch = per_epoch // config.gradient_accumulation_steps
     if config.num_epochs is not None and steps_per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"one epoch is {per_epoch} micro-batches per process, fewer than --gradient_accumulation_steps "
             f"{config.gradient_accumulation_steps}; lower it or --batch_size, or use --max_steps"
         )
@@ -560,7 +560,7 @@ def _build_training_module(config: TrainConfig, dit, template: TemplateHandle | 
     )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(
+        raise ConfigError(
             f"--trainable_models {config.trainable_models} leaves nothing to train (the template has no parameters?)"
         )
     logger.info("trainable parameters: %.3f M", sum(p.numel() for p in params) / 1e6)

@@ -107,7 +107,9 @@ def test_the_current_directory_as_output_path_keeps_the_users_files(base_model, 
         work / ".checkpoint-notes"
     ).read_text() == "mine too"
     (work / "latest.json").write_text('{"my": "own file"}')
-    with pytest.raises(ResumeError, match=r"latest.json exists and was not written by diffsynth_templates"):
+    with pytest.raises(
+        UnsafeOutputError, match=r"latest.json exists and was not written by diffsynth_templates"
+    ):
         train_run(base_model, cache, ".", "--max_steps", 2)
     assert json.loads((work / "latest.json").read_text()) == {"my": "own file"}
 
