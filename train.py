@@ -24,7 +24,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffsynth_templates.training.config import ConfigError, parse_args
+    from diffsynth_templates.errors import DiffSynthTemplatesError
 
     rank = int(os.environ.get("RANK", "0"))
     # only the main process talks; the others report errors
@@ -36,18 +36,17 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
+        from diffsynth_templates.training.config import parse_args
+
         config = parse_args(argv)
-    except ConfigError as e:
-        logging.getLogger("train").error("%s", e)
-        return 2
+        from diffsynth_templates.training.trainer import run  # after parsing: --help stays quick
 
-    from diffsynth_templates.training.trainer import USER_ERRORS, run
-
-    try:
         run(config)
-    except USER_ERRORS as e:  # a problem with the inputs: the message says what to do, no traceback needed
-        logging.getLogger("train").error("%s: %s", type(e).__name__, e)
-        return 1
+    except (DiffSynthTemplatesError, FileNotFoundError) as e:
+        # a problem with the inputs (arguments, files, caches, checkpoints): the message says what to do,
+        # a traceback would only hide it; anything else escaping is a bug and keeps its traceback
+        print(f"error: {'' if rank == 0 else f'[rank {rank}] '}{e}", file=sys.stderr)
+        return 2
     return 0
 
 

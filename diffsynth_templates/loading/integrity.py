@@ -16,8 +16,9 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from .paths import PathContainmentError, resolve_inside
 from .safetensors_io import CheckpointError
 
 SHA256_KEY = "sha256"
@@ -36,14 +37,17 @@ class IntegrityError(CheckpointError):
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in chunks (memoized per path, size and mtime)."""
     path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        _DIGESTS[key] = digest.hexdigest()
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+            _DIGESTS[key] = digest.hexdigest()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {str(path)!r} to check its sha256: {e.strerror or e}") from e
     return _DIGESTS[key]
 
 
@@ -57,11 +61,13 @@ def recorded_sha256(folder: str | os.PathLike) -> dict[str, str]:
     """The hashes ``folder/template.json`` records ({} when it records none)."""
     path = Path(folder) / TEMPLATE_JSON
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IntegrityError(f"{str(path)!r} is not valid JSON ({e})") from e
+    except OSError as e:
+        raise IntegrityError(f"cannot read {str(path)!r}: {e.strerror or e}") from e
     return _check_mapping(data.get(SHA256_KEY) if isinstance(data, dict) else None, str(path))
 
 
@@ -105,8 +111,9 @@ def _check_mapping(value, where: str) -> dict[str, str]:
 
 
 def _safe_name(name: str, folder: Path) -> str:
-    """Refuse names that leave the folder (absolute paths, '..')."""
-    parts = PurePosixPath(name).parts
-    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
-        raise IntegrityError(f"{str(folder)!r}: file name {name!r} in {SHA256_KEY!r} must be a relative path")
+    """Refuse names that leave the folder (absolute paths, '..', symlinks out): the shared resolver decides."""
+    try:
+        resolve_inside(folder, name, f"{str(folder / TEMPLATE_JSON)!r} {SHA256_KEY!r} entry")
+    except PathContainmentError as e:
+        raise IntegrityError(str(e)) from e
     return name

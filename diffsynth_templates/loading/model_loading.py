@@ -17,6 +17,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from .finite import NonFiniteError, nonfinite_names
 from .safetensors_io import CheckpointError, find_weight_files, iter_tensors, read_header_keys
 
 logger = logging.getLogger(__name__)
@@ -29,9 +30,11 @@ def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} not found: a component folder needs its {name}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({e})") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {str(path)!r}: {e.strerror or e}") from e
 
 
 def _format_keys(keys: Iterable[str], limit: int = 20) -> str:
@@ -55,7 +58,9 @@ def load_module_from_files(
     ``key_map`` renames checkpoint keys (return None to drop one); ``ignore_keys`` marks checkpoint
     keys that may be present without a matching parameter (e.g. an unused ``lm_head``);
     ``keep_fp32`` names parameters kept in float32 whatever ``torch_dtype`` is.
-    Missing, unexpected or mis-shaped keys raise ``CheckpointError`` listing all of them.
+    Missing, unexpected or mis-shaped keys raise ``CheckpointError`` listing all of them; weights that
+    hold NaN or inf (as stored, or after the cast to ``torch_dtype``) raise ``NonFiniteError`` naming them
+    and their file.
     """
     with torch.device("meta"):
         model = build()
@@ -84,7 +89,8 @@ def load_module_from_files(
         )
 
     loaded: dict[str, torch.Tensor] = {}
-    bad_shapes = []
+    bad_shapes: list[str] = []
+    nonfinite: list[str] = []  # checked once per tensor as it arrives: no second pass over the model
     for ckpt_key, tensor in iter_tensors(files, device="cpu"):
         name = mapped.get(ckpt_key)
         if name is None:
@@ -97,6 +103,7 @@ def load_module_from_files(
         if keep_fp32 and keep_fp32(name):
             dtype = torch.float32
         loaded[name] = tensor.to(device=device, dtype=dtype)
+        nonfinite += nonfinite_names([(f"{ckpt_key} ({header[ckpt_key].name})", loaded[name])])
         if len(bad_shapes) == 0 and len(loaded) % 64 == 0:
             # assign in batches so the meta placeholders are replaced as we go
             model.load_state_dict(loaded, strict=False, assign=True)
@@ -105,6 +112,14 @@ def load_module_from_files(
         raise CheckpointError(
             f"checkpoint {[str(f) for f in files]} has mis-shaped tensors for {type(model).__name__}: "
             + "; ".join(bad_shapes[:20])
+        )
+    if nonfinite:
+        more = f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+        folders = sorted({str(f.parent) for f in files})
+        cast = f", or out of range for {torch_dtype}" if torch_dtype else ""
+        raise NonFiniteError(
+            f"weights in {folders} hold NaN or inf values (as stored{cast}): {nonfinite[:5]}{more}; "
+            "the checkpoint is damaged or its training diverged: use another checkpoint"
         )
     model.load_state_dict(loaded, strict=False, assign=True)
     _materialize_buffers(model, device, torch_dtype)

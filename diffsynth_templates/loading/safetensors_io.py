@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ..errors import DiffSynthTemplatesError
 
@@ -43,7 +43,10 @@ def find_weight_files(folder: str | os.PathLike, stem: str | None = None) -> lis
         single = folder / f"{s}.safetensors"
         if single.is_file():
             return [single]
-    present = sorted(p.name for p in folder.iterdir())
+    try:
+        present = sorted(p.name for p in folder.iterdir())
+    except OSError as e:
+        raise CheckpointError(f"cannot list {str(folder)!r}: {e.strerror or e}") from e
     if any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in present):
         raise CheckpointError(
             f"{str(folder)!r} holds only pickle weights ({present}); diffsynth_templates reads safetensors only. "
@@ -55,11 +58,15 @@ def find_weight_files(folder: str | os.PathLike, stem: str | None = None) -> lis
 
 def _shards_from_index(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"index {str(index)!r} is not a valid safetensors index ({e})") from e
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"index {str(index)!r} is not a valid safetensors index ({e!r})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"index {str(index)!r}: 'weight_map' must map tensor names to shard file names, got {weight_map!r:.200}"
+        )
     shards = list(dict.fromkeys(weight_map.values()))  # keep first-seen order, drop repeats
-    paths = [index.parent / name for name in shards]
+    paths = [_shard_path(index, name) for name in shards]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise CheckpointError(
@@ -67,6 +74,36 @@ def _shards_from_index(index: Path) -> list[Path]:
             "the download is incomplete: download the missing shard(s) again"
         )
     return paths
+
+
+def _shard_path(index: Path, name: str) -> Path:
+    """A shard named by an index: a plain relative name inside the index's folder (no '..', not absolute).
+
+    Symlinked shards are allowed: download caches keep the real bytes in a blob store outside the folder.
+    """
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if not name or pure.is_absolute() or ".." in pure.parts or "\x00" in name:
+        raise CheckpointError(
+            f"index {str(index)!r} names shard {name!r}; shards must be file names inside {str(index.parent)!r}"
+        )
+    return index.parent / pure
+
+
+def _read_error(path: Path, e: Exception) -> CheckpointError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return CheckpointError(
+        f"cannot read {str(path)!r}: {reason}. The file is truncated or corrupt (or unreadable): "
+        "download or write it again"
+    )
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` whose errors name the file (``CheckpointError``, cause kept)."""
+    path = Path(path)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as e:
+        raise _read_error(path, e) from e
 
 
 def iter_tensors(
@@ -82,9 +119,7 @@ def iter_tensors(
                         t = t.to(dtype)
                     yield key, t
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(
-                f"cannot read {str(path)!r}: {e}. The file is truncated or corrupt: download it again"
-            ) from e
+            raise _read_error(path, e) from e
 
 
 def read_header_keys(files: list[Path]) -> dict[str, Path]:
@@ -96,9 +131,7 @@ def read_header_keys(files: list[Path]) -> dict[str, Path]:
                 for key in f.keys():
                     out[key] = path
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(
-                f"cannot read {str(path)!r}: {e}. The file is truncated or corrupt: download it again"
-            ) from e
+            raise _read_error(path, e) from e
     return out
 
 
@@ -106,17 +139,29 @@ def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file through a temp file and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    _write_atomic(Path(path), lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
 def write_json_atomic(obj: object, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    _write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` then rename to ``path``; an error (disk full, permission) names ``path``, no temp left."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (SafetensorError, OSError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(
+            f"cannot write {str(path)!r}: {reason}; free space or fix permissions there"
+        ) from e
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder itself is gone or unwritable: nothing more to clean
+            pass

@@ -12,8 +12,15 @@
 and ``training_args.json`` plus ``training_state/``: ``state.json`` (step, data position, the LR
 schedule is a pure function of the step), ``optimizer.safetensors`` + the optimizer's non-tensor
 state in ``state.json``, raw LoRA parameters, and per-rank RNG states (torch, CUDA, numpy, python)
-as safetensors + JSON. Nothing is pickled. The folder is assembled under a temporary name and
-renamed into place once complete; ``latest.json`` then points at it.
+as safetensors + JSON. Nothing is pickled. The folder is assembled in a new temporary sibling and
+renamed into place once complete (``loading.write_safety``: it carries the project's marker, and an
+existing ``checkpoint-N`` is replaced or pruned only when it is ours); ``latest.json`` then points at it.
+A checkpoint whose weights or optimizer state hold NaN/inf is never written.
+
+``--resume`` validates a checkpoint before trusting it: every file readable, weights and optimizer
+state finite, ``state.json`` well-formed. ``--resume PATH`` refuses a damaged one naming the file;
+``--resume auto`` falls back to the newest good one, warning which were skipped and why, and refuses
+(rather than silently restarting from step 0) when checkpoints exist but none is good.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -31,11 +37,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from ..errors import DiffSynthTemplatesError
-from ..loading import save_safetensors_atomic, write_json_atomic
+from ..loading import CheckpointError, save_safetensors_atomic, write_json_atomic
+from ..loading.finite import NonFiniteError, check_finite_state
+from ..loading.safetensors_io import load_safetensors
+from ..loading.write_safety import (
+    UnsafeOutputError,
+    check_output_folder,
+    commit_folder,
+    new_staging_folder,
+    remove_our_folder,
+)
 from ..templates.folder import TemplateSpec, save_template_folder
 from .components import TemplateHandle
 from .config import TrainConfig
@@ -45,6 +59,7 @@ logger = logging.getLogger(__name__)
 STATE_DIR = "training_state"
 LATEST = "latest.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_STAGING = re.compile(r"^\.checkpoint-\d+\.tmp-[A-Za-z0-9_]+$")  # new_staging_folder's names for checkpoints
 # arguments that must not change between a run and its resumption (the result would not be the same run)
 RESUME_KEYS = (
     "trainable_models",
@@ -65,6 +80,10 @@ RESUME_KEYS = (
 
 class ResumeError(DiffSynthTemplatesError, RuntimeError):
     """A checkpoint cannot be resumed from (missing, incomplete, or from a different configuration)."""
+
+
+class DamagedCheckpointError(ResumeError):
+    """A checkpoint file is unreadable, malformed or holds NaN/inf: ``--resume auto`` tries an older one."""
 
 
 @dataclass
@@ -149,6 +168,74 @@ def _split(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """A ``checkpoint-N`` folder this project wrote: its marker, or the layout older versions wrote."""
+    return bool(_CHECKPOINT.match(folder.name)) and (folder / STATE_DIR / "state.json").is_file()
+
+
+def check_checkpoint_targets(output_path: Path, steps: list[int]) -> None:
+    """Refuse, before training, ``checkpoint-N`` folders the run would have to replace that are not ours."""
+    for step in steps:
+        check_output_folder(
+            output_path / f"checkpoint-{step}",
+            overwrite=True,
+            recognise=is_checkpoint,
+            what="checkpoint folder",
+        )
+
+
+def check_run_folder(output_path: Path, total_steps: int, save_steps: int | None) -> None:
+    """Before training: the checkpoints this run will write may replace only our own ``checkpoint-N``
+    folders, and ``latest.json`` there must be ours (``--output_path`` may be any folder, even ``.``)."""
+    planned = [
+        step
+        for step, _ in list_checkpoints(output_path)
+        if 1 <= step <= total_steps and (step == total_steps or (save_steps and step % save_steps == 0))
+    ]
+    check_checkpoint_targets(output_path, planned)
+    latest = output_path / LATEST
+    if latest.exists() and not _is_latest(latest):
+        raise UnsafeOutputError(
+            f"{latest} exists and was not written by diffsynth_templates (the run would overwrite it); "
+            "move it away or choose another --output_path"
+        )
+
+
+def _is_latest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and set(data) == {"checkpoint", "step"}
+
+
+def remove_leftovers(output_path: Path) -> None:
+    """Staging folders of checkpoints a killed run never finished (only our own temporary names)."""
+    for path in output_path.glob(".checkpoint-*.tmp-*"):
+        if _STAGING.match(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _saved_tensors(full: dict[str, Tensor], config: TrainConfig, template) -> dict[str, Tensor]:
+    """The parts of the training module's state that a checkpoint holds (frozen weights are not saved)."""
+    prefixes = [f"{m}." for m in config.trainable_models if m != "template" or template is not None]
+    return {k: v for k, v in full.items() if k.startswith(tuple(prefixes))}
+
+
+def _check_finite_before_saving(final: Path, weights: dict[str, Tensor], optimizer_state) -> None:
+    try:
+        check_finite_state(weights, f"refusing to write {final}: the trained weights")
+        if optimizer_state is not None:
+            check_finite_state(
+                _flatten_optimizer(optimizer_state)[0], f"refusing to write {final}: the optimizer state"
+            )
+    except NonFiniteError as e:
+        raise NonFiniteError(
+            f"{e}. Training diverged: lower --learning_rate (or raise --warmup_steps) and resume from the last "
+            "good checkpoint"
+        ) from None
+
+
 def save_checkpoint(
     accelerator,
     model,
@@ -160,51 +247,63 @@ def save_checkpoint(
     dit_config: dict[str, Any],
     save_optimizer: bool = True,
 ) -> Path:
-    """Write ``checkpoint-{step}`` (every rank calls this; rank 0 writes the shared files)."""
+    """Write ``checkpoint-{step}`` (every rank calls this; rank 0 writes the shared files).
+
+    Every rank checks first (the target may be replaced, nothing is NaN/inf), so all raise alike
+    before any of them waits for the others.
+    """
+    from accelerate.utils import broadcast_object_list
+
     final = output_path / f"checkpoint-{state.step}"
-    staging = output_path / f".checkpoint-{state.step}.partial"
     full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state_dict otherwise
     optimizer_state = optimizer.state_dict() if save_optimizer else None
+    check_checkpoint_targets(output_path, [state.step])
+    _check_finite_before_saving(final, _saved_tensors(full, config, template), optimizer_state)
     main = accelerator.is_main_process
+    staging = [None]
     if main:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging[0] = str(new_staging_folder(final))
         if "template" in config.trainable_models and template is not None:
-            save_template_folder(staging, _Weights(_split(full, "template.")), copy_spec(template))
-        staging.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+            save_template_folder(staging[0], _Weights(_split(full, "template.")), copy_spec(template))
+    staging = Path(broadcast_object_list(staging)[0])  # every rank writes its RNG state into the same folder
+    try:
+        tensors, meta = rng_state()  # each rank's own generators
+        rank = accelerator.process_index
+        save_safetensors_atomic(tensors, staging / STATE_DIR / f"rng-rank{rank}.safetensors")
+        write_json_atomic(meta, staging / STATE_DIR / f"rng-rank{rank}.json")
 
-    tensors, meta = rng_state()  # each rank's own generators
-    rank = accelerator.process_index
-    save_safetensors_atomic(tensors, staging / STATE_DIR / f"rng-rank{rank}.safetensors")
-    write_json_atomic(meta, staging / STATE_DIR / f"rng-rank{rank}.json")
-
-    if main:
-        if "dit" in config.trainable_models:
-            save_safetensors_atomic(
-                _split(full, "dit."), staging / "transformer" / "diffusion_pytorch_model.safetensors"
+        if main:
+            if "dit" in config.trainable_models:
+                save_safetensors_atomic(
+                    _split(full, "dit."), staging / "transformer" / "diffusion_pytorch_model.safetensors"
+                )
+                write_json_atomic(dit_config, staging / "transformer" / "config.json")
+            if "dit_lora" in config.trainable_models:
+                raw = _split(full, "dit_lora.")
+                unwrapped = accelerator.unwrap_model(model)
+                save_safetensors_atomic(raw, staging / STATE_DIR / "dit_lora_raw.safetensors")
+                lora = {k: v.detach() for k, v in _lora_cache(unwrapped.dit_lora, raw).items()}
+                save_safetensors_atomic(
+                    lora, staging / "dit_lora.safetensors", metadata={"format": "lora-cache"}
+                )
+            extra: dict[str, Any] = {}
+            if optimizer_state is not None:
+                opt_tensors, extra = _flatten_optimizer(optimizer_state)
+                save_safetensors_atomic(opt_tensors, staging / STATE_DIR / "optimizer.safetensors")
+            write_json_atomic(
+                {**asdict(state), "optimizer": extra or None}, staging / STATE_DIR / "state.json"
             )
-            write_json_atomic(dit_config, staging / "transformer" / "config.json")
-        if "dit_lora" in config.trainable_models:
-            raw = _split(full, "dit_lora.")
-            unwrapped = accelerator.unwrap_model(model)
-            save_safetensors_atomic(raw, staging / STATE_DIR / "dit_lora_raw.safetensors")
-            lora = {k: v.detach() for k, v in _lora_cache(unwrapped.dit_lora, raw).items()}
-            save_safetensors_atomic(lora, staging / "dit_lora.safetensors", metadata={"format": "lora-cache"})
-        extra: dict[str, Any] = {}
-        if optimizer_state is not None:
-            opt_tensors, extra = _flatten_optimizer(optimizer_state)
-            save_safetensors_atomic(opt_tensors, staging / STATE_DIR / "optimizer.safetensors")
-        write_json_atomic({**asdict(state), "optimizer": extra or None}, staging / STATE_DIR / "state.json")
-        write_json_atomic(config.to_json(), staging / "training_args.json")
-    accelerator.wait_for_everyone()
+            write_json_atomic(config.to_json(), staging / "training_args.json")
+        accelerator.wait_for_everyone()
 
-    if main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        write_json_atomic({"checkpoint": final.name, "step": state.step}, output_path / LATEST)
-        _prune(output_path, config.save_total_limit)
-        logger.info("saved %s", final)
+        if main:
+            commit_folder(staging, final, kind="checkpoint")
+            write_json_atomic({"checkpoint": final.name, "step": state.step}, output_path / LATEST)
+            _prune(output_path, config.save_total_limit)
+            logger.info("saved %s", final)
+    finally:
+        if main and staging.exists():  # a failed save leaves no half folder behind
+            shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -233,11 +332,13 @@ def list_checkpoints(output_path: Path) -> list[tuple[int, Path]]:
 
 
 def _prune(output_path: Path, limit: int | None) -> None:
+    """Keep the newest ``limit`` of our checkpoints; a user's folder named ``checkpoint-N`` is never touched."""
     if not limit:
         return
-    for _, path in list_checkpoints(output_path)[:-limit]:
-        shutil.rmtree(path, ignore_errors=True)
-        logger.info("removed old checkpoint %s (--save_total_limit %d)", path, limit)
+    ours = [path for _, path in list_checkpoints(output_path) if is_checkpoint(path)]
+    for path in ours[:-limit]:
+        if remove_our_folder(path, recognise=is_checkpoint):
+            logger.info("removed old checkpoint %s (--save_total_limit %d)", path, limit)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,25 +347,107 @@ def _prune(output_path: Path, limit: int | None) -> None:
 
 
 def find_resume_checkpoint(config: TrainConfig) -> Path | None:
-    """``--resume auto``: the newest complete checkpoint under ``--output_path`` (None: start fresh)."""
+    """``--resume auto``: the newest checkpoint under ``--output_path`` (None: start fresh), unvalidated."""
+    candidates = _resume_candidates(config)
+    return candidates[-1] if candidates else None
+
+
+def _resume_candidates(config: TrainConfig) -> list[Path]:
+    """``--resume PATH``: that folder; ``auto``: every checkpoint under ``--output_path``, oldest first."""
     if config.resume is None:
-        return None
+        return []
     if config.resume != "auto":
         path = Path(config.resume)
         if not (path / STATE_DIR / "state.json").is_file():
             raise ResumeError(f"--resume {path} is not a checkpoint folder with a {STATE_DIR}/state.json")
-        return path
-    found = [
-        p for _, p in list_checkpoints(Path(config.output_path)) if (p / STATE_DIR / "state.json").is_file()
-    ]
-    if not found:
-        logger.info("--resume auto: no checkpoint under %s yet, starting from scratch", config.output_path)
+        return [path]
+    return [p for _, p in list_checkpoints(Path(config.output_path)) if is_checkpoint(p)]
+
+
+def resume_training(config: TrainConfig, accelerator, model, optimizer) -> TrainingState | None:
+    """Restore the run ``--resume`` names; None when there is nothing to resume (a fresh start).
+
+    With ``auto`` a damaged checkpoint is skipped with a warning and the one before it is tried; when
+    checkpoints exist but none is good this refuses: restarting from step 0 would silently discard the
+    run, so the user decides (a new ``--output_path``, or ``--resume PATH``).
+    """
+    candidates = _resume_candidates(config)
+    if not candidates:
+        if config.resume == "auto":
+            logger.info(
+                "--resume auto: no checkpoint under %s yet, starting from scratch", config.output_path
+            )
         return None
-    return found[-1]
+    if config.resume != "auto":
+        return load_checkpoint(candidates[0], accelerator, model, optimizer, config)
+    skipped: list[str] = []
+    for folder in reversed(candidates):
+        try:
+            state = load_checkpoint(folder, accelerator, model, optimizer, config)
+        except DamagedCheckpointError as e:
+            logger.warning("--resume auto: skipping %s, it cannot be resumed from: %s", folder, e)
+            skipped.append(f"{folder.name} ({e})")
+            continue
+        if skipped:
+            logger.warning(
+                "--resume auto: resumed from %s, the newest good checkpoint; skipped %d damaged one(s): %s",
+                folder, len(skipped), "; ".join(skipped),
+            )  # fmt: skip
+        return state
+    raise ResumeError(
+        f"--resume auto: none of the {len(candidates)} checkpoint(s) under {config.output_path} can be resumed "
+        f"from: {'; '.join(skipped)}. Nothing was changed. Start a new run with another --output_path, or "
+        "move the damaged checkpoints away to start this one from scratch"
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamagedCheckpointError(f"{str(path)!r} is missing; the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedCheckpointError(f"{str(path)!r} is not readable JSON ({e})") from e
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    """A checkpoint's safetensors file, readable and finite, else ``DamagedCheckpointError`` naming it."""
+    try:
+        tensors = load_safetensors(path)
+        check_finite_state(tensors, repr(str(path)))
+    except (CheckpointError, NonFiniteError) as e:
+        raise DamagedCheckpointError(str(e)) from e
+    return tensors
+
+
+def _check_state_json(saved: Any, path: Path) -> None:
+    """``state.json``: the counters are non-negative integers, the optimizer's state a mapping (or null)."""
+    counters = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "num_processes": 1}
+    if not isinstance(saved, dict):
+        raise DamagedCheckpointError(f"{str(path)!r} must hold a JSON object, got {type(saved).__name__}")
+    for key, least in counters.items():
+        value = saved.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DamagedCheckpointError(
+                f"{str(path)!r}: {key!r} must be an integer >= {least}, got {value!r}; the file is damaged"
+            )
+    optimizer = saved.get("optimizer")
+    if optimizer is not None and not (
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("param_groups"), list)
+        and all(isinstance(g, dict) for g in optimizer["param_groups"])
+        and isinstance(optimizer.get("scalars"), dict)
+    ):
+        raise DamagedCheckpointError(
+            f"{str(path)!r}: 'optimizer' must be null or an object with 'param_groups' and 'scalars'; "
+            "the file is damaged"
+        )
 
 
 def check_resume_config(folder: Path, config: TrainConfig) -> None:
-    saved = json.loads((folder / "training_args.json").read_text())
+    saved = _read_json(folder / "training_args.json")
+    if not isinstance(saved, dict):
+        raise DamagedCheckpointError(f"{str(folder / 'training_args.json')!r} must hold a JSON object")
     changed = [
         f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}"
         for k in RESUME_KEYS
@@ -277,27 +460,58 @@ def check_resume_config(folder: Path, config: TrainConfig) -> None:
         )
 
 
+def _load_into(module, tensors: dict[str, Tensor], path: Path) -> None:
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:  # missing / unexpected / mis-shaped keys
+        raise DamagedCheckpointError(f"{str(path)!r} does not fit the model being trained: {e}") from e
+
+
 def load_checkpoint(folder: Path, accelerator, model, optimizer, config: TrainConfig) -> TrainingState:
-    """Restore weights, optimizer, data position and this rank's RNG from ``folder``."""
+    """Restore weights, optimizer, data position and this rank's RNG from ``folder``.
+
+    Everything is read and checked before anything is restored, so a damaged checkpoint raises
+    ``DamagedCheckpointError`` naming its file and leaves the model as it was. Every rank checks every
+    rank's RNG files, so all ranks reach the same verdict.
+    """
     check_resume_config(folder, config)
-    unwrapped = accelerator.unwrap_model(model)
-    with torch.no_grad():
-        if "template" in config.trainable_models:
-            unwrapped.template.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-        if "dit" in config.trainable_models:
-            weights = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-            unwrapped.dit.load_state_dict(weights, strict=True)
-        if "dit_lora" in config.trainable_models:
-            unwrapped.dit_lora.load_state_dict(
-                load_file(str(folder / STATE_DIR / "dit_lora_raw.safetensors")), strict=True
-            )
-    saved = json.loads((folder / STATE_DIR / "state.json").read_text())
+    state_path = folder / STATE_DIR / "state.json"
+    saved = _read_json(state_path)
+    _check_state_json(saved, state_path)
     if saved.get("optimizer") is None:
         raise ResumeError(
             f"{folder} has no optimizer state (written under DeepSpeed?); it cannot be resumed exactly"
         )
-    tensors = load_file(str(folder / STATE_DIR / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, saved["optimizer"]))
+    weights: list[tuple[str, Path]] = []
+    if "template" in config.trainable_models:
+        weights.append(("template", folder / "model.safetensors"))
+    if "dit" in config.trainable_models:
+        weights.append(("dit", folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    if "dit_lora" in config.trainable_models:
+        weights.append(("dit_lora", folder / STATE_DIR / "dit_lora_raw.safetensors"))
+    loaded = {name: (_read_tensors(path), path) for name, path in weights}
+    optimizer_path = folder / STATE_DIR / "optimizer.safetensors"
+    optimizer_tensors = _read_tensors(optimizer_path)
+    try:
+        optimizer_state = _unflatten_optimizer(optimizer_tensors, saved["optimizer"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DamagedCheckpointError(
+            f"{str(optimizer_path)!r} and {str(state_path)!r} do not agree: {e!r}"
+        ) from e
+    rng: dict[int, tuple[dict[str, Tensor], Any]] = {}
+    for json_path in sorted((folder / STATE_DIR).glob("rng-rank*.json")):
+        index = json_path.stem.removeprefix("rng-rank")
+        if index.isdigit():
+            rng[int(index)] = (_read_tensors(json_path.with_suffix(".safetensors")), _read_json(json_path))
+
+    unwrapped = accelerator.unwrap_model(model)
+    with torch.no_grad():
+        for name, (tensors, path) in loaded.items():
+            _load_into(getattr(unwrapped, name), tensors, path)
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DamagedCheckpointError(f"{str(optimizer_path)!r} does not fit the optimizer: {e}") from e
     state = TrainingState(**{k: saved[k] for k in ("step", "epoch", "batch_in_epoch", "num_processes")})
     if state.num_processes != accelerator.num_processes:
         logger.warning(
@@ -305,12 +519,14 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, config: TrainCo
             state.num_processes,
             accelerator.num_processes,
         )
-    rank_file = folder / STATE_DIR / f"rng-rank{accelerator.process_index}"
-    if rank_file.with_suffix(".json").is_file():
-        set_rng_state(
-            load_file(str(rank_file.with_suffix(".safetensors"))),
-            json.loads(rank_file.with_suffix(".json").read_text()),
-        )
+    mine = rng.get(accelerator.process_index)
+    if mine is not None:
+        try:
+            set_rng_state(*mine)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise DamagedCheckpointError(
+                f"{str(folder / STATE_DIR)!r}: the RNG state of rank {accelerator.process_index} is damaged ({e!r})"
+            ) from e
     logger.info(
         "resumed from %s at step %d (epoch %d, batch %d)",
         folder,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import DiffSynthTemplatesError
+from ..loading import CheckpointError
 from ..loading.resolve import resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
 from ..pipelines.common import COMPONENTS, component_folder
@@ -83,12 +84,15 @@ def folder_fingerprint(folder: Path) -> str:
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.name.startswith("."):
             continue
-        if path.suffix == ".json":
-            digest.update(path.relative_to(folder).as_posix().encode())
-            digest.update(path.read_bytes())
-        elif path.suffix == ".safetensors":
-            digest.update(path.relative_to(folder).as_posix().encode())
-            digest.update(_safetensors_digest(path))
+        try:
+            if path.suffix == ".json":
+                digest.update(path.relative_to(folder).as_posix().encode())
+                digest.update(path.read_bytes())
+            elif path.suffix == ".safetensors":
+                digest.update(path.relative_to(folder).as_posix().encode())
+                digest.update(_safetensors_digest(path))
+        except OSError as e:
+            raise CheckpointError(f"cannot read {str(path)!r} to fingerprint it: {e.strerror or e}") from e
     return digest.hexdigest()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +26,10 @@ TEMPLATE_INITS = ("dit", "random")
 # Linear layers of the FLUX.2 DiT that get a LoRA by default (suffixes of module paths); the same set
 # DiffSynth-Studio trains for klein: attention projections and both MLPs of every block. On Z-Image
 # they match the attention projections (to_q, to_k, to_v, to_out.0) of every block.
+# seeds reach torch.manual_seed, numpy and int64 tensors: non-negative and within int64
+MAX_SEED = 2**63 - 1
+# keys a file may never set: running a folder's code is allowed only from the command line or Python
+TRUST_KEYS = ("trust_remote_code",)
 DEFAULT_LORA_TARGETS = (
     "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out,"
     "linear_in,linear_out,to_qkv_mlp_proj,attn.to_out"
@@ -122,6 +127,7 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
+        self._check_types()
         _choice("task", self.task, TASKS)
         _choice("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
@@ -173,6 +179,23 @@ class TrainConfig:
         if self.resume is not None and self.task == "data_process":
             raise ConfigError("--resume is for training; a rerun of --task data_process resumes by itself")
 
+    def _check_types(self) -> None:
+        """Each field holds its declared type (a config file can hold anything); floats are finite."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            if value is None and kind.endswith("| None"):
+                continue
+            kind = kind.replace(" | None", "")
+            if f.name == "seed":
+                check_seed(value)
+            elif kind == "float":
+                check_finite_flag(f.name, value)
+            elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"--{f.name} must be an integer, got {value!r} ({type(value).__name__})")
+            elif kind in ("str", "bool") and not isinstance(value, {"str": str, "bool": bool}[kind]):
+                raise ConfigError(f"--{f.name} must be a {kind}, got {value!r} ({type(value).__name__})")
+
     def _validate_models(self) -> None:
         models = self.trainable_models
         if not models:
@@ -209,6 +232,22 @@ class TrainConfig:
             raise ConfigError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
 
 
+def check_finite_flag(name: str, value: Any) -> float:
+    """A float hyper-parameter: a real, finite number (NaN or inf would poison every weight)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"--{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ConfigError(f"--{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_seed(value: Any) -> int:
+    """``--seed``: an integer in 0 .. 2**63-1 (what torch, numpy and the per-sample seeds accept)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"--seed must be an integer from 0 to 2**63-1 ({MAX_SEED}), got {value!r}")
+    return value
+
+
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"--{name} must be one of {list(choices)}, got {value!r}")
@@ -239,21 +278,42 @@ def _comma_list(value: Any) -> list[str]:
 def _json_value(name: str, value: Any, expected: type) -> Any:
     """A JSON argument given inline, as a path to a .json file, or already parsed (from a config file)."""
     if isinstance(value, str):
-        text = value
         if not value.lstrip().startswith(("{", "[")) and Path(value).is_file():
-            text = Path(value).read_text()
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"--{name} is not valid JSON ({e.msg} at column {e.colno}): {text[:80]!r}"
-            ) from None
+            value = read_data_file(value, f"--{name}", yaml_allowed=False)
+        else:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"--{name} is not valid JSON ({e.msg} at column {e.colno}): {value[:80]!r}"
+                ) from None
     if not isinstance(value, expected):
         raise ConfigError(f"--{name} must be a JSON {expected.__name__}, got {type(value).__name__}")
     return value
 
 
+def _number(name: str, value: Any, kind: type) -> Any:
+    """A number given as text (YAML reads ``1e-4`` as a string; ``--seed`` stays text for its own message)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return kind(value.strip())
+    except ValueError:
+        if name == "seed":
+            check_seed(value)
+        raise ConfigError(
+            f"--{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
+        ) from None
+
+
+_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "lora_alpha")
+
+
 def _normalize(name: str, value: Any) -> Any:
+    if name == "seed":
+        return _number(name, value, int)
+    if name in _FLOATS:
+        return _number(name, value, float)
     if name in ("trainable_models", "lora_target_modules", "import_modules"):
         return _comma_list(value)
     if name in ("architecture_config", "data_processor_config"):
@@ -325,8 +385,15 @@ _HELP = {
 _FLAGS = {"offline", "use_gradient_checkpointing", "gradient_checkpointing_offload", "find_unused_parameters"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ``ConfigError`` (train.py reports it like any other bad argument)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (python train.py --help lists every flag)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="train.py",
         description="Train Diffusion Templates (and DiTs) in two stages: features, then optimization. "
         "The base model may be FLUX.2-klein or Z-Image: the backbone is read from --model's folder.",
@@ -343,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         shown = ",".join(default) if isinstance(default, list) else default
         parser.add_argument(
             f"--{f.name}",
-            type=types.get(kind, str),
+            type=str if f.name == "seed" else types.get(kind, str),  # seed: checked with its range later
             default=None,
             choices={"task": TASKS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS}.get(f.name),
             help=f"{help_text} (default: {shown})" if shown not in (None, "", {}) else help_text,
@@ -351,29 +418,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+def read_data_file(path: str | os.PathLike, what: str, yaml_allowed: bool = True) -> Any:
+    """Parse a JSON (or YAML) file given by an argument: the one way a file's values enter a config.
+
+    Every value read from a file passes ``reject_trust_keys``: a file may never switch on running code.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--config {path} does not exist")
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from e
+    if yaml_allowed and path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--config {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+            raise ConfigError(f"{what} {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    reject_trust_keys(data, f"{what} {path}")
+    return data
+
+
+def reject_trust_keys(data: Any, where: str) -> None:
+    """Raise ``ConfigError`` if a mapping anywhere in ``data`` (read from a file) sets ``trust_remote_code``."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(key, str) and key.lstrip("-").replace("-", "_") in TRUST_KEYS:
+                raise ConfigError(
+                    f"{where} sets {key!r}: running a folder's code can only be allowed on the command line "
+                    "(--trust_remote_code, where the command has it) or as a Python argument, never from a "
+                    "file; remove the key"
+                )
+            reject_trust_keys(value, where)
+    elif isinstance(data, list):
+        for value in data:
+            reject_trust_keys(value, where)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    data = read_data_file(path, "--config")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"--config {path} must hold a mapping of flag names to values, got {type(data).__name__}"
         )
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"--config {path}: keys must be flag names, got {bad}")
     return {k.lstrip("-").replace("-", "_"): v for k, v in data.items()}
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..pipelines.flow_match import TRAINING_MU
 from ..pipelines.lora import applied_lora
+from ..templates.base import TemplateError
 from .backbones import backbone_of_dit
 from .features import SampleFeatures
 from .noise import draw_noise, noise_seed
@@ -146,7 +147,9 @@ class TrainingModule(nn.Module):
             use_gradient_checkpointing_offload=self.activation_offload,
         )
         if not isinstance(cache, dict):
-            raise TypeError(f"the template's forward returned {type(cache).__name__}; it must return a dict")
+            raise TemplateError(
+                f"the template's forward returned {type(cache).__name__}; it must return a dict"
+            )
         for key in sorted(set(cache) - set(TRAINED_CACHE_KEYS) - self._warned):
             self._warned.add(key)
             logger.info("template cache key %r only constrains sampling; training ignores it", key)

@@ -34,9 +34,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..loading import CheckpointError
+from ..loading.finite import NonFiniteError
 from ..pipelines.flow_match import TRAINING_MU
 from .backbones import TrainingBackbone, UnsupportedFeatureError
-from .checkpoint import ResumeError, TrainingState, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    ResumeError,
+    TrainingState,
+    check_run_folder,
+    remove_leftovers,
+    resume_training,
+    save_checkpoint,
+)
 from .components import (
     TemplateHandle,
     TemplateSetupError,
@@ -66,7 +74,7 @@ from .feature_cache import (
 from .features import FeatureError, FeatureExtractor, SafeItems, SampleFeatures, SampleSkipped
 from .metrics import MetricsLog
 from .objective import TrainingModule, noise_seed
-from .validation import render_validation, save_grid
+from .validation import check_validation_images, render_validation, save_grid
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +334,7 @@ def _total_steps(config: TrainConfig, sizes: list, world: int) -> int:
     )
     steps_per_epoch = per_epoch // config.gradient_accumulation_steps
     if config.num_epochs is not None and steps_per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"one epoch is {per_epoch} micro-batches per process, fewer than --gradient_accumulation_steps "
             f"{config.gradient_accumulation_steps}; lower it or --batch_size, or use --max_steps"
         )
@@ -357,6 +365,10 @@ def train(config: TrainConfig) -> TrainResult:
         backbone.check_samples(report.samples)
         items, sizes = SafeItems(dataset), dataset.sizes
 
+    if main:
+        check_validation_images(
+            config.validation_inputs
+        )  # a bad image fails now, not at the first validation
     train_dit = "dit" in config.trainable_models
     dit = load_dit(config, device, torch.float32 if train_dit else dtype, backbone)
     extractor, pipe = None, None
@@ -379,11 +391,14 @@ def train(config: TrainConfig) -> TrainResult:
         sizes, config.batch_size, config.seed, num_replicas=world, rank=accelerator.process_index
     )
     total_steps = _total_steps(config, sizes, world)
-    resume_from = find_resume_checkpoint(config)
-    state = TrainingState(num_processes=world)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator, model, optimizer, config)
-        state.num_processes = world
+    check_run_folder(
+        output_path, total_steps, config.save_steps
+    )  # before any step: nothing of the user's is replaced
+    if main:
+        remove_leftovers(output_path)
+    resumed = resume_training(config, accelerator, model, optimizer)
+    state = TrainingState(num_processes=world) if resumed is None else resumed
+    state.num_processes = world
     metrics = MetricsLog(output_path, state.step) if main else None
     logger.info(
         "training %s on %d samples: %d steps of %d x %d x %d samples, from step %d",
@@ -401,22 +416,27 @@ def train(config: TrainConfig) -> TrainResult:
         lr = learning_rate_at(state.step, config, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_losses, grad_norm = [], None
+        micro_losses, grad_norm, checked_norm, micro_ids = [], None, None, []
         for micro in range(config.gradient_accumulation_steps):
             epoch, batch_index, batch_items = next(stream)
             batch = _features(batch_items, extractor)
+            micro_ids.append((epoch, batch_index, [f.id for f in batch]))
             seeds = [noise_seed(config.seed, state.step, micro, f.id) for f in batch]
             with accelerator.accumulate(model):
                 loss = model(batch, seeds)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = checked_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                elif accelerator.sync_gradients and not _is_deepspeed(accelerator):
+                    checked_norm = _gradient_norm(params)  # only checked, not logged: clipping is off
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(loss.detach().float())
             state.epoch, state.batch_in_epoch = epoch, batch_index + 1
         state.step += 1
-        step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item()
+        local_losses = torch.stack(micro_losses)
+        step_loss = accelerator.reduce(local_losses.mean(), "mean").item()
+        _check_finite_step(state.step, step_loss, local_losses, checked_norm, micro_ids)
         losses.append(step_loss)
         seconds = time.perf_counter() - step_start  # data + compute; checkpoints and validation excluded
         if main:
@@ -441,6 +461,44 @@ def train(config: TrainConfig) -> TrainResult:
         metrics.close()
     accelerator.wait_for_everyone()
     return TrainResult(output_path, state.step, checkpoint, losses)
+
+
+def _gradient_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def _check_finite_step(
+    step: int,
+    step_loss: float,
+    local_losses: torch.Tensor,
+    grad_norm: torch.Tensor | None,
+    micro_ids: list[tuple[int, int, list[str]]],
+) -> None:
+    """Stop the run at the first non-finite loss or gradient, naming the step and the batch's samples.
+
+    The weights are already poisoned by then, so no checkpoint is written (``save_checkpoint`` would
+    refuse it too); every rank sees the same mean loss and the same all-reduced gradients, so all stop.
+    """
+    norm = None if grad_norm is None else float(grad_norm)
+    if math.isfinite(step_loss) and (norm is None or math.isfinite(norm)):
+        return
+    finite = torch.isfinite(local_losses.float()).tolist()
+    bad = [micro_ids[i] for i, ok in enumerate(finite) if not ok] or micro_ids
+    batches = "; ".join(f"epoch {e} batch {b}: samples {ids}" for e, b, ids in bad)
+    if math.isfinite(step_loss):
+        what = f"the gradient norm is {norm} at optimizer step {step} (loss {step_loss:.6g}); {batches}"
+    elif not all(finite):
+        what = f"the loss is {step_loss} at optimizer step {step}; non-finite for {batches}"
+    else:
+        what = (
+            f"the loss averaged over processes is {step_loss} at optimizer step {step}: another process's "
+            f"batch is non-finite (this process's were finite: {batches})"
+        )
+    raise NonFiniteError(
+        f"training stopped: {what}. No checkpoint was written for this step. Check those samples' "
+        "features, lower --learning_rate or keep --max_grad_norm on, and resume from the last checkpoint"
+    )
 
 
 def _fill_deepspeed_config(accelerator, config: TrainConfig) -> None:
@@ -502,7 +560,7 @@ def _build_training_module(config: TrainConfig, dit, template: TemplateHandle | 
     )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(
+        raise ConfigError(
             f"--trainable_models {config.trainable_models} leaves nothing to train (the template has no parameters?)"
         )
     logger.info("trainable parameters: %.3f M", sum(p.numel() for p in params) / 1e6)

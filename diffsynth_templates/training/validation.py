@@ -24,6 +24,7 @@ from PIL import Image
 
 from ..pipelines.lora import merge_loras
 from ..templates.cache import TemplateOutput, to_device, validate_output
+from .config import ConfigError
 from .dataset import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,20 @@ def _load_images(value: Any) -> Any:
     if isinstance(value, str) and Path(value).suffix.lower() in IMAGE_EXTENSIONS:
         if not Path(value).is_file():
             raise FileNotFoundError(f"--validation_inputs names the image {value!r}, which does not exist")
-        return Image.open(value).convert("RGB")
+        try:
+            with Image.open(value) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ConfigError(
+                f"--validation_inputs names the image {value!r}, which cannot be read: {e}"
+            ) from e
     return value
+
+
+def check_validation_images(items: list[dict[str, Any]] | None) -> None:
+    """Open every image ``--validation_inputs`` names now, so a bad one fails before training, not at step N."""
+    for item in items or []:
+        _load_images(item.get("template_inputs") or {})
 
 
 @torch.no_grad()

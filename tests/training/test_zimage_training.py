@@ -220,7 +220,8 @@ def test_what_zimage_cannot_train_on_is_a_clear_error(zimage_base, dataset, tmp_
             run(config(*task, *common))
 
     cli = run_cli([str(a) for a in ["--task", "data_process", "--cache_path", tmp_path / "c3", *common]])
-    assert cli.returncode == 1 and "UnsupportedFeatureError" in cli.stderr and "Traceback" not in cli.stderr
+    assert cli.returncode == 2 and "error: " in cli.stderr and "Traceback" not in cli.stderr
+    assert "metadata lines 2, 3 have an edit_image" in cli.stderr
 
     flux_config = json.dumps(asdict(ValueKVConfig.tiny()))  # FLUX.2 block names on a Z-Image base
     plain = ["--model", zimage_base, "--dataset_metadata_path", dataset, *SMALL, *VALUE_KV]
