@@ -64,6 +64,7 @@ from .feature_cache import (
     FeatureCacheError,
     ShardWriter,
     check_fingerprint,
+    clear_leftovers,
     merge_index,
     open_cache,
     read_index,
@@ -240,11 +241,7 @@ def process_dataset(config: TrainConfig) -> DataProcessResult:
     if main:
         if existing is None:
             write_initial_index(root, fingerprint, store_root)
-        for leftover in (root / "shards").glob(".*.tmp-*"):  # half-written files of a killed run
-            leftover.unlink(missing_ok=True)
-        for old in (root / "skipped").glob("*.json"):  # this run retries every skipped sample
-            old.unlink()
-        scan_shards(root)  # sets aside unreadable shards before anyone trusts the list
+        clear_leftovers(root)  # a killed run's half-written shards, the last run's skipped lists
     accelerator.wait_for_everyone()
 
     done = {entry["id"] for entries in scan_shards(root).values() for entry in entries}
