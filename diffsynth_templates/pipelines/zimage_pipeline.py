@@ -34,10 +34,14 @@ from ..backbones.zimage_dit import ZImageDiT
 from ..loading.resolve import resolve_model_path
 from .common import (
     PipelineBase,
+    PipelineInputError,
     as_prompt_list,
     at_step,
     batch_side_kv,
     check_call,
+    check_finite_cache,
+    check_finite_output,
+    check_seed,
     check_size,
     component_folders,
     conditioning_loras,
@@ -55,8 +59,9 @@ from .flux2_prompt import (
 from .image_io import (
     ImageLike,
     image_to_tensor,
-    mask_to_tensor,
+    inpaint_pair,
     paste_unmasked,
+    place_mask,
     resize_image,
     tensor_to_output,
 )
@@ -351,6 +356,12 @@ class ZImagePipeline(PipelineBase):
         with self._on_device(self.vae):
             return self.vae.encode_to_dit(pixels.to(self.device, self.vae.dtype)).float()
 
+    @property
+    def size_reason(self) -> str:
+        """Why sizes are multiples of ``pixels_per_token``, for error messages."""
+        p = self.patch_size
+        return f"the VAE downsamples {self.vae.config.downsample_factor}x and the DiT packs {p}x{p} patches"
+
     def decode_latents(self, latents: Tensor) -> Tensor:
         """DiT latents ``[B, 16, h, w]`` to images in [-1, 1] (unclamped)."""
         with self._on_device(self.vae):
@@ -373,6 +384,7 @@ class ZImagePipeline(PipelineBase):
         input_image: ImageLike | None = None,
         denoising_strength: float = 1.0,
         inpaint_mask: ImageLike | None = None,
+        resize_mask: bool = False,
         kv_cache: KVCache | ScheduledKVCache | None = None,
         negative_kv_cache: KVCache | ScheduledKVCache | None = None,
         lora: LoRACache | None = None,
@@ -381,6 +393,7 @@ class ZImagePipeline(PipelineBase):
         negative_extra_text_embedding: Tensor | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        max_pixels: int | None = None,
         callback_on_step_end: Callable[[ZImagePipeline, int, Tensor, dict], dict | None] | None = None,
     ):
         """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
@@ -388,15 +401,28 @@ class ZImagePipeline(PipelineBase):
         diffusers returns them; ``decode_latents`` turns them into images).
 
         ``num_inference_steps`` and ``cfg_scale`` default to the variant's (Turbo: 8 and 1.0, base: 50
-        and 5.0).
+        and 5.0). ``inpaint_mask`` must have ``input_image``'s size (``resize_mask=True`` stretches it
+        to that size first); both are placed onto ``height x width`` alike. ``max_pixels`` bounds
+        ``height * width`` (default 4096 x 4096).
         """
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         cfg_scale = self.defaults.cfg_scale if cfg_scale is None else cfg_scale
         prompts = as_prompt_list(prompt, "prompt")
         batch = len(prompts)
         negatives = as_prompt_list(negative_prompt, "negative_prompt", batch)
-        check_size(height, width, self.pixels_per_token)
-        check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask)
+        check_size(height, width, self.pixels_per_token, max_pixels, self.size_reason)
+        tensors = {
+            "latents": latents,
+            "extra_text_embedding": extra_text_embedding,
+            "negative_extra_text_embedding": negative_extra_text_embedding,
+        }
+        check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask, steps, tensors)
+        seed = check_seed(seed)
+        pair = None  # the mask at the input image's size, checked before anything is computed
+        if inpaint_mask is not None:
+            pair = inpaint_pair(input_image, inpaint_mask, resize_mask)
+        elif input_image is not None:
+            image_to_tensor(input_image, "input_image")
         f = self.vae.config.downsample_factor
         h, w = height // f, width // f
 
@@ -417,7 +443,9 @@ class ZImagePipeline(PipelineBase):
         strength = denoising_strength if input_image is not None else 1.0
         schedule = zimage_schedule(steps, self.shift, strength, device=self.device)
         x = noise if clean is None else add_noise(clean, noise, schedule.sigmas[0])
-        mask = None if inpaint_mask is None else mask_to_tensor(inpaint_mask, h, w).to(self.device)
+        mask = None  # placed on the latent grid exactly where the image lands
+        if pair is not None:
+            mask = place_mask(pair[1], height, width, grid=(h, w)).to(self.device)
 
         self._batch_memo = {}
         with self._on_device(self.dit):
@@ -433,11 +461,13 @@ class ZImagePipeline(PipelineBase):
                     out = callback_on_step_end(self, i, t, {"latents": x})
                     x = (out or {}).get("latents", x)
 
+        check_finite_output(x, "latents after denoising")
         if output_type == "latent":
             return x
         images = self.decode_latents(x).float()
+        check_finite_output(images, "decoded images")
         if inpaint_mask is not None:  # pixels outside the mask: exactly the input's
-            images = paste_unmasked(images, input_image, inpaint_mask)
+            images = paste_unmasked(images, input_image, inpaint_mask, resize_mask)
         return tensor_to_output(images, output_type)
 
     def _conditioning(self, prompts, max_len, kv_cache, lora, extra_embedding, side: str) -> Conditioning:
@@ -451,13 +481,16 @@ class ZImagePipeline(PipelineBase):
             kv_cache = self._checked_kv(kv_cache, len(prompts), side)
         if lora:
             validate_lora(self.dit, lora, source=f"{side}lora")
+            check_finite_cache(lora, f"{side}lora")
         return Conditioning(cap_feats, kv_cache or None, lora or None)
 
     def _append_tokens(self, cap_feats: list[Tensor], extra: Tensor, name: str) -> list[Tensor]:
         """Extra caption tokens go after each prompt's tokens (they get the following positions)."""
         dim, batch = self.dit.config.cap_feat_dim, len(cap_feats)
         if extra.ndim != 3 or extra.shape[-1] != dim or extra.shape[0] not in (1, batch):
-            raise ValueError(f"{name} has shape {tuple(extra.shape)}; expected [1 or {batch}, L, {dim}]")
+            raise PipelineInputError(
+                f"{name} has shape {tuple(extra.shape)}; expected [1 or {batch}, L, {dim}]"
+            )
         extra = extra.to(self.device, self.torch_dtype).expand(batch, -1, -1)
         return [torch.cat([c, e]) for c, e in zip(cap_feats, extra)]
 

@@ -35,6 +35,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..pipelines.image_io import inpaint_pair
+
 logger = logging.getLogger(__name__)
 
 ImageInput = Image.Image | np.ndarray
@@ -618,9 +620,14 @@ class InpaintConfig(ProcessorConfig):
     kind: str = "mixed"
     tolerance: float = MASK_COVERAGE_TOLERANCE
     force_inpaint: bool | None = None  # None: emit no flag; True/False: passed to the template as is
+    # a row's own mask of another size than its image: an error, or (True) stretched to the image
+    # by the template (emits resize_mask=True)
+    resize_mask: bool = False
 
     def __post_init__(self) -> None:
         _check_mask_options(self.coverage, self.kind, self.tolerance)
+        if not isinstance(self.resize_mask, bool):
+            raise ValueError(f"inpaint resize_mask must be true or false, got {self.resize_mask!r}")
 
 
 @register_processor("inpaint")
@@ -633,8 +640,18 @@ class InpaintProcessor(TemplateProcessor):
         cfg = self.config
         source = self._image(given["image"], "template_inputs['image']") if "image" in given else image
         out: dict[str, Any] = {"image": source}
-        if "mask" in given:
+        if "mask" in given:  # the row's own mask: checked against its image as the template will
+            resize = given.get("resize_mask", cfg.resize_mask)
+            inpaint_pair(
+                source,
+                given["mask"],
+                resize,
+                f"processor 'inpaint' image ({row.get('image', 'template_inputs')!r})",
+                "processor 'inpaint' template_inputs['mask']",
+            )
             out["mask"] = given["mask"]
+            if cfg.resize_mask and "resize_mask" not in given:
+                out["resize_mask"] = True
         else:
             width, height = out["image"].size
             mask = random_inpaint_mask(height, width, cfg.coverage, cfg.kind, seed, cfg.tolerance)

@@ -46,7 +46,7 @@ from ...backbones.flux2_dit import (
 )
 from ...backbones.zimage_dit import ZImageDiTConfig
 from ...pipelines.flux2_prompt import text_position_ids
-from ...pipelines.image_io import image_to_tensor, mask_to_tensor, resize_image
+from ...pipelines.image_io import image_to_tensor, inpaint_pair, place_image_and_mask, resize_image
 from ..base import TemplateModel
 from ..registry import register_architecture
 from ..schema import InputField, InputSchema, TemplateInputError
@@ -307,9 +307,14 @@ class ImageKV(TemplateModel):
         prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
+        resize_mask: bool = False,
         **inputs: Any,
     ) -> dict[str, Tensor]:
-        """``{"latents": [1, C(+1), h, w]}`` (+ ``prompt_embeds [1, L, text_dim]``, ``text_ids [L, 4]``)."""
+        """``{"latents": [1, C(+1), h, w]}`` (+ ``prompt_embeds [1, L, text_dim]``, ``text_ids [L, 4]``).
+
+        The mask must have the image's size (``resize_mask=True``: stretched to it first); both are
+        resized and cropped alike onto the encoding size.
+        """
         cfg, who = self.config, self._who
         if pipe is None:
             raise TemplateInputError(f"{who} encodes its image with the base model's VAE: pass pipe=...")
@@ -319,13 +324,18 @@ class ImageKV(TemplateModel):
             raise TemplateInputError(f"{who}: missing input 'mask' (white = pixels to regenerate)")
         if cfg.use_prompt and not (isinstance(prompt, str) and prompt.strip()):
             raise TemplateInputError(f"{who}: input 'prompt' must be a non-empty string, got {prompt!r}")
-        pixels = image_to_tensor(image, f"{who}: input 'image'")  # [1, 3, H, W] in [-1, 1]
-        height, width = self._encode_size(pipe, pixels, height, width)
-        pixels = resize_image(pixels, height, width)
-
         pixel_mask = None
-        if cfg.mask_channel:
-            pixel_mask = mask_to_tensor(mask, height, width, f"{who}: input 'mask'")
+        if cfg.mask_channel:  # [1, 3, H, W] in [-1, 1] and [1, 1, H, W] in [0, 1]
+            pixels, pixel_mask = inpaint_pair(
+                image, mask, resize_mask, f"{who}: input 'image'", f"{who}: input 'mask'"
+            )
+        else:
+            pixels = image_to_tensor(image, f"{who}: input 'image'")
+        height, width = self._encode_size(pipe, pixels, height, width)
+        if pixel_mask is None:
+            pixels = resize_image(pixels, height, width)
+        else:  # the mask lands on the pixels it marks, whatever the aspect ratios
+            pixels, pixel_mask = place_image_and_mask(pixels, pixel_mask, height, width)
             if cfg.hide_masked:  # the template must not see what it is asked to replace
                 pixels = pixels * (1 - pixel_mask)
         latents = pipe.encode_image((pixels + 1) / 2, height, width, f"{who}: input 'image'")

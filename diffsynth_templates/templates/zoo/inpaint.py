@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...pipelines.image_io import image_to_tensor, mask_to_tensor
+from ...pipelines.image_io import inpaint_pair
 from ..registry import register_architecture
 from ..schema import InputField, TemplateInputError
 from .image_kv import ImageKV, ImageKVConfig, image_kv_schema
@@ -64,17 +64,20 @@ class Inpaint(ImageKV):
         image: Any = None,
         mask: Any = None,
         force_inpaint: bool = False,
+        resize_mask: bool = False,
         **inputs: Any,
     ) -> dict[str, Tensor]:
-        if not isinstance(force_inpaint, bool):
-            raise TemplateInputError(
-                f"{self._who}: force_inpaint must be true or false, got {force_inpaint!r}"
+        for name, flag in (("force_inpaint", force_inpaint), ("resize_mask", resize_mask)):
+            if not isinstance(flag, bool):
+                raise TemplateInputError(f"{self._who}: {name} must be true or false, got {flag!r}")
+        features = super().process_inputs(pipe, image=image, mask=mask, resize_mask=resize_mask, **inputs)
+        if force_inpaint:  # the constraint works in pixels: hand over the inputs themselves, at the
+            # image's own size; the pipeline places both onto its output alike
+            pixels, pixel_mask = inpaint_pair(
+                image, mask, resize_mask, f"{self._who}: input 'image'", f"{self._who}: input 'mask'"
             )
-        features = super().process_inputs(pipe, image=image, mask=mask, **inputs)
-        if force_inpaint:  # the constraint works in pixels: hand over the inputs themselves
-            pixels = (image_to_tensor(image, f"{self._who}: input 'image'") + 1) / 2
-            features["input_image"] = pixels
-            features["inpaint_mask"] = mask_to_tensor(mask, *pixels.shape[-2:], f"{self._who}: input 'mask'")
+            features["input_image"] = (pixels + 1) / 2
+            features["inpaint_mask"] = pixel_mask
         return features
 
     def forward(
