@@ -114,6 +114,40 @@ def prepare_tokenizer(tokenizer: Tokenizer, pad_token: str, padding_side: str) -
     return tokenizer, pad_id
 
 
+class UnknownWordWarner:
+    """Warns, once per prompt, about prompt words a tokenizer with an unknown token cannot represent.
+
+    A word-level tokenizer (the toy model's) maps every word outside its vocabulary to ``[UNK]``
+    silently, so a prompt can lose its meaning without a word; byte-level BPE (Qwen's) has no unknown
+    token and is never checked.
+    """
+
+    MAX_REMEMBERED = 256
+
+    def __init__(self, tokenizer: Tokenizer):
+        unk = getattr(tokenizer.model, "unk_token", None)
+        self.unk = unk if isinstance(unk, str) and unk else None
+        self.unk_id = tokenizer.token_to_id(self.unk) if self.unk else None
+        self.warned: set[str] = set()
+
+    def check(self, prompts: Sequence[str], texts: Sequence[str], encodings: Sequence) -> None:
+        """``texts``: what was tokenized for each prompt (e.g. the chat-wrapped prompt)."""
+        if self.unk_id is None:
+            return
+        for prompt, text, e in zip(prompts, texts, encodings):
+            if prompt in self.warned or self.unk_id not in e.ids:
+                continue
+            words = dict.fromkeys(text[a:b] for i, (a, b) in zip(e.ids, e.offsets) if i == self.unk_id)
+            logger.warning(
+                "prompt words not in the tokenizer's vocabulary (they become %s): %s (prompt %.60r)",
+                self.unk,
+                ", ".join(repr(w) for w in words),
+                prompt,
+            )
+            if len(self.warned) < self.MAX_REMEMBERED:
+                self.warned.add(prompt)
+
+
 class Flux2PromptEncoder:
     """Turns prompts into FLUX.2-klein text tokens with a Qwen3 encoder (frozen; no gradients)."""
 
@@ -135,6 +169,7 @@ class Flux2PromptEncoder:
                 f"{n_states} hidden states (0 = embeddings ... {n_states - 1}); out of range: {bad}"
             )
         self.tokenizer = tokenizer
+        self.unknown_words = UnknownWordWarner(tokenizer)
         self.text_encoder = text_encoder
         self.hidden_state_layers = tuple(hidden_state_layers)
         self.pad_id = pad_id
@@ -168,7 +203,9 @@ class Flux2PromptEncoder:
         """Token ids and attention mask, both ``[B, max_sequence_length]`` int64 on the CPU."""
         prompts = _check_prompts(prompts)
         _check_length(max_sequence_length)
-        encodings = self.tokenizer.encode_batch([chat_prompt(p) for p in prompts])
+        texts = [chat_prompt(p) for p in prompts]
+        encodings = self.tokenizer.encode_batch(texts)
+        self.unknown_words.check(prompts, texts, encodings)
         rows = [
             pad_or_truncate(e.ids, max_sequence_length, self.pad_id, self.padding_side) for e in encodings
         ]

@@ -51,6 +51,7 @@ from .common import (
 from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule, add_noise, euler_step, velocity_towards
 from .flux2_prompt import (
     DEFAULT_PAD_TOKEN,
+    UnknownWordWarner,
     load_tokenizer,
     pad_or_truncate,
     prepare_tokenizer,
@@ -138,6 +139,7 @@ class ZImagePromptEncoder:
         tokenizer, pad_id = prepare_tokenizer(tokenizer, pad_token, padding_side)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.pad_id, self.padding_side = pad_id, padding_side
+        self.unknown_words = UnknownWordWarner(tokenizer)
 
     @property
     def embed_dim(self) -> int:
@@ -156,7 +158,9 @@ class ZImagePromptEncoder:
             or max_sequence_length < 1
         ):
             raise ValueError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}")
-        encodings = self.tokenizer.encode_batch([chat_prompt(p) for p in prompts])
+        texts = [chat_prompt(p) for p in prompts]
+        encodings = self.tokenizer.encode_batch(texts)
+        self.unknown_words.check(prompts, texts, encodings)
         for prompt, e in zip(prompts, encodings):
             if len(e.ids) > max_sequence_length:
                 logger.warning(
