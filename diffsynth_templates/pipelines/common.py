@@ -192,6 +192,8 @@ def check_call(
     inpaint_mask,
     num_inference_steps: int = 1,
     tensors: Mapping[str, object] | None = None,
+    max_sequence_length: int = 1,
+    callback_on_step_end: object = None,
 ) -> None:
     """Every scalar call argument, once per call (never per step); ``tensors``: optional tensor
     arguments by name, each a tensor or None and finite."""
@@ -207,6 +209,7 @@ def check_call(
     if not 0.0 < strength <= 1.0:
         raise PipelineInputError(f"denoising_strength must be in (0, 1], got {denoising_strength!r}")
     check_int("num_inference_steps", num_inference_steps, 1)
+    check_int("max_sequence_length", max_sequence_length, 1)
     if denoising_strength != 1.0 and input_image is None:
         raise PipelineInputError(
             f"denoising_strength={denoising_strength} needs an input_image to start from"
@@ -214,6 +217,10 @@ def check_call(
     if inpaint_mask is not None and input_image is None:
         raise PipelineInputError(
             "inpaint_mask needs input_image: the mask says which pixels of input_image to regenerate"
+        )
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        raise PipelineInputError(
+            f"callback_on_step_end must be a function (pipe, step, timestep, {{'latents': ...}}), got {callback_on_step_end!r}"
         )
     for name, value in (tensors or {}).items():
         if value is None:

@@ -276,6 +276,8 @@ class Flux2ImagePipeline(PipelineBase):
             inpaint_mask,
             num_inference_steps,
             tensors,
+            max_sequence_length,
+            callback_on_step_end,
         )
         seed = check_seed(seed)
         pair = None  # the mask at the input image's size, checked before anything is computed

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..loading import CheckpointError
+from .common import PipelineInputError
 
 logger = logging.getLogger(__name__)
 
@@ -251,10 +252,12 @@ class Flux2PromptEncoder:
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else prompts
     if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+        raise PipelineInputError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise ValueError(f"prompt {i} is a {type(p).__name__}, not a string; pass text (use '' for none)")
+            raise PipelineInputError(
+                f"prompt {i} is a {type(p).__name__}, not a string; pass text (use '' for none)"
+            )
     return list(prompts)
 
 
@@ -264,4 +267,4 @@ def _check_length(max_sequence_length: int) -> None:
         or not isinstance(max_sequence_length, int)
         or max_sequence_length < 1
     ):
-        raise ValueError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}")
+        raise PipelineInputError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}")

@@ -157,7 +157,9 @@ class ZImagePromptEncoder:
             or not isinstance(max_sequence_length, int)
             or max_sequence_length < 1
         ):
-            raise ValueError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}")
+            raise PipelineInputError(
+                f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}"
+            )
         texts = [chat_prompt(p) for p in prompts]
         encodings = self.tokenizer.encode_batch(texts)
         self.unknown_words.check(prompts, texts, encodings)
@@ -420,7 +422,17 @@ class ZImagePipeline(PipelineBase):
             "extra_text_embedding": extra_text_embedding,
             "negative_extra_text_embedding": negative_extra_text_embedding,
         }
-        check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask, steps, tensors)
+        check_call(
+            output_type,
+            cfg_scale,
+            denoising_strength,
+            input_image,
+            inpaint_mask,
+            steps,
+            tensors,
+            max_sequence_length,
+            callback_on_step_end,
+        )
         seed = check_seed(seed)
         pair = None  # the mask at the input image's size, checked before anything is computed
         if inpaint_mask is not None:

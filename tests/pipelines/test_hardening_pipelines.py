@@ -245,3 +245,33 @@ def test_known_words_and_byte_level_tokenizers_stay_silent(pipe, toy, caplog):
     with caplog.at_level(logging.WARNING):
         Flux2PromptEncoder(toy.tokenizer, toy.text_encoder).tokenize(["a red square"], 64)
     assert not [r for r in caplog.records if "vocabulary" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_sequence_length="x"), "max_sequence_length must be an integer >= 1, got 'x'"),
+        (dict(max_sequence_length=None), "max_sequence_length must be an integer >= 1, got None"),
+        (dict(lora=[1]), r"lora \(from lora\) must be a dict of .* got list"),
+        (dict(negative_lora="x", cfg_scale=2.0), r"from negative_lora\) must be a dict"),
+        (
+            dict(lora={"x.lora_A.weight": 5}),
+            r"LoRA entry 'x.lora_A.weight' \(from lora\) must map a string key to a tensor",
+        ),  # fmt: skip
+        (dict(kv_cache="x"), r"kv_cache \(from kv_cache\) must be a dict"),
+        (dict(callback_on_step_end=5), "callback_on_step_end must be a function"),
+        (
+            dict(input_image="photo.png"),
+            "input_image must be a PIL image, a numpy array or a tensor, got str",
+        ),
+        (dict(input_image=np.zeros((4, 4, 3), dtype=object)), "input_image array has dtype object"),
+        (dict(edit_image=[None]), r"edit_image\[0\] must be a PIL image"),
+    ],
+)
+@pytest.mark.parametrize("family", ["flux2", "zimage"])
+def test_wrong_argument_types_raise_our_errors_naming_them(pipe, zpipe, family, kwargs, match):
+    if family == "zimage" and "edit_image" in kwargs:
+        pytest.skip("Z-Image takes no edit_image")
+    target = pipe if family == "flux2" else zpipe
+    with pytest.raises(DiffSynthTemplatesError, match=match):
+        target(**{**CALL, **kwargs}, progress=False)
