@@ -285,3 +285,14 @@ def test_a_pipe_that_is_not_a_pipeline_is_named(scalar):
 def test_bad_declared_inputs_are_named(inputs, match):
     with pytest.raises(TemplateInputError, match=match):
         InputSchema.from_json(inputs)
+
+
+@pytest.mark.parametrize(
+    "size", [{"height": 10**9}, {"width": 2**70}, {"height": 48.5}, {"width": 20}, {"width": "x"}]
+)
+def test_encode_sizes_of_image_templates_are_bounded_and_named(pipe, size):
+    model = Inpaint(InpaintConfig.tiny())
+    image, mask = tall_image_and_mask()
+    with pytest.raises(TemplateInputError, match="height|width|exceeds"):
+        with torch.no_grad():
+            model.process_inputs(pipe=pipe, image=image, mask=mask, **size)

@@ -27,6 +27,8 @@ klein-9B: 1.58 B. Fewer ``block_names`` shrink the projections.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -45,6 +47,7 @@ from ...backbones.flux2_dit import (
     TimeEmbedding,
 )
 from ...backbones.zimage_dit import ZImageDiTConfig
+from ...pipelines.common import DEFAULT_MAX_PIXELS
 from ...pipelines.flux2_prompt import text_position_ids
 from ...pipelines.image_io import image_to_tensor, inpaint_pair, place_image_and_mask, resize_image
 from ..base import TemplateModel
@@ -359,15 +362,25 @@ class ImageKV(TemplateModel):
     def _encode_size(self, pipe, pixels: Tensor, height: int | None, width: int | None) -> tuple[int, int]:
         step = pipe.pixels_per_token
         for name, value in (("height", height), ("width", width)):
-            if value is not None and (value < step or value % step):
+            integral = (
+                isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            )
+            if value is not None and (not integral or value != int(value) or value < step or value % step):
                 raise TemplateInputError(
-                    f"{self._who}: {name}={value} must be a positive multiple of {step} (pixels per DiT token)"
+                    f"{self._who}: {name}={value!r} must be a positive multiple of {step} (pixels per DiT token)"
                 )
+        height, width = (None if v is None else int(v) for v in (height, width))
         h, w = pixels.shape[-2:]
-        return (
+        size = (
             height or round_to_multiple(h * self.config.upscale, step),
             width or round_to_multiple(w * self.config.upscale, step),
         )
+        if size[0] * size[1] > DEFAULT_MAX_PIXELS:  # refused before anything is allocated
+            raise TemplateInputError(
+                f"{self._who}: encoding at {size[0]} x {size[1]} exceeds {DEFAULT_MAX_PIXELS} pixels; "
+                "pass a smaller height / width (or a smaller image)"
+            )
+        return size
 
     # -- the trainable path -----------------------------------------------------------------------
 
