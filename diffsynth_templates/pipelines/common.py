@@ -97,8 +97,22 @@ COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 
 def default_device_and_dtype(device, torch_dtype) -> tuple[torch.device, torch.dtype]:
     """Explicit values win; otherwise CUDA in bfloat16 when there is a GPU, else the CPU in float32."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = as_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch_dtype is not None and not (
+        isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point
+    ):
+        raise PipelineInputError(
+            f"torch_dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...), got {torch_dtype!r}"
+        )
     return device, torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def as_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, or an error naming the value ("cpu", "cuda", "cuda:1", "mps", ...)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise PipelineInputError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
 
 
 def component_folders(source, overrides: dict[str, Any], revision, cache_dir, offline) -> dict[str, Path]:

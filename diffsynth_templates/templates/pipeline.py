@@ -25,6 +25,7 @@ import torch
 
 from ..loading.resolve import resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
+from ..pipelines.common import PipelineInputError, default_device_and_dtype
 from ..pipelines.kv_schedule import ScheduledKVCache, merge_kv_caches
 from ..pipelines.lora import merge_loras
 from .base import TemplateError
@@ -84,8 +85,10 @@ class TemplatePipeline:
                 f"template names {duplicates} are used twice; pass names=[...] to tell them apart"
             )
         self.slots = slots
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.torch_dtype = torch_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        try:
+            self.device, self.torch_dtype = default_device_and_dtype(device, torch_dtype)
+        except PipelineInputError as e:
+            raise TemplateArgumentError(str(e)) from e
         self.lazy_loading = lazy_loading
         self.trust_remote_code = trust_remote_code
         self.store = host_store or HOST_STORE

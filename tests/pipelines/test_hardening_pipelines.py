@@ -275,3 +275,16 @@ def test_wrong_argument_types_raise_our_errors_naming_them(pipe, zpipe, family, 
     target = pipe if family == "flux2" else zpipe
     with pytest.raises(DiffSynthTemplatesError, match=match):
         target(**{**CALL, **kwargs}, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(device="gpu"), "device must be like 'cpu', 'cuda' or 'cuda:1', got 'gpu'"),
+        (dict(torch_dtype="bfloat16"), "torch_dtype must be a floating-point torch.dtype"),
+        (dict(torch_dtype=torch.int8), "torch_dtype must be a floating-point torch.dtype"),
+    ],
+)
+def test_bad_device_and_dtype_are_named_before_loading(kwargs, match):
+    with pytest.raises(PipelineInputError, match=match):
+        Flux2ImagePipeline.from_pretrained(TOY, **kwargs)

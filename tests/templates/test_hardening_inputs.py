@@ -254,11 +254,14 @@ def test_bad_negative_template_inputs_are_named(pipe, scalar):
         ([TOY_INPAINT], {"lazy_loading": "yes"}, "lazy_loading must be True or False"),
         ([TOY_INPAINT], {"max_resident": 0, "lazy_loading": True}, "max_resident must be an integer >= 1"),
         ([TOY_INPAINT], {"memo_size": -1}, "memo_size must be an integer >= 0"),
+        ([TOY_INPAINT], {"device": "gpu"}, "device must be like 'cpu', 'cuda' or 'cuda:1', got 'gpu'"),
+        ([TOY_INPAINT], {"torch_dtype": "float32"}, "torch_dtype must be a floating-point torch.dtype"),
     ],
 )
 def test_bad_from_pretrained_arguments_are_named(sources, kwargs, match):
+    kwargs = {"device": "cpu", **kwargs}
     with pytest.raises(TemplateError, match=match) as info:
-        TemplatePipeline.from_pretrained(sources, device="cpu", host_store=HostStore(), **kwargs)
+        TemplatePipeline.from_pretrained(sources, host_store=HostStore(), **kwargs)
     assert isinstance(info.value, DiffSynthTemplatesError)
 
 
