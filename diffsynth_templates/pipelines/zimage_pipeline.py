@@ -31,6 +31,8 @@ from ..backbones.attention import KVCache
 from ..backbones.autoencoder_kl import AutoencoderKL
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..backbones.zimage_dit import ZImageDiT
+from ..loading import CheckpointError
+from ..loading.finite import NonFiniteError, check_finite_number
 from ..loading.resolve import resolve_model_path
 from .common import (
     PipelineBase,
@@ -260,6 +262,7 @@ class ZImagePipeline(PipelineBase):
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         self.dit, self.vae, self.text_encoder, self.tokenizer = dit, vae, text_encoder, tokenizer
         self.prompt_encoder = prompt_encoder or ZImagePromptEncoder(tokenizer, text_encoder)
+        check_shift(shift)
         self.variant, self.defaults, self.shift = variant, VARIANTS[variant], shift
         self.patch_size = dit.config.all_patch_size[0]
         # pixels per DiT token side: the VAE's downsampling, then the DiT's patchify
@@ -557,13 +560,26 @@ def _read_shift(source, revision, cache_dir, offline) -> float:
     path = root / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return DEFAULT_SHIFT
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); download it again") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
     if config.get("use_dynamic_shifting"):
-        raise ValueError(
+        raise CheckpointError(
             f"{str(path)!r} asks for dynamic shifting; Z-Image samples with a static shift. "
             "Set use_dynamic_shifting to false (and shift, default 3.0)"
         )
-    return float(config.get("shift", DEFAULT_SHIFT))
+    return check_shift(config.get("shift", DEFAULT_SHIFT), f"{str(path)!r}: shift")
+
+
+def check_shift(shift: object, name: str = "shift") -> float:
+    """The static schedule shift: a finite number > 0 (3.0 for Z-Image)."""
+    value = check_finite_number(name, shift)
+    if value <= 0:
+        raise NonFiniteError(f"{name} must be a finite number > 0 (Z-Image uses 3.0), got {shift!r}")
+    return value
 
 
 def _batch_sides(cond: Conditioning, uncond: Conditioning, image_tokens: int = 0) -> Conditioning | None:

@@ -288,3 +288,11 @@ def test_wrong_argument_types_raise_our_errors_naming_them(pipe, zpipe, family, 
 def test_bad_device_and_dtype_are_named_before_loading(kwargs, match):
     with pytest.raises(PipelineInputError, match=match):
         Flux2ImagePipeline.from_pretrained(TOY, **kwargs)
+
+
+@pytest.mark.parametrize("shift", [math.nan, math.inf, 0, "3"])
+def test_zimage_shift_must_be_finite_and_positive(zpipe, shift):
+    from diffsynth_templates.pipelines.zimage_pipeline import ZImagePipeline
+
+    with pytest.raises(NonFiniteError, match="shift must be a finite number"):
+        ZImagePipeline(zpipe.dit, zpipe.vae, zpipe.text_encoder, zpipe.tokenizer, shift=shift)
