@@ -104,10 +104,12 @@ def prepare_tokenizer(tokenizer: Tokenizer, pad_token: str, padding_side: str) -
     a private copy keeps the caller's tokenizer untouched.
     """
     if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        raise PipelineInputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     pad_id = tokenizer.token_to_id(pad_token)
     if pad_id is None:
-        raise ValueError(f"pad token {pad_token!r} is not in the tokenizer's vocabulary; pass pad_token=")
+        raise PipelineInputError(
+            f"pad token {pad_token!r} is not in the tokenizer's vocabulary; pass pad_token="
+        )
     if tokenizer.padding is not None or tokenizer.truncation is not None:
         tokenizer = Tokenizer.from_str(tokenizer.to_str())
         tokenizer.no_padding()
@@ -165,7 +167,7 @@ class Flux2PromptEncoder:
         n_states = text_encoder.config.num_hidden_layers + 1
         bad = [i for i in hidden_state_layers if not -n_states <= i < n_states]
         if bad or len(hidden_state_layers) == 0:
-            raise ValueError(
+            raise PipelineInputError(
                 f"hidden_state_layers {tuple(hidden_state_layers)} do not fit a text encoder with "
                 f"{n_states} hidden states (0 = embeddings ... {n_states - 1}); out of range: {bad}"
             )

@@ -216,9 +216,11 @@ def zimage_schedule(
         or not isinstance(num_inference_steps, int)
         or num_inference_steps < 1
     ):
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        raise PipelineInputError(
+            f"num_inference_steps must be a positive integer, got {num_inference_steps!r}"
+        )
     if not 0.0 < denoising_strength <= 1.0:
-        raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
+        raise PipelineInputError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
     n = num_inference_steps
     start = 1 / n + (1 - 1 / n) * denoising_strength if denoising_strength < 1 else 1.0
     sigmas = np.array(torch.linspace(start, 1 / n, n).tolist(), dtype=np.float32)
@@ -259,7 +261,7 @@ class ZImagePipeline(PipelineBase):
         shift: float = DEFAULT_SHIFT,
     ):
         if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+            raise PipelineInputError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         self.dit, self.vae, self.text_encoder, self.tokenizer = dit, vae, text_encoder, tokenizer
         self.prompt_encoder = prompt_encoder or ZImagePromptEncoder(tokenizer, text_encoder)
         check_shift(shift)

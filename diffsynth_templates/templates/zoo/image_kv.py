@@ -55,6 +55,7 @@ from ..registry import register_architecture
 from ..schema import InputField, InputSchema, TemplateInputError
 from ._common import (
     DiTConfig,
+    TemplateConfigError,
     base_layout,
     check_names,
     check_positive,
@@ -133,13 +134,13 @@ class ImageKVConfig:
         for name in ("num_double_blocks", "num_single_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{owner}.{name} must be an integer >= 0, got {value!r}")
+                raise TemplateConfigError(f"{owner}.{name} must be an integer >= 0, got {value!r}")
         if self.num_double_blocks + self.num_single_blocks == 0:
-            raise ValueError(
+            raise TemplateConfigError(
                 f"{owner} needs at least one encoder block (num_double_blocks + num_single_blocks)"
             )
         if not 0.0 <= self.sigma <= 1.0:
-            raise ValueError(
+            raise TemplateConfigError(
                 f"{owner}.sigma must be in [0, 1] (a flow-matching noise level), got {self.sigma}"
             )
         if self.key_rope:
@@ -147,19 +148,19 @@ class ImageKVConfig:
         try:
             self.encoder_config()
         except ValueError as e:
-            raise ValueError(f"{owner}: {e}") from e
+            raise TemplateConfigError(f"{owner}: {e}") from e
 
     def _check_key_rope(self, owner: str) -> None:
         axes = self.key_axes_dims_rope
         check_rope_axes(axes, self.head_dim, f"{owner}.key_axes_dims_rope")
         # the keys sit at (0, row, col, 0): without rotated row and col axes they would carry no position
         if len(axes) != 4 or axes[1] == 0 or axes[2] == 0:
-            raise ValueError(
+            raise TemplateConfigError(
                 f"{owner}.key_axes_dims_rope must be the base DiT's four RoPE axes (t, row, col, l) with "
                 f"non-zero row and col sizes, got {axes}"
             )
         if self.key_rope_theta <= 0:
-            raise ValueError(f"{owner}.key_rope_theta must be > 0, got {self.key_rope_theta}")
+            raise TemplateConfigError(f"{owner}.key_rope_theta must be > 0, got {self.key_rope_theta}")
 
     def encoder_config(self) -> Flux2DiTConfig:
         """The encoder's blocks as a Flux2DiTConfig (so they are built by the DiT's own classes)."""

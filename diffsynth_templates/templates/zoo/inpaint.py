@@ -21,6 +21,7 @@ from torch import Tensor
 from ...pipelines.image_io import inpaint_pair
 from ..registry import register_architecture
 from ..schema import InputField, TemplateInputError
+from ._common import TemplateConfigError
 from .image_kv import ImageKV, ImageKVConfig, image_kv_schema
 
 FORCE_INPAINT = InputField(
@@ -38,7 +39,7 @@ class InpaintConfig(ImageKVConfig):
 
     def __post_init__(self) -> None:
         if not self.mask_channel:
-            raise ValueError(
+            raise TemplateConfigError(
                 "InpaintConfig.mask_channel must be True: inpainting reads the mask (use image_kv without one)"
             )
         super().__post_init__()
