@@ -4,7 +4,9 @@ The mask is an extra input channel (the fraction of masked pixels under each tok
 pixels are hidden (mid-grey) before VAE encoding, so the template learns to fill, not to copy. With
 ``force_inpaint=True`` the cache also carries ``inpaint_mask`` and ``input_image``: the pipeline then
 keeps every pixel outside the mask exactly as in the input (see ``Flux2ImagePipeline.__call__``);
-without it the unmasked region is only guided by the KV tokens.
+without it the unmasked region is only guided by the KV tokens. The mask must have the image's size
+(``resize_mask=True`` stretches it to the image first); image and mask are then resized and cropped
+alike (``pipelines.image_io.place_image_and_mask``), so the mask stays on the pixels it marks.
 
 Typical KV length: 4096 tokens at 1024 x 1024. Parameters at klein-4B size: 756.2 M, as ``image_kv``
 plus one x_embedder column for the mask; klein-9B: 1.58 B.
