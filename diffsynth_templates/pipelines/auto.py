@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..loading.resolve import resolve_model_path
+from .common import PipelineInputError
 
 # class names (pipeline or transformer) -> backbone
 _CLASS_BACKBONES = {
@@ -35,9 +36,9 @@ def _class_name(path: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text()).get("_class_name")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{str(path)!r} is not a JSON object: {e}") from e
+        return json.loads(path.read_text(encoding="utf-8")).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise PipelineInputError(f"{str(path)!r} is not a JSON object: {e}") from e
 
 
 def detect_backbone(
@@ -63,7 +64,7 @@ def detect_backbone(
         found.append(f"{path.relative_to(root)}: {name!r}")
         if name in _CLASS_BACKBONES:
             return _CLASS_BACKBONES[name]
-    raise ValueError(
+    raise PipelineInputError(
         f"cannot tell which backbone {str(source)!r} is: "
         f"{'; '.join(found) if found else 'it has no model_index.json, transformer/config.json or config.json'}. "
         f"Known classes: {sorted(_CLASS_BACKBONES)}"
@@ -79,7 +80,7 @@ def pipeline_class(backbone: str) -> type:
         from .zimage_pipeline import ZImagePipeline
 
         return ZImagePipeline
-    raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+    raise PipelineInputError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
 
 
 def load_pipeline(

@@ -7,7 +7,8 @@ A pipeline class mixes in ``PipelineBase`` and provides ``dit``, ``vae``, ``text
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import numbers
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,25 @@ import torch
 from torch import Tensor
 
 from ..backbones.attention import KVCache
+from ..errors import DiffSynthTemplatesError
+from ..loading.finite import NonFiniteError, check_finite_number, check_finite_tensor, nonfinite_names
 from ..loading.resolve import resolve_model_path
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, applied_lora
+
+
+class PipelineInputError(DiffSynthTemplatesError, ValueError, TypeError):
+    """A pipeline call argument has the wrong type or value; the message names it and what is right.
+
+    Both a ``ValueError`` and a ``TypeError``, so ``except`` clauses written for either keep working.
+    """
+
+
+# Largest image a call makes unless ``max_pixels=`` says otherwise: 4096 x 4096, 4x FLUX.2's 4 MP.
+# Beyond it a typo (``--height 100000``) would try to allocate tens of GB before failing.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+# what torch.Generator.manual_seed accepts
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 class PipelineBase:
@@ -46,6 +63,7 @@ class PipelineBase:
     def _checked_kv(self, kv_cache: KVCache | None, batch: int, side: str) -> KVCache | None:
         """Validate once before denoising and cast once to the pipeline's device and dtype."""
         self.dit.validate_kv_cache(kv_cache, batch_size=batch, source=f"{side}kv_cache")
+        check_finite_cache(kv_cache, f"{side}kv_cache")
         # empty entries are dropped: they change nothing and would only stop the CFG sides from batching
         cast = {
             n: (k.to(self.device, self.torch_dtype), v.to(self.device, self.torch_dtype))
@@ -57,10 +75,15 @@ class PipelineBase:
     def _initial_noise(self, batch: int, h: int, w: int, seed: int | None, latents: Tensor | None) -> Tensor:
         shape = (batch, self.dit.config.in_channels, h, w)
         if latents is not None:
+            if not isinstance(latents, Tensor):
+                raise PipelineInputError(
+                    f"latents must be a tensor of shape {shape}, got {type(latents).__name__}"
+                )
             if tuple(latents.shape) != shape:
-                raise ValueError(
+                raise PipelineInputError(
                     f"latents have shape {tuple(latents.shape)}; expected {shape} for this size and batch"
                 )
+            check_finite_tensor("latents", latents)
             return latents.to(self.device, torch.float32)
         # sampled on the CPU in float32 so a seed gives the same image on any device
         generator = torch.Generator("cpu")
@@ -74,8 +97,22 @@ COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
 
 def default_device_and_dtype(device, torch_dtype) -> tuple[torch.device, torch.dtype]:
     """Explicit values win; otherwise CUDA in bfloat16 when there is a GPU, else the CPU in float32."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = as_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch_dtype is not None and not (
+        isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point
+    ):
+        raise PipelineInputError(
+            f"torch_dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...), got {torch_dtype!r}"
+        )
     return device, torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def as_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, or an error naming the value ("cpu", "cuda", "cuda:1", "mps", ...)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise PipelineInputError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
 
 
 def component_folders(source, overrides: dict[str, Any], revision, cache_dir, offline) -> dict[str, Path]:
@@ -104,34 +141,137 @@ def component_folder(source, name: str, revision, cache_dir, offline) -> Path:
 
 def as_prompt_list(prompt, name: str, batch: int | None = None) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise PipelineInputError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    prompts = list(prompts)
     if batch is not None and len(prompts) != batch:
         if len(prompts) == 1:
             return prompts * batch
-        raise ValueError(f"{name} has {len(prompts)} entries; expected 1 or {batch} (one per prompt)")
+        raise PipelineInputError(f"{name} has {len(prompts)} entries; expected 1 or {batch} (one per prompt)")
     return prompts
 
 
-def check_size(height: int, width: int, multiple: int) -> None:
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int if it is an integer (not a bool, not a float) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PipelineInputError(
+            f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})"
+        )
+    if value < minimum:
+        raise PipelineInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_seed(seed: object) -> int | None:
+    """``None`` (a random seed) or an integer torch's generator accepts."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not SEED_MIN <= seed <= SEED_MAX:
+        raise PipelineInputError(
+            f"seed must be an integer between {SEED_MIN} and {SEED_MAX} (or None for a random one), "
+            f"got {seed!r}"
+        )
+    return int(seed)
+
+
+def check_size(height: int, width: int, multiple: int, max_pixels: int | None = None, why: str = "") -> None:
+    """Refuse sizes the model cannot make (not a positive multiple of ``multiple``) or too large ones.
+
+    ``why`` says where ``multiple`` comes from (the VAE's downsampling times the DiT's patch size).
+    """
+    why = f" ({why})" if why else ""
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value < multiple:
-            raise ValueError(f"{name} must be an integer >= {multiple}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < multiple:
+            raise PipelineInputError(
+                f"{name} must be an integer >= {multiple} and a multiple of {multiple}{why}, got {value!r}"
+            )
         if value % multiple:
             lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
-            raise ValueError(f"{name}={value} is not a multiple of {multiple}; use {lower} or {upper}")
+            raise PipelineInputError(
+                f"{name}={value} is not a multiple of {multiple}; use {lower} or {upper}{why}"
+            )
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else check_int("max_pixels", max_pixels, 1)
+    if height * width > limit:
+        raise PipelineInputError(
+            f"height x width = {height} x {width} = {height * width} pixels exceeds max_pixels={limit}; "
+            "pass a smaller size, or max_pixels= a larger bound if the memory is there"
+        )
 
 
-def check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask) -> None:
+def check_call(
+    output_type,
+    cfg_scale,
+    denoising_strength,
+    input_image,
+    inpaint_mask,
+    num_inference_steps: int = 1,
+    tensors: Mapping[str, object] | None = None,
+    max_sequence_length: int = 1,
+    callback_on_step_end: object = None,
+) -> None:
+    """Every scalar call argument, once per call (never per step); ``tensors``: optional tensor
+    arguments by name, each a tensor or None and finite."""
     if output_type not in ("pil", "np", "latent"):
-        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
+        raise PipelineInputError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+    try:
+        cfg = check_finite_number("cfg_scale", cfg_scale)
+        strength = check_finite_number("denoising_strength", denoising_strength)
+    except NonFiniteError as e:
+        raise PipelineInputError(str(e)) from e
+    if cfg < 0:
+        raise PipelineInputError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
+    if not 0.0 < strength <= 1.0:
+        raise PipelineInputError(f"denoising_strength must be in (0, 1], got {denoising_strength!r}")
+    check_int("num_inference_steps", num_inference_steps, 1)
+    check_int("max_sequence_length", max_sequence_length, 1)
     if denoising_strength != 1.0 and input_image is None:
-        raise ValueError(f"denoising_strength={denoising_strength} needs an input_image to start from")
+        raise PipelineInputError(
+            f"denoising_strength={denoising_strength} needs an input_image to start from"
+        )
     if inpaint_mask is not None and input_image is None:
-        raise ValueError(
+        raise PipelineInputError(
             "inpaint_mask needs input_image: the mask says which pixels of input_image to regenerate"
+        )
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        raise PipelineInputError(
+            f"callback_on_step_end must be a function (pipe, step, timestep, {{'latents': ...}}), got {callback_on_step_end!r}"
+        )
+    for name, value in (tensors or {}).items():
+        if value is None:
+            continue
+        if not isinstance(value, Tensor):
+            raise PipelineInputError(f"{name} must be a tensor, got {type(value).__name__}")
+        check_finite_tensor(name, value)
+
+
+def check_finite_cache(cache: object, where: str) -> None:
+    """Raise ``NonFiniteError`` naming the entries of a KV cache / LoRA (nested dicts and tuples of
+    tensors) that hold NaN or inf: such a cache turns every image black."""
+    bad = nonfinite_names(_tensor_leaves(cache, ""))
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteError(f"{where}: tensor(s) {bad[:5]}{more} hold NaN or inf values")
+
+
+def _tensor_leaves(value: object, prefix: str) -> Iterator[tuple[str, Tensor]]:
+    if isinstance(value, Tensor):
+        yield prefix or "tensor", value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _tensor_leaves(item, f"{prefix}[{key!r}]")
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from _tensor_leaves(item, f"{prefix}[{i}]")
+    elif hasattr(value, "entries"):  # a ScheduledKVCache: (cache, start, end) per entry
+        yield from _tensor_leaves([e[0] for e in value.entries], prefix)
+
+
+def check_finite_output(images: Tensor, what: str) -> None:
+    """The last guard: a non-finite result raises instead of being saved as a black image."""
+    if nonfinite_names([(what, images)]):
+        raise NonFiniteError(
+            f"the {what} hold NaN or inf values, so the image would be black; some input is too extreme "
+            "(cfg_scale, a template's scale or weights, a LoRA), or the dtype overflows (try float32)"
         )
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .common import PipelineInputError
+
 NUM_TRAIN_TIMESTEPS = 1000
 TRAINING_MU = 0.8  # the shift DiffSynth-Studio trains klein templates with (no resolution dependence)
 
@@ -64,9 +66,11 @@ def klein_schedule(
     ``1/N + (1 - 1/N) * strength`` before the shift, as DiffSynth-Studio does.
     """
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        raise PipelineInputError(
+            f"num_inference_steps must be a positive integer, got {num_inference_steps!r}"
+        )
     if not 0.0 < denoising_strength <= 1.0:
-        raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
+        raise PipelineInputError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
     n = num_inference_steps
     sigma_min = 1.0 / n
     sigma_start = sigma_min + (1.0 - sigma_min) * denoising_strength if denoising_strength < 1 else 1.0

@@ -25,10 +25,14 @@ from ..backbones.flux2_vae import Flux2VAE
 from ..backbones.qwen3 import Qwen3TextEncoder
 from .common import (
     PipelineBase,
+    PipelineInputError,
     as_prompt_list,
     at_step,
     batch_side_kv,
     check_call,
+    check_finite_cache,
+    check_finite_output,
+    check_seed,
     check_size,
     component_folders,
     conditioning_loras,
@@ -41,8 +45,9 @@ from .image_io import (
     ImageLike,
     fit_to_area,
     image_to_tensor,
-    mask_to_tensor,
+    inpaint_pair,
     paste_unmasked,
+    place_mask,
     resize_image,
     tensor_to_output,
 )
@@ -209,6 +214,11 @@ class Flux2ImagePipeline(PipelineBase):
             )
 
     @property
+    def size_reason(self) -> str:
+        """Why sizes are multiples of ``pixels_per_token``, for error messages."""
+        return f"the VAE downsamples {self.vae.config.downsample_factor}x and the DiT packs 2x2 patches"
+
+    @property
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
@@ -230,6 +240,7 @@ class Flux2ImagePipeline(PipelineBase):
         denoising_strength: float = 1.0,
         edit_image: ImageLike | list[ImageLike] | None = None,
         inpaint_mask: ImageLike | None = None,
+        resize_mask: bool = False,
         kv_cache: KVCache | ScheduledKVCache | None = None,
         negative_kv_cache: KVCache | ScheduledKVCache | None = None,
         lora: LoRACache | None = None,
@@ -238,15 +249,42 @@ class Flux2ImagePipeline(PipelineBase):
         negative_extra_text_embedding: Tensor | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        max_pixels: int | None = None,
         callback_on_step_end: Callable[[Flux2ImagePipeline, int, Tensor, dict], dict | None] | None = None,
     ):
         """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
-        (``output_type="np"``) or VAE latents ``[B, 32, H/8, W/8]`` (``output_type="latent"``)."""
+        (``output_type="np"``) or VAE latents ``[B, 32, H/8, W/8]`` (``output_type="latent"``).
+
+        ``inpaint_mask`` must have ``input_image``'s size (``resize_mask=True`` stretches it to that
+        size first); both are placed onto ``height x width`` alike (resized to cover, center-cropped).
+        ``max_pixels`` bounds ``height * width`` (default 4096 x 4096).
+        """
         prompts = as_prompt_list(prompt, "prompt")
         batch = len(prompts)
         negatives = as_prompt_list(negative_prompt, "negative_prompt", batch)
-        check_size(height, width, self.pixels_per_token)
-        check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask)
+        check_size(height, width, self.pixels_per_token, max_pixels, self.size_reason)
+        tensors = {
+            "latents": latents,
+            "extra_text_embedding": extra_text_embedding,
+            "negative_extra_text_embedding": negative_extra_text_embedding,
+        }
+        check_call(
+            output_type,
+            cfg_scale,
+            denoising_strength,
+            input_image,
+            inpaint_mask,
+            num_inference_steps,
+            tensors,
+            max_sequence_length,
+            callback_on_step_end,
+        )
+        seed = check_seed(seed)
+        pair = None  # the mask at the input image's size, checked before anything is computed
+        if inpaint_mask is not None:
+            pair = inpaint_pair(input_image, inpaint_mask, resize_mask)
+        elif input_image is not None:
+            image_to_tensor(input_image, "input_image")
         do_cfg = cfg_scale != 1.0
         h, w = height // self.pixels_per_token, width // self.pixels_per_token
 
@@ -275,8 +313,8 @@ class Flux2ImagePipeline(PipelineBase):
         img_ids = _grid_ids(h, w, t=0).to(self.device)
         edit_tokens, edit_ids = self._edit_tokens(edit_image)
         mask_tokens = None
-        if inpaint_mask is not None:
-            mask_tokens = _pack(mask_to_tensor(inpaint_mask, h, w).to(self.device))
+        if pair is not None:  # placed on the token grid exactly where the image lands
+            mask_tokens = _pack(place_mask(pair[1], height, width, grid=(h, w)).to(self.device))
 
         self._batch_memo = {}
         n_steps = len(schedule)
@@ -293,13 +331,15 @@ class Flux2ImagePipeline(PipelineBase):
                     out = callback_on_step_end(self, i, t, {"latents": x})
                     x = (out or {}).get("latents", x)
 
+        check_finite_output(x, "latents after denoising")
         latents_out = _unpack(x, h, w)
         if output_type == "latent":
             with self._on_device(self.vae):
                 return self.vae.unpatchify(self.vae.denormalize(latents_out.to(self.device)))
         images = self.decode_latents(latents_out).float()
+        check_finite_output(images, "decoded images")
         if inpaint_mask is not None:  # pixels outside the mask: exactly the input's
-            images = paste_unmasked(images, input_image, inpaint_mask)
+            images = paste_unmasked(images, input_image, inpaint_mask, resize_mask)
         return tensor_to_output(images, output_type)
 
     def _conditioning(self, prompts, max_len, kv_cache, lora, extra_embedding, side: str) -> Conditioning:
@@ -315,6 +355,7 @@ class Flux2ImagePipeline(PipelineBase):
             kv_cache = self._checked_kv(kv_cache, len(prompts), side)
         if lora:
             validate_lora(self.dit, lora, source=f"{side}lora")
+            check_finite_cache(lora, f"{side}lora")
         return Conditioning(embeds, text_ids, kv_cache or None, lora or None)
 
     def _edit_tokens(self, edit_image) -> tuple[Tensor | None, Tensor | None]:
@@ -381,7 +422,7 @@ class Flux2ImagePipeline(PipelineBase):
 def _append_text_tokens(embeds: Tensor, text_ids: Tensor, extra: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """Extra text tokens go after the prompt, continuing its sequence positions."""
     if extra.ndim != 3 or extra.shape[-1] != embeds.shape[-1] or extra.shape[0] not in (1, embeds.shape[0]):
-        raise ValueError(
+        raise PipelineInputError(
             f"{name} has shape {tuple(extra.shape)}; expected [1 or {embeds.shape[0]}, L, {embeds.shape[-1]}]"
         )
     length = embeds.shape[1]

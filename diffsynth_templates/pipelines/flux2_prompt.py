@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..loading import CheckpointError
+from .common import PipelineInputError
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +104,51 @@ def prepare_tokenizer(tokenizer: Tokenizer, pad_token: str, padding_side: str) -
     a private copy keeps the caller's tokenizer untouched.
     """
     if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        raise PipelineInputError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     pad_id = tokenizer.token_to_id(pad_token)
     if pad_id is None:
-        raise ValueError(f"pad token {pad_token!r} is not in the tokenizer's vocabulary; pass pad_token=")
+        raise PipelineInputError(
+            f"pad token {pad_token!r} is not in the tokenizer's vocabulary; pass pad_token="
+        )
     if tokenizer.padding is not None or tokenizer.truncation is not None:
         tokenizer = Tokenizer.from_str(tokenizer.to_str())
         tokenizer.no_padding()
         tokenizer.no_truncation()
     return tokenizer, pad_id
+
+
+class UnknownWordWarner:
+    """Warns, once per prompt, about prompt words a tokenizer with an unknown token cannot represent.
+
+    A word-level tokenizer (the toy model's) maps every word outside its vocabulary to ``[UNK]``
+    silently, so a prompt can lose its meaning without a word; byte-level BPE (Qwen's) has no unknown
+    token and is never checked.
+    """
+
+    MAX_REMEMBERED = 256
+
+    def __init__(self, tokenizer: Tokenizer):
+        unk = getattr(tokenizer.model, "unk_token", None)
+        self.unk = unk if isinstance(unk, str) and unk else None
+        self.unk_id = tokenizer.token_to_id(self.unk) if self.unk else None
+        self.warned: set[str] = set()
+
+    def check(self, prompts: Sequence[str], texts: Sequence[str], encodings: Sequence) -> None:
+        """``texts``: what was tokenized for each prompt (e.g. the chat-wrapped prompt)."""
+        if self.unk_id is None:
+            return
+        for prompt, text, e in zip(prompts, texts, encodings):
+            if prompt in self.warned or self.unk_id not in e.ids:
+                continue
+            words = dict.fromkeys(text[a:b] for i, (a, b) in zip(e.ids, e.offsets) if i == self.unk_id)
+            logger.warning(
+                "prompt words not in the tokenizer's vocabulary (they become %s): %s (prompt %.60r)",
+                self.unk,
+                ", ".join(repr(w) for w in words),
+                prompt,
+            )
+            if len(self.warned) < self.MAX_REMEMBERED:
+                self.warned.add(prompt)
 
 
 class Flux2PromptEncoder:
@@ -130,11 +167,12 @@ class Flux2PromptEncoder:
         n_states = text_encoder.config.num_hidden_layers + 1
         bad = [i for i in hidden_state_layers if not -n_states <= i < n_states]
         if bad or len(hidden_state_layers) == 0:
-            raise ValueError(
+            raise PipelineInputError(
                 f"hidden_state_layers {tuple(hidden_state_layers)} do not fit a text encoder with "
                 f"{n_states} hidden states (0 = embeddings ... {n_states - 1}); out of range: {bad}"
             )
         self.tokenizer = tokenizer
+        self.unknown_words = UnknownWordWarner(tokenizer)
         self.text_encoder = text_encoder
         self.hidden_state_layers = tuple(hidden_state_layers)
         self.pad_id = pad_id
@@ -168,7 +206,9 @@ class Flux2PromptEncoder:
         """Token ids and attention mask, both ``[B, max_sequence_length]`` int64 on the CPU."""
         prompts = _check_prompts(prompts)
         _check_length(max_sequence_length)
-        encodings = self.tokenizer.encode_batch([chat_prompt(p) for p in prompts])
+        texts = [chat_prompt(p) for p in prompts]
+        encodings = self.tokenizer.encode_batch(texts)
+        self.unknown_words.check(prompts, texts, encodings)
         rows = [
             pad_or_truncate(e.ids, max_sequence_length, self.pad_id, self.padding_side) for e in encodings
         ]
@@ -214,10 +254,12 @@ class Flux2PromptEncoder:
 def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else prompts
     if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+        raise PipelineInputError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise ValueError(f"prompt {i} is a {type(p).__name__}, not a string; pass text (use '' for none)")
+            raise PipelineInputError(
+                f"prompt {i} is a {type(p).__name__}, not a string; pass text (use '' for none)"
+            )
     return list(prompts)
 
 
@@ -227,4 +269,4 @@ def _check_length(max_sequence_length: int) -> None:
         or not isinstance(max_sequence_length, int)
         or max_sequence_length < 1
     ):
-        raise ValueError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}")
+        raise PipelineInputError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}")

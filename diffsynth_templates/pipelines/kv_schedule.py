@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..backbones.attention import KVCache
+from ..backbones.attention import KVCache, KVCacheError
 
 
 def broadcast_cat(tensors: Sequence[Tensor], dim: int) -> Tensor:
@@ -48,7 +48,7 @@ class ScheduledKVCache:
     def __post_init__(self) -> None:
         for _, start, end in self.entries:
             if not 0.0 <= start < end <= 1.0:
-                raise ValueError(
+                raise KVCacheError(
                     f"a KV step window must satisfy 0 <= step_start < step_end <= 1, got ({start}, {end})"
                 )
 

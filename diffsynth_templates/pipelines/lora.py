@@ -27,8 +27,16 @@ class LoRAError(DiffSynthTemplatesError, ValueError):
 def split_lora(lora: LoRACache, source: str | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Group a flat LoRA dict into ``{module: (A, B)}``; raise on unpaired or mis-shaped entries."""
     who = f" (from {source})" if source else ""
+    if not isinstance(lora, Mapping):
+        raise LoRAError(
+            f"lora{who} must be a dict of '{{module}}.lora_A.weight' / '.lora_B.weight' -> tensor, got {type(lora).__name__}"
+        )
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, value in lora.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise LoRAError(
+                f"LoRA entry {key!r}{who} must map a string key to a tensor, got {type(value).__name__}"
+            )
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if key.endswith(suffix):

@@ -31,13 +31,19 @@ from ..backbones.attention import KVCache
 from ..backbones.autoencoder_kl import AutoencoderKL
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..backbones.zimage_dit import ZImageDiT
+from ..loading import CheckpointError
+from ..loading.finite import NonFiniteError, check_finite_number
 from ..loading.resolve import resolve_model_path
 from .common import (
     PipelineBase,
+    PipelineInputError,
     as_prompt_list,
     at_step,
     batch_side_kv,
     check_call,
+    check_finite_cache,
+    check_finite_output,
+    check_seed,
     check_size,
     component_folders,
     conditioning_loras,
@@ -47,6 +53,7 @@ from .common import (
 from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule, add_noise, euler_step, velocity_towards
 from .flux2_prompt import (
     DEFAULT_PAD_TOKEN,
+    UnknownWordWarner,
     load_tokenizer,
     pad_or_truncate,
     prepare_tokenizer,
@@ -55,8 +62,9 @@ from .flux2_prompt import (
 from .image_io import (
     ImageLike,
     image_to_tensor,
-    mask_to_tensor,
+    inpaint_pair,
     paste_unmasked,
+    place_mask,
     resize_image,
     tensor_to_output,
 )
@@ -133,6 +141,7 @@ class ZImagePromptEncoder:
         tokenizer, pad_id = prepare_tokenizer(tokenizer, pad_token, padding_side)
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.pad_id, self.padding_side = pad_id, padding_side
+        self.unknown_words = UnknownWordWarner(tokenizer)
 
     @property
     def embed_dim(self) -> int:
@@ -150,8 +159,12 @@ class ZImagePromptEncoder:
             or not isinstance(max_sequence_length, int)
             or max_sequence_length < 1
         ):
-            raise ValueError(f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}")
-        encodings = self.tokenizer.encode_batch([chat_prompt(p) for p in prompts])
+            raise PipelineInputError(
+                f"max_sequence_length must be an integer >= 1, got {max_sequence_length!r}"
+            )
+        texts = [chat_prompt(p) for p in prompts]
+        encodings = self.tokenizer.encode_batch(texts)
+        self.unknown_words.check(prompts, texts, encodings)
         for prompt, e in zip(prompts, encodings):
             if len(e.ids) > max_sequence_length:
                 logger.warning(
@@ -203,9 +216,11 @@ def zimage_schedule(
         or not isinstance(num_inference_steps, int)
         or num_inference_steps < 1
     ):
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        raise PipelineInputError(
+            f"num_inference_steps must be a positive integer, got {num_inference_steps!r}"
+        )
     if not 0.0 < denoising_strength <= 1.0:
-        raise ValueError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
+        raise PipelineInputError(f"denoising_strength must be in (0, 1], got {denoising_strength}")
     n = num_inference_steps
     start = 1 / n + (1 - 1 / n) * denoising_strength if denoising_strength < 1 else 1.0
     sigmas = np.array(torch.linspace(start, 1 / n, n).tolist(), dtype=np.float32)
@@ -246,9 +261,10 @@ class ZImagePipeline(PipelineBase):
         shift: float = DEFAULT_SHIFT,
     ):
         if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+            raise PipelineInputError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         self.dit, self.vae, self.text_encoder, self.tokenizer = dit, vae, text_encoder, tokenizer
         self.prompt_encoder = prompt_encoder or ZImagePromptEncoder(tokenizer, text_encoder)
+        check_shift(shift)
         self.variant, self.defaults, self.shift = variant, VARIANTS[variant], shift
         self.patch_size = dit.config.all_patch_size[0]
         # pixels per DiT token side: the VAE's downsampling, then the DiT's patchify
@@ -351,6 +367,12 @@ class ZImagePipeline(PipelineBase):
         with self._on_device(self.vae):
             return self.vae.encode_to_dit(pixels.to(self.device, self.vae.dtype)).float()
 
+    @property
+    def size_reason(self) -> str:
+        """Why sizes are multiples of ``pixels_per_token``, for error messages."""
+        p = self.patch_size
+        return f"the VAE downsamples {self.vae.config.downsample_factor}x and the DiT packs {p}x{p} patches"
+
     def decode_latents(self, latents: Tensor) -> Tensor:
         """DiT latents ``[B, 16, h, w]`` to images in [-1, 1] (unclamped)."""
         with self._on_device(self.vae):
@@ -373,6 +395,7 @@ class ZImagePipeline(PipelineBase):
         input_image: ImageLike | None = None,
         denoising_strength: float = 1.0,
         inpaint_mask: ImageLike | None = None,
+        resize_mask: bool = False,
         kv_cache: KVCache | ScheduledKVCache | None = None,
         negative_kv_cache: KVCache | ScheduledKVCache | None = None,
         lora: LoRACache | None = None,
@@ -381,6 +404,7 @@ class ZImagePipeline(PipelineBase):
         negative_extra_text_embedding: Tensor | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        max_pixels: int | None = None,
         callback_on_step_end: Callable[[ZImagePipeline, int, Tensor, dict], dict | None] | None = None,
     ):
         """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
@@ -388,15 +412,38 @@ class ZImagePipeline(PipelineBase):
         diffusers returns them; ``decode_latents`` turns them into images).
 
         ``num_inference_steps`` and ``cfg_scale`` default to the variant's (Turbo: 8 and 1.0, base: 50
-        and 5.0).
+        and 5.0). ``inpaint_mask`` must have ``input_image``'s size (``resize_mask=True`` stretches it
+        to that size first); both are placed onto ``height x width`` alike. ``max_pixels`` bounds
+        ``height * width`` (default 4096 x 4096).
         """
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         cfg_scale = self.defaults.cfg_scale if cfg_scale is None else cfg_scale
         prompts = as_prompt_list(prompt, "prompt")
         batch = len(prompts)
         negatives = as_prompt_list(negative_prompt, "negative_prompt", batch)
-        check_size(height, width, self.pixels_per_token)
-        check_call(output_type, cfg_scale, denoising_strength, input_image, inpaint_mask)
+        check_size(height, width, self.pixels_per_token, max_pixels, self.size_reason)
+        tensors = {
+            "latents": latents,
+            "extra_text_embedding": extra_text_embedding,
+            "negative_extra_text_embedding": negative_extra_text_embedding,
+        }
+        check_call(
+            output_type,
+            cfg_scale,
+            denoising_strength,
+            input_image,
+            inpaint_mask,
+            steps,
+            tensors,
+            max_sequence_length,
+            callback_on_step_end,
+        )
+        seed = check_seed(seed)
+        pair = None  # the mask at the input image's size, checked before anything is computed
+        if inpaint_mask is not None:
+            pair = inpaint_pair(input_image, inpaint_mask, resize_mask)
+        elif input_image is not None:
+            image_to_tensor(input_image, "input_image")
         f = self.vae.config.downsample_factor
         h, w = height // f, width // f
 
@@ -417,7 +464,9 @@ class ZImagePipeline(PipelineBase):
         strength = denoising_strength if input_image is not None else 1.0
         schedule = zimage_schedule(steps, self.shift, strength, device=self.device)
         x = noise if clean is None else add_noise(clean, noise, schedule.sigmas[0])
-        mask = None if inpaint_mask is None else mask_to_tensor(inpaint_mask, h, w).to(self.device)
+        mask = None  # placed on the latent grid exactly where the image lands
+        if pair is not None:
+            mask = place_mask(pair[1], height, width, grid=(h, w)).to(self.device)
 
         self._batch_memo = {}
         with self._on_device(self.dit):
@@ -433,11 +482,13 @@ class ZImagePipeline(PipelineBase):
                     out = callback_on_step_end(self, i, t, {"latents": x})
                     x = (out or {}).get("latents", x)
 
+        check_finite_output(x, "latents after denoising")
         if output_type == "latent":
             return x
         images = self.decode_latents(x).float()
+        check_finite_output(images, "decoded images")
         if inpaint_mask is not None:  # pixels outside the mask: exactly the input's
-            images = paste_unmasked(images, input_image, inpaint_mask)
+            images = paste_unmasked(images, input_image, inpaint_mask, resize_mask)
         return tensor_to_output(images, output_type)
 
     def _conditioning(self, prompts, max_len, kv_cache, lora, extra_embedding, side: str) -> Conditioning:
@@ -451,13 +502,16 @@ class ZImagePipeline(PipelineBase):
             kv_cache = self._checked_kv(kv_cache, len(prompts), side)
         if lora:
             validate_lora(self.dit, lora, source=f"{side}lora")
+            check_finite_cache(lora, f"{side}lora")
         return Conditioning(cap_feats, kv_cache or None, lora or None)
 
     def _append_tokens(self, cap_feats: list[Tensor], extra: Tensor, name: str) -> list[Tensor]:
         """Extra caption tokens go after each prompt's tokens (they get the following positions)."""
         dim, batch = self.dit.config.cap_feat_dim, len(cap_feats)
         if extra.ndim != 3 or extra.shape[-1] != dim or extra.shape[0] not in (1, batch):
-            raise ValueError(f"{name} has shape {tuple(extra.shape)}; expected [1 or {batch}, L, {dim}]")
+            raise PipelineInputError(
+                f"{name} has shape {tuple(extra.shape)}; expected [1 or {batch}, L, {dim}]"
+            )
         extra = extra.to(self.device, self.torch_dtype).expand(batch, -1, -1)
         return [torch.cat([c, e]) for c, e in zip(cap_feats, extra)]
 
@@ -508,13 +562,26 @@ def _read_shift(source, revision, cache_dir, offline) -> float:
     path = root / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return DEFAULT_SHIFT
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); download it again") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
     if config.get("use_dynamic_shifting"):
-        raise ValueError(
+        raise CheckpointError(
             f"{str(path)!r} asks for dynamic shifting; Z-Image samples with a static shift. "
             "Set use_dynamic_shifting to false (and shift, default 3.0)"
         )
-    return float(config.get("shift", DEFAULT_SHIFT))
+    return check_shift(config.get("shift", DEFAULT_SHIFT), f"{str(path)!r}: shift")
+
+
+def check_shift(shift: object, name: str = "shift") -> float:
+    """The static schedule shift: a finite number > 0 (3.0 for Z-Image)."""
+    value = check_finite_number(name, shift)
+    if value <= 0:
+        raise NonFiniteError(f"{name} must be a finite number > 0 (Z-Image uses 3.0), got {shift!r}")
+    return value
 
 
 def _batch_sides(cond: Conditioning, uncond: Conditioning, image_tokens: int = 0) -> Conditioning | None:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..loading.finite import NonFiniteError
+from ..pipelines.common import check_finite_cache
 from ..pipelines.kv_schedule import broadcast_cat, merge_kv_caches
 from ..pipelines.lora import merge_loras, validate_lora
 from .base import TemplateError
@@ -26,6 +28,21 @@ MERGEABLE_KEYS = ("kv_cache", "lora", "extra_text_embedding")
 
 class TemplateCacheError(TemplateError):
     """A cache is malformed, conflicts with another, or names an argument the pipeline does not take."""
+
+
+class NonFiniteCacheError(TemplateCacheError, NonFiniteError):
+    """A template produced NaN or inf (its weights or inputs hold them)."""
+
+
+def check_finite_output(template: str, cache: Mapping[str, Any]) -> None:
+    """Refuse a template cache with NaN / inf tensors, naming the template: it would blacken the image."""
+    try:
+        check_finite_cache(cache, f"template {template!r}")
+    except NonFiniteError as e:
+        raise NonFiniteCacheError(
+            f"{e}; the template's weights or inputs hold NaN or inf, so every image would be black. "
+            "Check its weights file (re-download or re-train it) and its inputs"
+        ) from e
 
 
 @dataclass

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import numbers
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 
 from ..loading.resolve import resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
+from ..pipelines.common import PipelineInputError, default_device_and_dtype
 from ..pipelines.kv_schedule import ScheduledKVCache, merge_kv_caches
 from ..pipelines.lora import merge_loras
 from .base import TemplateError
@@ -31,15 +34,20 @@ from .cache import (
     TemplateCacheError,
     TemplateOutput,
     broadcast_cat,
+    check_finite_output,
     merge_outputs,
     to_device,
     validate_output,
 )
 from .folder import LoadedTemplate
 from .residency import HOST_STORE, HostStore, OutputMemo, ResidencyScheduler, hash_inputs
-from .schema import RESERVED_KEYS, TemplateInputError
+from .schema import RESERVED_KEYS, TemplateInputError, check_finite_inputs
 
 logger = logging.getLogger(__name__)
+
+
+class TemplateArgumentError(TemplateError, TypeError):
+    """A ``TemplatePipeline`` argument of the wrong type or value (also a ``TypeError``, as it was)."""
 
 
 @dataclass
@@ -61,17 +69,26 @@ class TemplatePipeline:
         memo_size: int = 32,
         host_store: HostStore | None = None,
     ):
-        if not isinstance(trust_remote_code, bool):
-            raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
+        for flag, value in (("trust_remote_code", trust_remote_code), ("lazy_loading", lazy_loading)):
+            if not isinstance(value, bool):
+                raise TemplateArgumentError(f"{flag} must be True or False, got {value!r}")
+        if max_resident is not None and (
+            isinstance(max_resident, bool) or not isinstance(max_resident, int) or max_resident < 1
+        ):
+            raise TemplateArgumentError(f"max_resident must be an integer >= 1 or None, got {max_resident!r}")
+        if isinstance(memo_size, bool) or not isinstance(memo_size, int) or memo_size < 0:
+            raise TemplateArgumentError(f"memo_size must be an integer >= 0 (0: no memo), got {memo_size!r}")
         names = [s.name for s in slots]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise TemplateError(
+            raise TemplateArgumentError(
                 f"template names {duplicates} are used twice; pass names=[...] to tell them apart"
             )
         self.slots = slots
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.torch_dtype = torch_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        try:
+            self.device, self.torch_dtype = default_device_and_dtype(device, torch_dtype)
+        except PipelineInputError as e:
+            raise TemplateArgumentError(str(e)) from e
         self.lazy_loading = lazy_loading
         self.trust_remote_code = trust_remote_code
         self.store = host_store or HOST_STORE
@@ -102,9 +119,13 @@ class TemplatePipeline:
         host_store: HostStore | None = None,
     ) -> TemplatePipeline:
         """``sources``: local template folders or ModelScope ids; ``names`` override the folder names."""
-        sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
-        if names is not None and len(names) != len(sources):
-            raise ValueError(f"names has {len(names)} entries for {len(sources)} sources")
+        sources = _as_list(sources, "sources", (str, os.PathLike), "template folders or ModelScope ids")
+        if names is not None:
+            names = _as_list(names, "names", (str,), "template names")
+            if len(names) != len(sources):
+                raise TemplateArgumentError(f"names has {len(names)} entries for {len(sources)} sources")
+            if any(not n for n in names):
+                raise TemplateArgumentError(f"names must be non-empty strings, got {names!r}")
         slots = []
         for i, source in enumerate(sources):
             folder = resolve_model_path(source, revision=revision, cache_dir=cache_dir, offline=offline)
@@ -139,13 +160,18 @@ class TemplatePipeline:
         self, pipe, template_inputs: Sequence[dict], negative_template_inputs: Sequence[dict] = ()
     ) -> tuple[list[TemplateOutput], list[TemplateOutput]]:
         """Run every input through its template; returns the outputs of each CFG side, in input order."""
-        sides = {"positive": list(template_inputs or []), "negative": list(negative_template_inputs or [])}
+        _check_pipe(pipe)
+        sides = {
+            "positive": _input_list(template_inputs, "template_inputs"),
+            "negative": _input_list(negative_template_inputs, "negative_template_inputs"),
+        }
         jobs: dict[str, list[tuple[str, int, TemplateSlot, dict]]] = {}
         for side, inputs in sides.items():
             for position, item in enumerate(inputs):
                 if not isinstance(item, dict):
                     raise TemplateInputError(
-                        f"{side} template input #{position} must be a dict, got {type(item).__name__}"
+                        f"{side} template input #{position} must be a dict like "
+                        f"{{'model_id': 0, ...}}, got {item!r} ({type(item).__name__})"
                     )
                 slot = self.slot_for(item.get("model_id", 0))
                 jobs.setdefault(slot.name, []).append((side, position, slot, item))
@@ -168,7 +194,7 @@ class TemplatePipeline:
         return canonical["positive"], canonical["negative"]
 
     def _run_one(self, pipe, slot: TemplateSlot, template: LoadedTemplate, item: dict) -> TemplateOutput:
-        start, end = float(item.get("step_start", 0.0)), float(item.get("step_end", 1.0))
+        start, end = (_step_fraction(item, key, default, slot.name) for key, default in STEP_KEYS)
         if not 0.0 <= start < end <= 1.0:
             raise TemplateInputError(
                 f"template {slot.name!r}: step_start={start}, step_end={end}; need 0 <= step_start < step_end <= 1"
@@ -177,6 +203,8 @@ class TemplatePipeline:
         inputs = {k: v for k, v in item.items() if k not in RESERVED_KEYS}
         if template.schema is not None:
             inputs = template.schema.validate(inputs, f"template {slot.name!r}")
+        else:  # undeclared inputs: at least no NaN / inf
+            check_finite_inputs(inputs, f"template {slot.name!r}")
         key = (str(slot.folder.resolve()), str(self.torch_dtype), id(pipe), hash_inputs(inputs))
         cache = self.memo.get(key)
         if cache is None:
@@ -188,6 +216,7 @@ class TemplatePipeline:
                     f"template {slot.name!r} returned {type(cache).__name__}; forward must return a dict"
                 )
             cache = to_device(cache, pipe.device, pipe.torch_dtype)
+            check_finite_output(slot.name, cache)  # once per computed cache; memo hits were checked
             self.memo.put(key, cache)
         return TemplateOutput(slot.name, cache, start, end, key if self.memo.max_entries > 0 else None)
 
@@ -200,6 +229,7 @@ class TemplatePipeline:
     def prepare(self, pipe, template_inputs: Sequence[dict] | None = None, negative_template_inputs: Sequence[dict] | None = None, **pipe_kwargs) -> dict[str, Any]:  # fmt: skip
         """The template stage alone: ``pipe_kwargs`` with the templates' merged caches added (what
         ``__call__`` passes to ``pipe``); useful to reuse caches or time the stage."""
+        _check_pipe(pipe)
         params = inspect.signature(pipe.__call__).parameters
         cfg_scale = pipe_kwargs.get(
             "cfg_scale", params["cfg_scale"].default if "cfg_scale" in params else 1.0
@@ -216,7 +246,7 @@ class TemplatePipeline:
                 validate_output(out, pipe.dit, accepted, batch)
             for key, value in self._merged(outputs).items():
                 name = prefix + key
-                if name in kwargs:
+                if kwargs.get(name) is not None:  # passing None is not passing a value
                     kwargs[name] = _merge_with_user(key, kwargs[name], value, name)
                 else:
                     kwargs[name] = value
@@ -244,7 +274,17 @@ class TemplatePipeline:
 MERGE_MEMO_SIZE = 4  # merged caches kept (one per recent combination of template outputs)
 
 # pipeline arguments no template may set (everything else, e.g. input_image, is allowed)
-_NOT_CACHE_KEYS = {"self", "prompt", "negative_prompt", "output_type", "progress", "callback_on_step_end"}
+_NOT_CACHE_KEYS = {
+    "self",
+    "prompt",
+    "negative_prompt",
+    "output_type",
+    "progress",
+    "callback_on_step_end",
+    "max_pixels",
+    "resize_mask",
+}
+STEP_KEYS = (("step_start", 0.0), ("step_end", 1.0))
 
 
 def check_base(name: str, template: LoadedTemplate, pipe) -> None:
@@ -299,6 +339,42 @@ def _merge_with_user(key: str, user: Any, template: Any, name: str) -> Any:
     if key == "lora":
         return merge_loras([user, template])
     return broadcast_cat([user, template], 1)
+
+
+def _check_pipe(pipe: Any) -> None:
+    if not (callable(pipe) and hasattr(pipe, "dit") and hasattr(pipe, "device")):
+        raise TemplateArgumentError(
+            f"pipe must be a base pipeline (Flux2ImagePipeline, ZImagePipeline, ...), got {type(pipe).__name__}"
+        )
+
+
+def _as_list(value: Any, name: str, kinds: tuple[type, ...], what: str) -> list:
+    """``value`` (one item or a list / tuple of them) as a list, each item of ``kinds``."""
+    items = [value] if isinstance(value, kinds) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, kinds) for i in items):
+        raise TemplateArgumentError(f"{name} must be one or a list of {what} (strings), got {value!r}")
+    return list(items)
+
+
+def _input_list(inputs: Any, name: str) -> list:
+    if inputs is None:
+        return []
+    if isinstance(inputs, Mapping):
+        raise TemplateInputError(
+            f"{name} must be a list of dicts, one per template use, got a dict; wrap it: [{inputs!r}]"
+        )
+    if not isinstance(inputs, (list, tuple)):
+        raise TemplateInputError(
+            f"{name} must be a list of dicts like [{{'model_id': 0, ...}}], got {inputs!r}"
+        )
+    return list(inputs)
+
+
+def _step_fraction(item: Mapping, key: str, default: float, template: str) -> float:
+    value = item.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TemplateInputError(f"template {template!r}: {key} must be a number in [0, 1], got {value!r}")
+    return float(value)
 
 
 def _batch_size(prompt: Any) -> int | None:

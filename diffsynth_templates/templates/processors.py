@@ -35,7 +35,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..errors import DiffSynthTemplatesError
+from ..pipelines.image_io import inpaint_pair
+
 logger = logging.getLogger(__name__)
+
+
+class ProcessorError(DiffSynthTemplatesError, ValueError, TypeError):
+    """A data processor's config, row or image is wrong; the message names the processor and field."""
+
 
 ImageInput = Image.Image | np.ndarray
 Seed = int | np.random.Generator
@@ -77,21 +85,23 @@ def to_rgb_array(image: ImageInput, name: str = "image") -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(
+            raise ProcessorError(
                 f"{name} array has shape {image.shape}; expected [H, W, 3] RGB "
                 "(stack a grayscale [H, W] array with np.stack([a] * 3, -1))"
             )
         if image.dtype != np.uint8:
-            raise ValueError(
+            raise ProcessorError(
                 f"{name} array has dtype {image.dtype}; expected uint8 "
                 "(convert [0, 1] floats with (a * 255).round().astype(np.uint8))"
             )
         if image.shape[0] == 0 or image.shape[1] == 0:
-            raise ValueError(f"{name} array has shape {image.shape}; expected a non-empty image")
+            raise ProcessorError(f"{name} array has shape {image.shape}; expected a non-empty image")
         return np.ascontiguousarray(image)
     if isinstance(image, str):
-        raise TypeError(f"{name} is the path {image!r}; load it first (PIL.Image.open(path).convert('RGB'))")
-    raise TypeError(
+        raise ProcessorError(
+            f"{name} is the path {image!r}; load it first (PIL.Image.open(path).convert('RGB'))"
+        )
+    raise ProcessorError(
         f"{name} must be a PIL image or a uint8 [H, W, 3] numpy array, got {type(image).__name__}"
     )
 
@@ -112,9 +122,9 @@ def make_rng(seed: Seed, name: str = "seed") -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"{name} must be an int or a numpy.random.Generator, got {type(seed).__name__}")
+        raise ProcessorError(f"{name} must be an int or a numpy.random.Generator, got {type(seed).__name__}")
     if seed < 0:
-        raise ValueError(f"{name} is {seed}; expected a non-negative int")
+        raise ProcessorError(f"{name} is {seed}; expected a non-negative int")
     return np.random.default_rng(int(seed))
 
 
@@ -127,15 +137,15 @@ def _check_range(
     elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
         pair = (float(value[0]), float(value[1]))
     else:
-        raise TypeError(f"{name} is {value!r}; expected a number or a (min, max) pair")
+        raise ProcessorError(f"{name} is {value!r}; expected a number or a (min, max) pair")
     left, right = "(" if low_open else "[", ")" if high_open else "]"
     for v in pair:
         below = v <= low if low_open else v < low
         above = v >= high if high_open else v > high
         if not math.isfinite(v) or below or above:
-            raise ValueError(f"{name} is {value!r}; every value must lie in {left}{low}, {high}{right}")
+            raise ProcessorError(f"{name} is {value!r}; every value must lie in {left}{low}, {high}{right}")
     if pair[0] > pair[1]:
-        raise ValueError(f"{name} is {value!r}; expected min <= max")
+        raise ProcessorError(f"{name} is {value!r}; expected min <= max")
     return pair
 
 
@@ -150,7 +160,7 @@ def _sample(rng: np.random.Generator, pair: tuple[float, float]) -> float:
 def mean_luminance(image: ImageInput, standard: str = "rec709") -> float:
     """Mean luma in [0, 1]: Rec. 709 (default) or Rec. 601 weights applied to sRGB-encoded values."""
     if standard not in LUMA_WEIGHTS:
-        raise ValueError(f"standard is {standard!r}; expected one of {sorted(LUMA_WEIGHTS)}")
+        raise ProcessorError(f"standard is {standard!r}; expected one of {sorted(LUMA_WEIGHTS)}")
     rgb = to_rgb_array(image).reshape(-1, 3).astype(np.float64)
     return float(rgb.mean(axis=0) @ np.asarray(LUMA_WEIGHTS[standard]) / 255.0)
 
@@ -178,14 +188,14 @@ def sharpness(image: ImageInput) -> float:
 
 def _check_canny_thresholds(low: float, high: float) -> None:
     if not (0 <= low < high):
-        raise ValueError(f"Canny thresholds are low={low}, high={high}; expected 0 <= low < high")
+        raise ProcessorError(f"Canny thresholds are low={low}, high={high}; expected 0 <= low < high")
 
 
 def canny_edges(image: ImageInput, low: float = 100, high: float = 200, mode: str = "L") -> Image.Image:
     """Canny edge map as a PIL image with values {0, 255}; ``mode`` "L" or "RGB" (3 equal channels)."""
     _check_canny_thresholds(low, high)
     if mode not in ("L", "RGB"):
-        raise ValueError(f"mode is {mode!r}; expected 'L' or 'RGB'")
+        raise ProcessorError(f"mode is {mode!r}; expected 'L' or 'RGB'")
     edges = Image.fromarray(cv2.Canny(_gray(image, "image"), low, high), mode="L")
     return edges.convert("RGB") if mode == "RGB" else edges
 
@@ -225,7 +235,7 @@ def depth_or_edges(
     if depth is not None:
         return depth_to_rgb(depth)
     if image is None:
-        raise ValueError(
+        raise ProcessorError(
             "depth_or_edges needs a depth map or an image to compute Canny edges from; got neither"
         )
     return canny_edges(image, low, high, mode="RGB")
@@ -233,7 +243,7 @@ def depth_or_edges(
 
 def _check_scale(scale: int) -> None:
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 2:
-        raise ValueError(f"super-resolution scale is {scale!r}; expected an int >= 2")
+        raise ProcessorError(f"super-resolution scale is {scale!r}; expected an int >= 2")
 
 
 def degrade_for_super_resolution(
@@ -256,7 +266,7 @@ def degrade_for_super_resolution(
     height, width = array.shape[:2]
     out_w, out_h = width // scale, height // scale
     if out_w < 1 or out_h < 1:
-        raise ValueError(f"image is {width}x{height}; too small to downscale by {scale}")
+        raise ProcessorError(f"image is {width}x{height}; too small to downscale by {scale}")
     rng = make_rng(seed)
     sigma = _sample(rng, sigma_range)
     lo_q, hi_q = int(quality_range[0]), int(quality_range[1])
@@ -278,7 +288,7 @@ def upsample_bicubic(image: ImageInput, size: tuple[int, int]) -> Image.Image:
     """Bicubic resize to ``size = (width, height)``: the baseline a super-resolution template must beat."""
     width, height = size
     if width < 1 or height < 1:
-        raise ValueError(f"size is {size}; expected (width, height) with both >= 1")
+        raise ProcessorError(f"size is {size}; expected (width, height) with both >= 1")
     return to_pil_rgb(image).resize((width, height), Image.Resampling.BICUBIC)
 
 
@@ -315,9 +325,9 @@ def _draw_stroke(mask: np.ndarray, rng: np.random.Generator, size: float) -> Non
 
 def _check_mask_options(coverage: Range, kind: str, tolerance: float) -> tuple[float, float]:
     if kind not in ("box", "brush", "mixed"):
-        raise ValueError(f"mask kind is {kind!r}; expected 'box', 'brush' or 'mixed'")
+        raise ProcessorError(f"mask kind is {kind!r}; expected 'box', 'brush' or 'mixed'")
     if not (0 < tolerance < 0.5):
-        raise ValueError(f"mask tolerance is {tolerance}; expected a fraction in (0, 0.5)")
+        raise ProcessorError(f"mask tolerance is {tolerance}; expected a fraction in (0, 0.5)")
     return _check_range(coverage, "coverage", 0.0, 1.0, low_open=True, high_open=True)
 
 
@@ -338,11 +348,11 @@ def random_inpaint_mask(
     """
     for value, name in ((height, "height"), (width, "width")):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"mask {name} is {value!r}; expected a positive int")
+            raise ProcessorError(f"mask {name} is {value!r}; expected a positive int")
     cov_range = _check_mask_options(coverage, kind, tolerance)
     total = int(height) * int(width)
     if total * tolerance < 2:
-        raise ValueError(
+        raise ProcessorError(
             f"a {height}x{width} mask cannot hit a coverage within {tolerance}; use a larger mask or tolerance"
         )
     rng = make_rng(seed)
@@ -402,7 +412,7 @@ def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
         or any(not math.isfinite(t) for t in values)
         or any(a >= b for a, b in zip(values, values[1:]))
     ):
-        raise ValueError(
+        raise ProcessorError(
             f"aesthetic thresholds are {thresholds!r}; expected a non-empty, strictly increasing list"
         )
     return values
@@ -411,7 +421,7 @@ def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
 def aesthetic_lora_id(score: float, thresholds: Sequence[float] = (4.5, 5.5, 6.5)) -> int:
     """Preference level of ``score``: the number of thresholds <= score (0 .. len(thresholds))."""
     if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
-        raise ValueError(f"aesthetic score is {score!r}; expected a finite number")
+        raise ProcessorError(f"aesthetic score is {score!r}; expected a finite number")
     return bisect.bisect_right(_check_thresholds(thresholds), float(score))
 
 
@@ -435,18 +445,18 @@ class TemplateProcessor:
     def __init__(self, config: ProcessorConfig | None = None) -> None:
         config = self.config_class() if config is None else config
         if not isinstance(config, self.config_class):
-            raise TypeError(
+            raise ProcessorError(
                 f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}"
             )
         self.config = config
 
     def __call__(self, row: Mapping[str, Any], image: ImageInput, seed: int) -> dict[str, Any]:
         if not isinstance(row, Mapping):
-            raise TypeError(f"processor {self.name!r}: row must be a dict, got {type(row).__name__}")
+            raise ProcessorError(f"processor {self.name!r}: row must be a dict, got {type(row).__name__}")
         make_rng(seed, f"processor {self.name!r} seed")  # validate early, even for deterministic ones
         given = row.get("template_inputs") or {}
         if not isinstance(given, Mapping):
-            raise TypeError(
+            raise ProcessorError(
                 f"processor {self.name!r}: row['template_inputs'] must be a dict, got {type(given).__name__}"
             )
         computed = self.process(row, to_pil_rgb(image, f"processor {self.name!r} image"), seed, given)
@@ -462,7 +472,7 @@ class TemplateProcessor:
         for source in (given, row):
             if source.get(field) is not None:
                 return source[field]
-        raise ValueError(
+        raise ProcessorError(
             f"processor {self.name!r} needs the row field {field!r} (top level or in template_inputs); "
             f"this row has keys {sorted(row)}"
         )
@@ -473,7 +483,7 @@ class TemplateProcessor:
         except (TypeError, ValueError):
             number = math.nan
         if not math.isfinite(number):
-            raise ValueError(f"processor {self.name!r}: {field} is {value!r}; expected a finite number")
+            raise ProcessorError(f"processor {self.name!r}: {field} is {value!r}; expected a finite number")
         return number
 
     def _image(self, value: Any, field: str) -> Image.Image:
@@ -491,11 +501,11 @@ def register_processor(name: str) -> Callable[[type[TemplateProcessor]], type[Te
 
     def decorate(cls: type[TemplateProcessor]) -> type[TemplateProcessor]:
         if not (isinstance(cls, type) and issubclass(cls, TemplateProcessor)):
-            raise TypeError(
+            raise ProcessorError(
                 f"register_processor({name!r}) decorates TemplateProcessor subclasses, got {cls!r}"
             )
         if name in PROCESSORS and PROCESSORS[name] is not cls:
-            raise ValueError(f"processor name {name!r} is already taken by {PROCESSORS[name].__name__}")
+            raise ProcessorError(f"processor name {name!r} is already taken by {PROCESSORS[name].__name__}")
         cls.name = name
         PROCESSORS[name] = cls
         return cls
@@ -506,14 +516,14 @@ def register_processor(name: str) -> Callable[[type[TemplateProcessor]], type[Te
 def get_processor(name: str, **config: Any) -> TemplateProcessor:
     """Build the processor registered as ``name``; ``config`` are fields of its config dataclass."""
     if name not in PROCESSORS:
-        raise ValueError(
+        raise ProcessorError(
             f"unknown data processor {name!r}; known processors: {', '.join(sorted(PROCESSORS))}"
         )
     cls = PROCESSORS[name]
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(config) - fields)
     if unknown:
-        raise TypeError(
+        raise ProcessorError(
             f"processor {name!r} has no option(s) {unknown}; its {cls.config_class.__name__} takes "
             f"{sorted(fields) or 'no options'}"
         )
@@ -526,7 +536,7 @@ class BrightnessConfig(ProcessorConfig):
 
     def __post_init__(self) -> None:
         if self.standard not in LUMA_WEIGHTS:
-            raise ValueError(
+            raise ProcessorError(
                 f"brightness standard is {self.standard!r}; expected one of {sorted(LUMA_WEIGHTS)}"
             )
 
@@ -618,9 +628,14 @@ class InpaintConfig(ProcessorConfig):
     kind: str = "mixed"
     tolerance: float = MASK_COVERAGE_TOLERANCE
     force_inpaint: bool | None = None  # None: emit no flag; True/False: passed to the template as is
+    # a row's own mask of another size than its image: an error, or (True) stretched to the image
+    # by the template (emits resize_mask=True)
+    resize_mask: bool = False
 
     def __post_init__(self) -> None:
         _check_mask_options(self.coverage, self.kind, self.tolerance)
+        if not isinstance(self.resize_mask, bool):
+            raise ProcessorError(f"inpaint resize_mask must be true or false, got {self.resize_mask!r}")
 
 
 @register_processor("inpaint")
@@ -633,8 +648,18 @@ class InpaintProcessor(TemplateProcessor):
         cfg = self.config
         source = self._image(given["image"], "template_inputs['image']") if "image" in given else image
         out: dict[str, Any] = {"image": source}
-        if "mask" in given:
+        if "mask" in given:  # the row's own mask: checked against its image as the template will
+            resize = given.get("resize_mask", cfg.resize_mask)
+            inpaint_pair(
+                source,
+                given["mask"],
+                resize,
+                f"processor 'inpaint' image ({row.get('image', 'template_inputs')!r})",
+                "processor 'inpaint' template_inputs['mask']",
+            )
             out["mask"] = given["mask"]
+            if cfg.resize_mask and "resize_mask" not in given:
+                out["resize_mask"] = True
         else:
             width, height = out["image"].size
             mask = random_inpaint_mask(height, width, cfg.coverage, cfg.kind, seed, cfg.tolerance)
@@ -660,7 +685,9 @@ class EditProcessor(TemplateProcessor):
         source = given["image"] if "image" in given else self._field(row, {}, self.config.source_field)
         prompt = given["prompt"] if "prompt" in given else self._field(row, {}, self.config.instruction_field)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"processor 'edit': the instruction is {prompt!r}; expected a non-empty string")
+            raise ProcessorError(
+                f"processor 'edit': the instruction is {prompt!r}; expected a non-empty string"
+            )
         return {"image": self._image(source, f"row[{self.config.source_field!r}]"), "prompt": prompt}
 
 
@@ -739,5 +766,7 @@ class AgeProcessor(TemplateProcessor):
         field = self.config.age_field
         age = self._number(self._field(row, given, field), field)
         if age < 0:
-            raise ValueError(f"processor 'age': {field} is {age}; expected a non-negative number of years")
+            raise ProcessorError(
+                f"processor 'age': {field} is {age}; expected a non-negative number of years"
+            )
         return {"age": age}

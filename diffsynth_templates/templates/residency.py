@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .base import TemplateError
 from .folder import LoadedTemplate, load_template_folder
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class ResidencyScheduler:
 
     def __init__(self, device: torch.device, max_resident: int | None = None):
         if max_resident is not None and max_resident < 1:
-            raise ValueError(f"max_resident must be >= 1 (or None for no bound), got {max_resident}")
+            raise TemplateError(f"max_resident must be >= 1 (or None for no bound), got {max_resident}")
         self.device = device
         self.max_resident = max_resident
         self.resident: OrderedDict[str, LoadedTemplate] = OrderedDict()

@@ -13,9 +13,14 @@ from torch import Tensor, nn
 
 from ...backbones.flux2_dit import Flux2DiT, Flux2DiTConfig
 from ...backbones.zimage_dit import ZImageDiT, ZImageDiTConfig
+from ..base import TemplateError
 from ..folder import TemplateSpec
 
 DiTConfig = Flux2DiTConfig | ZImageDiTConfig  # the base DiTs templates can be built for
+
+
+class TemplateConfigError(TemplateError, TypeError):
+    """A zoo architecture's config (``template.json``'s ``config``) has a wrong type or value."""
 
 
 def tiny_dit_config() -> Flux2DiTConfig:
@@ -68,7 +73,7 @@ def base_layout(dit_config: DiTConfig) -> BaseLayout:
             dit_config.all_patch_size[0],
             dit_config.cap_feat_dim,
         )
-    raise TypeError(
+    raise TemplateConfigError(
         f"templates are built for a Flux2DiTConfig or a ZImageDiTConfig, got {type(dit_config).__name__}"
     )
 
@@ -125,7 +130,7 @@ def linear_shapes(dit_config: DiTConfig, modules: Sequence[str]) -> tuple[tuple[
         if not isinstance(layer, nn.Linear):
             linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
             what = "does not exist" if layer is None else f"is a {type(layer).__name__}, not a Linear"
-            raise ValueError(
+            raise TemplateConfigError(
                 f"DiT module {name!r} {what}; Linear paths look like {linears[:3]} ... ({len(linears)} in all)"
             )
         ins.append(layer.in_features)
@@ -139,22 +144,22 @@ def linear_shapes(dit_config: DiTConfig, modules: Sequence[str]) -> tuple[tuple[
 def check_positive(owner: str, **values: float) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{owner}.{name} must be a positive number, got {value!r}")
+            raise TemplateConfigError(f"{owner}.{name} must be a positive number, got {value!r}")
 
 
 def check_names(owner: str, field: str, names: Sequence[str], allow_empty: bool = False) -> tuple[str, ...]:
     """A tuple of unique non-empty strings (JSON gives lists; configs keep tuples)."""
     if isinstance(names, str) or not isinstance(names, Sequence):
-        raise ValueError(f"{owner}.{field} must be a list of names, got {names!r}")
+        raise TemplateConfigError(f"{owner}.{field} must be a list of names, got {names!r}")
     names = tuple(names)
     if not names and not allow_empty:
-        raise ValueError(f"{owner}.{field} is empty; give at least one name")
+        raise TemplateConfigError(f"{owner}.{field} is empty; give at least one name")
     bad = [n for n in names if not isinstance(n, str) or not n]
     if bad:
-        raise ValueError(f"{owner}.{field} holds {bad!r}; every entry must be a non-empty string")
+        raise TemplateConfigError(f"{owner}.{field} holds {bad!r}; every entry must be a non-empty string")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"{owner}.{field} lists {repeated} more than once")
+        raise TemplateConfigError(f"{owner}.{field} lists {repeated} more than once")
     return names
 
 
@@ -165,15 +170,17 @@ def check_module_shapes(
     modules = check_names(owner, "modules", modules)
     ins, outs = tuple(int(i) for i in in_features), tuple(int(o) for o in out_features)
     if not len(modules) == len(ins) == len(outs):
-        raise ValueError(
+        raise TemplateConfigError(
             f"{owner}: modules ({len(modules)}), in_features ({len(ins)}) and out_features ({len(outs)}) "
             "must have one entry per module; build the config with for_dit(...) to fill the sizes in"
         )
     for name, i, o in zip(modules, ins, outs):
         if name.startswith(".") or name.endswith("."):
-            raise ValueError(f"{owner}: module name {name!r} must be a DiT Linear path like 'a.b.c'")
+            raise TemplateConfigError(f"{owner}: module name {name!r} must be a DiT Linear path like 'a.b.c'")
         if i <= 0 or o <= 0:
-            raise ValueError(f"{owner}: module {name!r} has in/out features {i}/{o}; both must be positive")
+            raise TemplateConfigError(
+                f"{owner}: module {name!r} has in/out features {i}/{o}; both must be positive"
+            )
     return modules, ins, outs
 
 
@@ -253,7 +260,7 @@ class LoRATargetsConfig:
             owner, self.modules, self.in_features, self.out_features
         )
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"{owner}.rank must be a positive integer, got {self.rank!r}")
+            raise TemplateConfigError(f"{owner}.rank must be a positive integer, got {self.rank!r}")
 
     @classmethod
     def for_dit(cls, dit_config: DiTConfig, modules: Sequence[str] | None = None, **kwargs: Any):

@@ -27,6 +27,8 @@ klein-9B: 1.58 B. Fewer ``block_names`` shrink the projections.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -45,13 +47,15 @@ from ...backbones.flux2_dit import (
     TimeEmbedding,
 )
 from ...backbones.zimage_dit import ZImageDiTConfig
+from ...pipelines.common import DEFAULT_MAX_PIXELS
 from ...pipelines.flux2_prompt import text_position_ids
-from ...pipelines.image_io import image_to_tensor, mask_to_tensor, resize_image
+from ...pipelines.image_io import image_to_tensor, inpaint_pair, place_image_and_mask, resize_image
 from ..base import TemplateModel
 from ..registry import register_architecture
 from ..schema import InputField, InputSchema, TemplateInputError
 from ._common import (
     DiTConfig,
+    TemplateConfigError,
     base_layout,
     check_names,
     check_positive,
@@ -130,13 +134,13 @@ class ImageKVConfig:
         for name in ("num_double_blocks", "num_single_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{owner}.{name} must be an integer >= 0, got {value!r}")
+                raise TemplateConfigError(f"{owner}.{name} must be an integer >= 0, got {value!r}")
         if self.num_double_blocks + self.num_single_blocks == 0:
-            raise ValueError(
+            raise TemplateConfigError(
                 f"{owner} needs at least one encoder block (num_double_blocks + num_single_blocks)"
             )
         if not 0.0 <= self.sigma <= 1.0:
-            raise ValueError(
+            raise TemplateConfigError(
                 f"{owner}.sigma must be in [0, 1] (a flow-matching noise level), got {self.sigma}"
             )
         if self.key_rope:
@@ -144,19 +148,19 @@ class ImageKVConfig:
         try:
             self.encoder_config()
         except ValueError as e:
-            raise ValueError(f"{owner}: {e}") from e
+            raise TemplateConfigError(f"{owner}: {e}") from e
 
     def _check_key_rope(self, owner: str) -> None:
         axes = self.key_axes_dims_rope
         check_rope_axes(axes, self.head_dim, f"{owner}.key_axes_dims_rope")
         # the keys sit at (0, row, col, 0): without rotated row and col axes they would carry no position
         if len(axes) != 4 or axes[1] == 0 or axes[2] == 0:
-            raise ValueError(
+            raise TemplateConfigError(
                 f"{owner}.key_axes_dims_rope must be the base DiT's four RoPE axes (t, row, col, l) with "
                 f"non-zero row and col sizes, got {axes}"
             )
         if self.key_rope_theta <= 0:
-            raise ValueError(f"{owner}.key_rope_theta must be > 0, got {self.key_rope_theta}")
+            raise TemplateConfigError(f"{owner}.key_rope_theta must be > 0, got {self.key_rope_theta}")
 
     def encoder_config(self) -> Flux2DiTConfig:
         """The encoder's blocks as a Flux2DiTConfig (so they are built by the DiT's own classes)."""
@@ -307,9 +311,14 @@ class ImageKV(TemplateModel):
         prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
+        resize_mask: bool = False,
         **inputs: Any,
     ) -> dict[str, Tensor]:
-        """``{"latents": [1, C(+1), h, w]}`` (+ ``prompt_embeds [1, L, text_dim]``, ``text_ids [L, 4]``)."""
+        """``{"latents": [1, C(+1), h, w]}`` (+ ``prompt_embeds [1, L, text_dim]``, ``text_ids [L, 4]``).
+
+        The mask must have the image's size (``resize_mask=True``: stretched to it first); both are
+        resized and cropped alike onto the encoding size.
+        """
         cfg, who = self.config, self._who
         if pipe is None:
             raise TemplateInputError(f"{who} encodes its image with the base model's VAE: pass pipe=...")
@@ -319,13 +328,18 @@ class ImageKV(TemplateModel):
             raise TemplateInputError(f"{who}: missing input 'mask' (white = pixels to regenerate)")
         if cfg.use_prompt and not (isinstance(prompt, str) and prompt.strip()):
             raise TemplateInputError(f"{who}: input 'prompt' must be a non-empty string, got {prompt!r}")
-        pixels = image_to_tensor(image, f"{who}: input 'image'")  # [1, 3, H, W] in [-1, 1]
-        height, width = self._encode_size(pipe, pixels, height, width)
-        pixels = resize_image(pixels, height, width)
-
         pixel_mask = None
-        if cfg.mask_channel:
-            pixel_mask = mask_to_tensor(mask, height, width, f"{who}: input 'mask'")
+        if cfg.mask_channel:  # [1, 3, H, W] in [-1, 1] and [1, 1, H, W] in [0, 1]
+            pixels, pixel_mask = inpaint_pair(
+                image, mask, resize_mask, f"{who}: input 'image'", f"{who}: input 'mask'"
+            )
+        else:
+            pixels = image_to_tensor(image, f"{who}: input 'image'")
+        height, width = self._encode_size(pipe, pixels, height, width)
+        if pixel_mask is None:
+            pixels = resize_image(pixels, height, width)
+        else:  # the mask lands on the pixels it marks, whatever the aspect ratios
+            pixels, pixel_mask = place_image_and_mask(pixels, pixel_mask, height, width)
             if cfg.hide_masked:  # the template must not see what it is asked to replace
                 pixels = pixels * (1 - pixel_mask)
         latents = pipe.encode_image((pixels + 1) / 2, height, width, f"{who}: input 'image'")
@@ -349,15 +363,25 @@ class ImageKV(TemplateModel):
     def _encode_size(self, pipe, pixels: Tensor, height: int | None, width: int | None) -> tuple[int, int]:
         step = pipe.pixels_per_token
         for name, value in (("height", height), ("width", width)):
-            if value is not None and (value < step or value % step):
+            integral = (
+                isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            )
+            if value is not None and (not integral or value != int(value) or value < step or value % step):
                 raise TemplateInputError(
-                    f"{self._who}: {name}={value} must be a positive multiple of {step} (pixels per DiT token)"
+                    f"{self._who}: {name}={value!r} must be a positive multiple of {step} (pixels per DiT token)"
                 )
+        height, width = (None if v is None else int(v) for v in (height, width))
         h, w = pixels.shape[-2:]
-        return (
+        size = (
             height or round_to_multiple(h * self.config.upscale, step),
             width or round_to_multiple(w * self.config.upscale, step),
         )
+        if size[0] * size[1] > DEFAULT_MAX_PIXELS:  # refused before anything is allocated
+            raise TemplateInputError(
+                f"{self._who}: encoding at {size[0]} x {size[1]} exceeds {DEFAULT_MAX_PIXELS} pixels; "
+                "pass a smaller height / width (or a smaller image)"
+            )
+        return size
 
     # -- the trainable path -----------------------------------------------------------------------
 

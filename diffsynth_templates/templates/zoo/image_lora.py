@@ -29,6 +29,7 @@ from ..schema import InputField, InputSchema, TemplateInputError
 from ._common import (
     DiTConfig,
     LoRATargetsConfig,
+    TemplateConfigError,
     base_layout,
     check_positive,
     module_key,
@@ -56,9 +57,11 @@ class ImageLoRAConfig(LoRATargetsConfig):
             max_area=self.max_area,
         )
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 0:
-            raise ValueError(f"{owner}.num_layers must be an integer >= 0, got {self.num_layers!r}")
+            raise TemplateConfigError(f"{owner}.num_layers must be an integer >= 0, got {self.num_layers!r}")
         if self.hidden % self.num_heads:
-            raise ValueError(f"{owner}.hidden {self.hidden} is not divisible by num_heads {self.num_heads}")
+            raise TemplateConfigError(
+                f"{owner}.hidden {self.hidden} is not divisible by num_heads {self.num_heads}"
+            )
 
     @classmethod
     def for_dit(cls, dit_config: DiTConfig, modules=None, **kwargs: Any) -> ImageLoRAConfig:

@@ -4,7 +4,9 @@ The mask is an extra input channel (the fraction of masked pixels under each tok
 pixels are hidden (mid-grey) before VAE encoding, so the template learns to fill, not to copy. With
 ``force_inpaint=True`` the cache also carries ``inpaint_mask`` and ``input_image``: the pipeline then
 keeps every pixel outside the mask exactly as in the input (see ``Flux2ImagePipeline.__call__``);
-without it the unmasked region is only guided by the KV tokens.
+without it the unmasked region is only guided by the KV tokens. The mask must have the image's size
+(``resize_mask=True`` stretches it to the image first); image and mask are then resized and cropped
+alike (``pipelines.image_io.place_image_and_mask``), so the mask stays on the pixels it marks.
 
 Typical KV length: 4096 tokens at 1024 x 1024. Parameters at klein-4B size: 756.2 M, as ``image_kv``
 plus one x_embedder column for the mask; klein-9B: 1.58 B.
@@ -18,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...pipelines.image_io import image_to_tensor, mask_to_tensor
+from ...pipelines.image_io import inpaint_pair
 from ..registry import register_architecture
 from ..schema import InputField, TemplateInputError
+from ._common import TemplateConfigError
 from .image_kv import ImageKV, ImageKVConfig, image_kv_schema
 
 FORCE_INPAINT = InputField(
@@ -38,7 +41,7 @@ class InpaintConfig(ImageKVConfig):
 
     def __post_init__(self) -> None:
         if not self.mask_channel:
-            raise ValueError(
+            raise TemplateConfigError(
                 "InpaintConfig.mask_channel must be True: inpainting reads the mask (use image_kv without one)"
             )
         super().__post_init__()
@@ -64,17 +67,20 @@ class Inpaint(ImageKV):
         image: Any = None,
         mask: Any = None,
         force_inpaint: bool = False,
+        resize_mask: bool = False,
         **inputs: Any,
     ) -> dict[str, Tensor]:
-        if not isinstance(force_inpaint, bool):
-            raise TemplateInputError(
-                f"{self._who}: force_inpaint must be true or false, got {force_inpaint!r}"
+        for name, flag in (("force_inpaint", force_inpaint), ("resize_mask", resize_mask)):
+            if not isinstance(flag, bool):
+                raise TemplateInputError(f"{self._who}: {name} must be true or false, got {flag!r}")
+        features = super().process_inputs(pipe, image=image, mask=mask, resize_mask=resize_mask, **inputs)
+        if force_inpaint:  # the constraint works in pixels: hand over the inputs themselves, at the
+            # image's own size; the pipeline places both onto its output alike
+            pixels, pixel_mask = inpaint_pair(
+                image, mask, resize_mask, f"{self._who}: input 'image'", f"{self._who}: input 'mask'"
             )
-        features = super().process_inputs(pipe, image=image, mask=mask, **inputs)
-        if force_inpaint:  # the constraint works in pixels: hand over the inputs themselves
-            pixels = (image_to_tensor(image, f"{self._who}: input 'image'") + 1) / 2
-            features["input_image"] = pixels
-            features["inpaint_mask"] = mask_to_tensor(mask, *pixels.shape[-2:], f"{self._who}: input 'mask'")
+            features["input_image"] = (pixels + 1) / 2
+            features["inpaint_mask"] = pixel_mask
         return features
 
     def forward(

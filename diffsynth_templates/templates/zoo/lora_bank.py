@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..base import TemplateModel
 from ..registry import register_architecture
 from ..schema import InputField, InputSchema, TemplateInputError
-from ._common import LoRATargetsConfig, module_key, parameter_device
+from ._common import LoRATargetsConfig, TemplateConfigError, module_key, parameter_device
 
 MERGE_TYPES = ("sum", "mean")
 
@@ -41,9 +41,11 @@ class LoRABankConfig(LoRATargetsConfig):
         super().__post_init__()
         owner = type(self).__name__
         if isinstance(self.num_loras, bool) or not isinstance(self.num_loras, int) or self.num_loras <= 0:
-            raise ValueError(f"{owner}.num_loras must be a positive integer, got {self.num_loras!r}")
+            raise TemplateConfigError(f"{owner}.num_loras must be a positive integer, got {self.num_loras!r}")
         if self.merge_type not in MERGE_TYPES:
-            raise ValueError(f"{owner}.merge_type is {self.merge_type!r}; expected one of {MERGE_TYPES}")
+            raise TemplateConfigError(
+                f"{owner}.merge_type is {self.merge_type!r}; expected one of {MERGE_TYPES}"
+            )
 
 
 class LoRAStack(nn.Module):

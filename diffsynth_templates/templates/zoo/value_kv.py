@@ -35,6 +35,7 @@ from ..registry import register_architecture
 from ..schema import RESERVED_KEYS, InputField, InputSchema
 from ._common import (
     DiTConfig,
+    TemplateConfigError,
     base_layout,
     check_names,
     check_positive,
@@ -67,28 +68,32 @@ class ValueKVConfig:
         self.values = check_names(owner, "values", self.values)
         for name in self.values:
             if not name.isidentifier() or keyword.iskeyword(name) or name in RESERVED_KEYS:
-                raise ValueError(
+                raise TemplateConfigError(
                     f"{owner}.values holds {name!r}; value names must be identifiers and not one of {RESERVED_KEYS}"
                 )
         self.block_names = check_names(owner, "block_names", self.block_names)
         check_positive(owner, dim=self.dim, num_heads=self.num_heads, embed_dim=self.embed_dim)
         if self.dim % self.num_heads:
-            raise ValueError(f"{owner}.dim {self.dim} is not divisible by num_heads {self.num_heads}")
+            raise TemplateConfigError(
+                f"{owner}.dim {self.dim} is not divisible by num_heads {self.num_heads}"
+            )
         if self.embed_dim % 2:
-            raise ValueError(f"{owner}.embed_dim must be even (cosines + sines), got {self.embed_dim}")
+            raise TemplateConfigError(
+                f"{owner}.embed_dim must be even (cosines + sines), got {self.embed_dim}"
+            )
         if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 0:
-            raise ValueError(
+            raise TemplateConfigError(
                 f"{owner}.length must be an integer >= 0 (tokens per block), got {self.length!r}"
             )
         ranges = [(0.0, 1.0)] * len(self.values) if self.ranges is None else list(self.ranges)
         if len(ranges) != len(self.values):
-            raise ValueError(
+            raise TemplateConfigError(
                 f"{owner}.ranges has {len(ranges)} entries for {len(self.values)} values {self.values}; give one (low, high) per value"
             )
         self.ranges = tuple((float(lo), float(hi)) for lo, hi in ranges)
         for name, (lo, hi) in zip(self.values, self.ranges):
             if not lo < hi:
-                raise ValueError(f"{owner}.ranges for {name!r} is ({lo}, {hi}); expected low < high")
+                raise TemplateConfigError(f"{owner}.ranges for {name!r} is ({lo}, {hi}); expected low < high")
 
     @property
     def head_dim(self) -> int:
@@ -198,7 +203,7 @@ class ValueKV(TemplateModel):
         cfg = self.config
         if value is None or value.numel() != len(cfg.values):
             got = None if value is None else tuple(value.shape)
-            raise ValueError(
+            raise TemplateConfigError(
                 f"value_kv.forward needs 'value' with {len(cfg.values)} entries ({cfg.values}), got {got}; "
                 "pass the output of process_inputs"
             )
