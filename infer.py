@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--inpaint_mask", default=None, help="with --input_image: white = regenerate, black = keep"
     )
     g.add_argument(
+        "--resize_mask",
+        action="store_true",
+        help="stretch an --inpaint_mask of another size to --input_image's size (else a size mismatch "
+        "is an error)",
+    )
+    g.add_argument(
         "--edit_image", action="append", default=None, help="reference image for editing (repeatable)"
     )
 
@@ -259,13 +265,14 @@ def generate(argv: list[str]) -> list[Path]:
         num_inference_steps=args.num_inference_steps,
         cfg_scale=args.cfg_scale,
         progress=not args.quiet,
+        max_pixels=args.max_pixels,
     )
     # only what the user gave: a template may produce input_image / inpaint_mask itself (force_inpaint),
     # and the same argument given twice is an error
     if images["input_image"] is not None:
         call.update(input_image=images["input_image"], denoising_strength=args.denoising_strength)
     if images["inpaint_mask"] is not None:
-        call["inpaint_mask"] = images["inpaint_mask"]
+        call.update(inpaint_mask=images["inpaint_mask"], resize_mask=args.resize_mask)
     if args.max_sequence_length is not None:
         call["max_sequence_length"] = args.max_sequence_length
     if edit_images:

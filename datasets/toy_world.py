@@ -20,8 +20,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from diffsynth_templates.loading.write_safety import write_folder
+
 logger = logging.getLogger(__name__)
+
+DATASET_FOLDERS = ("images", "masks", "edges", "lowres")  # beside metadata.jsonl / metadata.json
 
 # ---------------------------------------------------------------------------------------------------
 # Vocabulary. Small and regular on purpose: a tiny text encoder + DiT must learn every word.
@@ -513,16 +515,11 @@ def generate(
     _check_max_tint(max_tint)
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(out_dir)!r} already exists; delete it or pass overwrite=True (--overwrite)"
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        for sub in ("images", "masks", "edges", "lowres"):
+    # a folder is replaced only when we wrote it and overwrite was asked for (never the cwd, home, /)
+    with write_folder(
+        out_dir, overwrite=overwrite, recognise=_is_toy_dataset, kind="toy dataset", what="dataset folder"
+    ) as tmp:
+        for sub in DATASET_FOLDERS:
             (tmp / sub).mkdir()
         rows = []
         for i in range(num_samples):
@@ -531,23 +528,14 @@ def generate(
                 logger.info("rendered %d / %d samples", i + 1, num_samples)
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp / "metadata.json").write_text(json.dumps(rows, indent=1) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %d samples to %s", num_samples, out_dir)
-    return out_dir
+    return Path(out_dir)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is swapped out first, then deleted."""
-    if not dst.exists():
-        src.rename(dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    dst.rename(old / dst.name)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
+def _is_toy_dataset(folder: Path) -> bool:
+    """A dataset written before the write-safety marker: exactly the files and folders ``generate`` writes."""
+    names = {p.name for p in folder.iterdir()}
+    return names == {*DATASET_FOLDERS, "metadata.jsonl", "metadata.json"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -584,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         return generate(
             args.out, args.num_samples, args.seed, args.size, max_tint=args.max_tint, overwrite=args.overwrite
         )
-    except (FileExistsError, ValueError) as e:
+    except ValueError as e:  # bad sizes, an unsafe or existing --out
         parser.error(str(e))  # a usage problem: say it in one line, exit 2, no traceback
 
 

@@ -281,6 +281,23 @@ def test_inpaint_mask_flag_with_input_image(tmp_path):
     assert np.abs(result[~keep].astype(int) - pixels[~keep]).mean() > 1
 
 
+def test_inpaint_mask_of_another_size_needs_resize_mask(tmp_path, capsys):
+    image_path, mask_path, pixels, mask = inpaint_files(tmp_path)
+    Image.fromarray(mask).resize((32, 32), Image.NEAREST).save(mask_path)  # half the image's size
+    args = [*FAST, "--input_image", str(image_path), "--inpaint_mask", str(mask_path)]
+    with pytest.raises(SystemExit) as e:
+        infer.main([*args, "--output", str(tmp_path / "refused.png")])
+    assert e.value.code == 2 and "64" in capsys.readouterr().err
+    assert not (tmp_path / "refused.png").exists()
+    out = infer.main([*args, "--resize_mask", "--output", str(tmp_path / "out.png")])[0]
+    result = np.asarray(Image.open(out).convert("RGB"))
+    # the stretched mask is soft at its edges: compare the kept pixels 2 px away from the masked box
+    keep = np.ones_like(mask, dtype=bool)
+    keep[14:42, 22:58] = False
+    assert np.array_equal(result[keep], pixels[keep])
+    assert np.abs(result[20:36, 28:52].astype(int) - pixels[20:36, 28:52]).mean() > 1
+
+
 # -- 5. defaults that fit the model ----------------------------------------------------------------
 
 

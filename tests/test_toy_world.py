@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from datasets import toy_world as tw
+from diffsynth_templates.loading.write_safety import MARKER, UnsafeOutputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,11 +118,33 @@ def test_lowres_is_exactly_a_quarter(toy_dataset):
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path):
     out = tw.generate(tmp_path / "ds", num_samples=2, seed=0)
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(UnsafeOutputError, match="overwrite"):
         tw.generate(out, num_samples=3, seed=0)
     tw.generate(out, num_samples=3, seed=0, overwrite=True)
     assert len((out / "metadata.jsonl").read_text().splitlines()) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_overwrite_never_replaces_a_folder_we_did_not_write(tmp_path, monkeypatch):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    for out in [user, tmp_path, "."]:  # a user folder, its parent, the current directory
+        monkeypatch.chdir(user)
+        with pytest.raises(UnsafeOutputError):
+            tw.generate(out, num_samples=2, seed=0, overwrite=True)
+        with pytest.raises(SystemExit) as e:
+            tw.main(["--out", str(out), "--num_samples", "2", "--overwrite"])
+        assert e.value.code == 2
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    assert (user / "notes.txt").read_text() == "mine"
+
+
+def test_a_dataset_written_before_the_marker_is_still_replaceable(tmp_path):
+    out = tw.generate(tmp_path / "ds", num_samples=2, seed=0)
+    (out / MARKER).unlink()  # as written by an older version
+    tw.generate(out, num_samples=3, seed=0, overwrite=True)
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 3
 
 
 def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
