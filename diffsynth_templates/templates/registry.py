@@ -88,8 +88,8 @@ def build_architecture(
     known = {f.name for f in fields(cls.config_class)}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise TemplateError(
-            f"architecture {name!r} has no config field(s) {unknown}; its fields are {sorted(known)}"
+        raise ArchitectureConfigError(
+            f"{where}: architecture {name!r} has no config field(s) {unknown}; its fields are {sorted(known)}"
         )
     hints = _config_hints(cls.config_class)
     for key, value in config.items():
