@@ -342,6 +342,7 @@ def verify_package(
     folder = Path(folder)
     report: dict[str, Any] = {"folder": str(folder), "files": package_files(folder)}
     try:
+        read_template_json(folder)  # checked (types, names inside the folder) before any file is hashed
         report["sha256"] = verify_sha256(folder) or "not recorded"
     except Exception as e:
         raise VerificationError(str(e)) from e

@@ -266,7 +266,10 @@ def read_template_json(folder: str | os.PathLike) -> TemplateSpec:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, a too-long integer, absurd nesting
         raise TemplateJSONError(f"{where} is not valid JSON ({e})") from e
-    return TemplateSpec.from_json(data, where)
+    spec = TemplateSpec.from_json(data, where)
+    for name in spec.extra.get(SHA256_KEY) or {}:  # hashing reads the file: it must be inside too
+        resolve_inside(folder, name, f"{where} {SHA256_KEY!r} entry")
+    return spec
 
 
 def template_weight_files(folder: str | os.PathLike, spec: TemplateSpec) -> list[Path]:

@@ -270,3 +270,17 @@ def test_same_weights_in_differently_laid_out_files_compute_identically(tmp_path
 def test_shipped_brightness_template_still_loads(tmp_path):
     loaded = load_template_folder(BRIGHTNESS)
     assert loaded.spec.architecture == "value_kv" and loaded.kind == "declarative"
+
+
+def test_sha256_names_outside_the_folder_are_refused_before_hashing(folder, tmp_path):
+    from diffsynth_templates.hub.package import VerificationError, verify_package
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"not yours to hash")
+    os.symlink(secret, folder / "link.bin")
+    for name in ("link.bin", "../secret.bin", str(secret)):
+        edit(folder, sha256={name: "0" * 64})
+        error = load_both_ways(folder)
+        assert isinstance(error, (PathContainmentError, TemplateError)) and "sha256" in str(error)
+        with pytest.raises(VerificationError, match="sha256"):
+            verify_package(folder)
