@@ -353,6 +353,7 @@ def _load_declarative(folder: Path, torch_dtype, device) -> LoadedTemplate:
     verify_sha256(folder)  # a no-op unless template.json pins digests; a mismatch means a corrupt download
     get_architecture(spec.architecture)  # an unknown architecture fails before any weight is read
     files = template_weight_files(folder, spec)
+    processor = _declared_processor(spec.data_processor, where)  # a bad processor fails before the weights
     DISK_READS[str(folder.resolve())] += 1
     config_class = get_architecture(spec.architecture).config_class
     # fields added after folders were first written: a folder without one gets the value it was made with
@@ -366,7 +367,6 @@ def _load_declarative(folder: Path, torch_dtype, device) -> LoadedTemplate:
     _check_loaded_weights(model, folder, spec.weights)
     model.eval().requires_grad_(False)
     schema = spec.schema or getattr(model, "input_schema", None)  # instances may derive it from their config
-    processor = _declared_processor(spec.data_processor, where)
     return LoadedTemplate(spec.name or folder.name, model, folder, "declarative", schema, processor, spec)
 
 
