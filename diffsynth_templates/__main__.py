@@ -1,8 +1,11 @@
 """``python -m diffsynth_templates``: publish templates to ModelScope, convert DiffSynth-format folders.
 
-python -m diffsynth_templates publish CHECKPOINT --repo OWNER/NAME [--dry-run] [--public] ...
-python -m diffsynth_templates convert DIR --out OUT [--architecture NAME]
+python -m diffsynth_templates publish CHECKPOINT --repo OWNER/NAME [--dry-run] [--public] [--overwrite] ...
+python -m diffsynth_templates convert DIR --out OUT [--architecture NAME] [--overwrite]
 python -m diffsynth_templates verify PACKAGE
+
+A deliberate error (a ``DiffSynthTemplatesError``) is printed as ``error: <message>`` with exit code 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 from pathlib import Path
 
 from PIL import Image
+
+from .errors import DiffSynthTemplatesError
 
 logger = logging.getLogger("diffsynth_templates")
 
@@ -52,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pub.add_argument("--description", default=None, help="description for template.json and the card")
     pub.add_argument("--message", default=None, help="commit message")
-    pub.add_argument("--shard_size", default=None, help="split weights into shards of this size (e.g. 2GB)")
+    pub.add_argument(
+        "--shard_size", default=None, help="split weights into shards of at most this size (e.g. 2GB; > 0)"
+    )
     pub.add_argument(
         "--dtype",
         default=None,
@@ -61,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pub.add_argument(
         "--out", type=Path, default=None, help="package folder (default: models/packages/OWNER--NAME)"
+    )
+    pub.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing package folder (only one this tool wrote; other folders are never replaced)",
+    )
+    pub.add_argument(
+        "--offline",
+        action="store_true",
+        help="never connect (also $DIFFSYNTH_TEMPLATES_OFFLINE=1): only --dry-run can then succeed",
     )
     pub.add_argument(
         "--endpoint",
@@ -93,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--architecture", default=None, help="built-in architecture to convert to (default: detect)"
     )
     conv.add_argument("--name", default=None, help="template name (default: the output folder's name)")
+    conv.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output folder (only one this tool wrote; other folders are never replaced)",
+    )
 
     ver = sub.add_parser("verify", help="check that a package loads without code and generates")
     ver.add_argument("folder", type=Path)
@@ -104,29 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from .hub.convert import ConversionError
-    from .hub.upload import PublishError
-    from .loading import CheckpointError
-    from .templates.base import TemplateError
-
     try:
         return {"publish": _publish, "convert": _convert, "verify": _verify}[args.command](args)
-    except (
-        PublishError,
-        ConversionError,
-        CheckpointError,
-        TemplateError,
-        ValueError,
-        FileNotFoundError,
-    ) as e:
+    except DiffSynthTemplatesError as e:  # a deliberate error: its message says what to do
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def _publish(args) -> int:
-    from .hub.package import package_template, verify_package
+    from .hub.package import package_template, parse_size, verify_package
     from .hub.upload import (
         DEFAULT_COMMIT_MESSAGE,
+        check_online,
         resolve_endpoint,
         resolve_token,
         upload_package,
@@ -134,7 +145,12 @@ def _publish(args) -> int:
     )
 
     repo = validate_repo_id(args.repo)
-    token = None if args.dry_run else resolve_token(args.token)  # fail before the slow part
+    parse_size(args.shard_size)  # fail before the slow part: a bad size, offline mode, no token
+    offline = True if args.offline else None  # None: $DIFFSYNTH_TEMPLATES_OFFLINE decides
+    if not args.dry_run:
+        check_online(offline)
+    token = None if args.dry_run else resolve_token(args.token)
+    inputs = _parse_inputs(args.verify_input)
     out = args.out or Path("models") / "packages" / repo.replace("/", "--")
     folder = package_template(
         args.checkpoint,
@@ -145,8 +161,9 @@ def _publish(args) -> int:
         description=args.description,
         shard_size=args.shard_size,
         torch_dtype=_torch_dtype(args.dtype),
+        overwrite=args.overwrite,
     )
-    report = verify_package(folder, _base_pipe(args.verify_base), _parse_inputs(args.verify_input))
+    report = verify_package(folder, _base_pipe(args.verify_base), inputs)
     _print_report(report)
     files = report["files"]
     if args.dry_run:
@@ -156,7 +173,13 @@ def _publish(args) -> int:
         _print_files(files)
         return 0
     result = upload_package(
-        folder, repo, token, args.private, args.message or DEFAULT_COMMIT_MESSAGE, endpoint=args.endpoint
+        folder,
+        repo,
+        token,
+        args.private,
+        args.message or DEFAULT_COMMIT_MESSAGE,
+        endpoint=args.endpoint,
+        offline=offline,
     )
     print(f"\nuploaded {len(result.files)} file(s) to {result.url}")
     _print_files(result.files)
@@ -166,7 +189,9 @@ def _publish(args) -> int:
 def _convert(args) -> int:
     from .hub.convert import convert_diffsynth_folder
 
-    out = convert_diffsynth_folder(args.folder, args.out, args.architecture, name=args.name)
+    out = convert_diffsynth_folder(
+        args.folder, args.out, args.architecture, name=args.name, overwrite=args.overwrite
+    )
     spec = json.loads((out / "template.json").read_text())
     print(f"wrote {out} (architecture {spec['architecture']}, config {json.dumps(spec['config'])})")
     return 0
@@ -187,6 +212,10 @@ def _base_pipe(source: str | None):
     return Flux2ImagePipeline.from_pretrained(source)
 
 
+class VerifyInputError(DiffSynthTemplatesError, ValueError):
+    """A --verify_input entry cannot be read."""
+
+
 def _parse_inputs(text: str | None) -> dict | None:
     """``'scale=0.7 image=edge.png'``: JSON values when they parse, image files opened."""
     if not text:
@@ -195,9 +224,14 @@ def _parse_inputs(text: str | None) -> dict | None:
     for pair in text.split():
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"verification input {pair!r} is not KEY=VALUE")
+            raise VerifyInputError(
+                f"verification input {pair!r} is not KEY=VALUE (e.g. 'scale=0.7 image=a.png')"
+            )
         if Path(value).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-            out[key] = Image.open(value).convert("RGB")
+            try:
+                out[key] = Image.open(value).convert("RGB")
+            except OSError as e:  # missing, unreadable or not an image
+                raise VerifyInputError(f"verification input {key}: cannot read image {value!r} ({e})") from e
             continue
         try:
             out[key] = json.loads(value)

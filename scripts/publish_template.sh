@@ -5,7 +5,9 @@
 #   MODELSCOPE_API_TOKEN=... scripts/publish_template.sh CHECKPOINT OWNER/NAME [publish flags]
 #
 # Flags go to `python -m diffsynth_templates publish`, e.g. --dry-run (stop before uploading and list
-# the files), --public, --base_model ID, --license L, --message M, --out DIR, --shard_size 2GB.
+# the files), --public, --base_model ID, --license L, --message M, --out DIR, --shard_size 2GB,
+# --overwrite (replace a package folder this tool wrote before; other folders are never replaced),
+# --offline (never connect; also DIFFSYNTH_TEMPLATES_OFFLINE=1). Errors print "error: ..." (exit 2).
 # Get a token at https://modelscope.cn/my/myaccesstoken (write permission). If an upload is
 # interrupted, run the same command again: committed files are skipped.
 set -euo pipefail

@@ -23,12 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError, find_weight_files, iter_tensors, write_json_atomic
 from ..loading.integrity import SHA256_KEY, compute_sha256
-from ..templates.folder import MODEL_PY, TEMPLATE_JSON, TemplateSpec, save_template_folder
+from ..loading.paths import resolve_inside
+from ..loading.write_safety import check_output_folder, write_folder
+from ..templates.folder import (
+    MODEL_PY,
+    TEMPLATE_JSON,
+    TemplateSpec,
+    is_template_output,
+    write_template_files,
+)
 from ..templates.registry import available_architectures, build_architecture
 
 logger = logging.getLogger(__name__)
@@ -96,8 +104,8 @@ def read_model_py(path: Path) -> ModelPyInfo:
     """Literal facts of ``model.py``; anything that is not a literal is left out."""
     info = ModelPyInfo()
     try:
-        tree = ast.parse(path.read_text(), filename=str(path))
-    except (SyntaxError, ValueError) as e:
+        tree = ast.parse(path.read_bytes().decode("utf-8"), filename=str(path))
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # not UTF-8, not Python
         logger.warning("cannot parse %s (%s); converting from the weights alone", path, e)
         return info
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
@@ -118,8 +126,13 @@ def read_model_py(path: Path) -> ModelPyInfo:
             weights = _literal(value)
             if isinstance(weights, str):
                 info.weights = [weights]
-            elif isinstance(weights, list) and all(isinstance(w, str) for w in weights):
-                info.weights = weights
+            elif isinstance(weights, (list, tuple)) and all(isinstance(w, str) for w in weights):
+                info.weights = list(weights)
+            elif weights is not None:
+                raise ConversionError(
+                    f"{str(path)!r}: TEMPLATE_MODEL_PATH must be a file name or a list of file names inside the "
+                    f"folder, got {weights!r}"
+                )
     cls = classes.get(info.class_name or "")
     if cls is not None:
         methods = {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
@@ -160,20 +173,23 @@ def read_diffsynth_folder(folder: str | os.PathLike) -> DiffSynthSource:
             else "not a template folder"
         )
         raise ConversionError(f"{str(folder)!r} has no {MODEL_PY}: it is {what}, nothing to convert")
-    info = read_model_py(folder / MODEL_PY)
+    info = read_model_py(resolve_inside(folder, MODEL_PY, "DiffSynth template code"))
     files = _weight_files(folder, info)
     shapes, dtypes = {}, {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_slice(key)
-                shapes[key], dtypes[key] = tuple(tensor.get_shape()), tensor.get_dtype()
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensor = f.get_slice(key)
+                    shapes[key], dtypes[key] = tuple(tensor.get_shape()), tensor.get_dtype()
+        except (SafetensorError, OSError) as e:
+            raise ConversionError(f"cannot read {str(path)!r}: {e}. The file is truncated or corrupt") from e
     return DiffSynthSource(folder, files, shapes, dtypes, info)
 
 
 def _weight_files(folder: Path, info: ModelPyInfo) -> list[Path]:
     if info.weights:
-        files = [folder / w for w in info.weights]
+        files = [resolve_inside(folder, w, f"{MODEL_PY} TEMPLATE_MODEL_PATH entry") for w in info.weights]
         bad = [f.name for f in files if f.suffix != ".safetensors"]
         if bad:
             raise ConversionError(f"TEMPLATE_MODEL_PATH names {bad}: only .safetensors weights are converted")
@@ -182,12 +198,14 @@ def _weight_files(folder: Path, info: ModelPyInfo) -> list[Path]:
             raise ConversionError(f"TEMPLATE_MODEL_PATH names {missing}, which are not in {str(folder)!r}")
         return files
     try:
-        return find_weight_files(folder)
+        files = find_weight_files(folder)
     except CheckpointError as e:
         others = sorted(folder.glob("*.safetensors"))
-        if len(others) == 1:
-            return others
-        raise ConversionError(f"cannot tell which weights of {str(folder)!r} to convert: {e}") from e
+        if len(others) != 1:
+            raise ConversionError(f"cannot tell which weights of {str(folder)!r} to convert: {e}") from e
+        files = others
+    # found by name (or through a shard index): still refuse a symlink that leads out of the folder
+    return [resolve_inside(folder, str(f.relative_to(folder)), "weight file") for f in files]
 
 
 # --- the built-in layouts --------------------------------------------------------------------------
@@ -304,8 +322,15 @@ def convert_diffsynth_folder(
     architecture: str | None = None,
     *,
     name: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the declarative equivalent of the DiffSynth-format folder ``src`` to ``dst`` (runs no code from ``src``)."""
+    """Write the declarative equivalent of the DiffSynth-format folder ``src`` to ``dst`` (runs no code from ``src``).
+
+    ``dst`` is written through ``write_folder``: never the source, a folder inside or above it, the
+    current or home directory; an existing ``dst`` is replaced only with ``overwrite=True`` and only
+    when this project wrote it.
+    """
+    check_output_folder(dst, sources=[src], overwrite=overwrite, recognise=is_template_output)  # fail early
     source = read_diffsynth_folder(src)
     rule, config = detect_layout(source, architecture)
     logger.info("%s: %s layout -> %s %s", source.folder, rule.name, rule.architecture, config)
@@ -347,9 +372,13 @@ def convert_diffsynth_folder(
         f"# {spec.name}\n\n{spec.description}\n\nArchitecture `{rule.architecture}`; loading this folder runs no code. "
         "Publish it with `python -m diffsynth_templates publish FOLDER --repo OWNER/NAME`.\n"
     )
-    out = save_template_folder(dst, model, spec, readme)
-    spec.extra[SHA256_KEY] = compute_sha256(out, spec.weights)
-    write_json_atomic(spec.to_json(), out / TEMPLATE_JSON)
+    with write_folder(
+        dst, sources=[src], overwrite=overwrite, recognise=is_template_output, kind="converted template"
+    ) as tmp:
+        write_template_files(tmp, model, spec, readme)
+        spec.extra[SHA256_KEY] = compute_sha256(tmp, spec.weights)
+        write_json_atomic(spec.to_json(), tmp / TEMPLATE_JSON)
+    out = Path(dst)
     if source.model_py.data_processor:
         logger.warning(
             "%s defines TEMPLATE_DATA_PROCESSOR = %s; code is not carried over: set data_processor in %s to a "

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,16 @@ from PIL import Image
 from .. import __version__
 from ..loading import iter_tensors, save_safetensors_atomic, write_json_atomic
 from ..loading.integrity import SHA256_KEY, compute_sha256, verify_sha256
-from ..templates.folder import TEMPLATE_JSON, TemplateSpec, load_template_folder
+from ..loading.paths import PathContainmentError, resolve_inside
+from ..loading.write_safety import check_output_folder, write_folder
+from ..templates.folder import (
+    TEMPLATE_JSON,
+    TemplateSpec,
+    is_template_output,
+    load_template_folder,
+    read_template_json,
+    template_weight_files,
+)
 from ..templates.registry import get_architecture
 from ..templates.schema import InputSchema
 from .card import LIBRARY_NAME, CardContext, check_input_table, read_front_matter, render_model_card
@@ -60,15 +68,34 @@ class VerificationError(PublishError):
     """A package does not load or does not generate."""
 
 
+PACKAGE = "package folder"
+
+
 def parse_size(size: int | str | None) -> int | None:
-    """``2GB``, ``500MB``, ``1.5G``, ``1024`` -> bytes (powers of 1024)."""
-    if size is None or isinstance(size, int):
-        return size
-    match = _SIZE.match(str(size))
-    if not match:
-        raise ValueError(f"cannot read size {size!r}: use bytes or a number with KB, MB, GB (e.g. 2GB)")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** " KMGT".index(unit or " "))
+    """``2GB``, ``500MB``, ``1.5G``, ``1024`` -> bytes (powers of 1024); None means "no sharding".
+
+    Anything else, and sizes below one byte (``0``, ``-1``), is a ``PackageError`` naming the value.
+    """
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise PackageError(f"shard size must be a size such as 2GB or a number of bytes, got {size!r}")
+    match = _SIZE.match(size) if isinstance(size, str) else None
+    if isinstance(size, str) and not match:
+        raise PackageError(
+            f"cannot read shard size {size!r}: use bytes or a number with KB, MB, GB (e.g. 2GB)"
+        )
+    nbytes = (
+        size
+        if isinstance(size, int)
+        else int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+    )
+    if nbytes < 1:
+        raise PackageError(
+            f"shard size {size!r} is less than one byte; give a positive size such as 2GB, or leave it out for "
+            "one weight file"
+        )
+    return nbytes
 
 
 # --- packaging -------------------------------------------------------------------------------------
@@ -84,8 +111,12 @@ def package_template(
     description: str | None = None,
     shard_size: int | str | None = None,
     torch_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Build the publishable folder for ``checkpoint_dir`` at ``out_dir`` (atomically: temp dir + rename).
+    """Build the publishable folder for ``checkpoint_dir`` at ``out_dir`` (through ``write_folder``: a temp
+    sibling renamed in). An existing ``out_dir`` is replaced only with ``overwrite=True`` and only when
+    this project wrote it (its marker file, or nothing but the files a package holds); the checkpoint,
+    the current and home directories are never written.
 
     ``base_model``, ``license`` and ``description`` override what the checkpoint's template.json says
     (the license defaults to apache-2.0). Weights larger than ``shard_size`` bytes are split into shards.
@@ -94,15 +125,18 @@ def package_template(
     """
     repo_id = validate_repo_id(repo_id)
     src, out = Path(checkpoint_dir), Path(out_dir)
+    shard_bytes = parse_size(shard_size)
+    # fail before reading anything when the folder may not be written (user files, the source, cwd, ...)
+    check_output_folder(out, sources=[src], overwrite=overwrite, recognise=is_template_output, what=PACKAGE)
     spec = _read_checkpoint(src)
     verify_sha256(src)  # a checkpoint that records hashes must still match them
-    load_template_folder(src)  # the weights fit the architecture (runs no code)
+    load_template_folder(src)  # the weights fit the architecture and are finite (runs no code)
     cls = get_architecture(spec.architecture)
     schema = spec.schema or getattr(cls, "input_schema", None)
-    tensors = _read_tensors(src, spec.weights)
+    tensors = _read_tensors(src, spec)
     if torch_dtype is not None:
         if not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
-            raise ValueError(f"torch_dtype must be a floating-point torch.dtype, got {torch_dtype!r}")
+            raise PackageError(f"torch_dtype must be a floating-point torch.dtype, got {torch_dtype!r}")
         tensors = {k: t.to(torch_dtype) if t.is_floating_point() else t for k, t in tensors.items()}
 
     spec = replace(
@@ -117,12 +151,11 @@ def package_template(
     )
     if not spec.base_model:
         logger.warning("no base model recorded for %s: pass base_model= (CLI: --base_model ID)", src)
-    _check_out_dir(out, src)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        spec.weights = _save_weights(tensors, tmp, parse_size(shard_size))
+    with write_folder(
+        out, sources=[src], overwrite=overwrite, recognise=is_template_output, kind="package", what=PACKAGE
+    ) as tmp:
+        spec.weights = _save_weights(tensors, tmp, shard_bytes)
         spec.extra[SHA256_KEY] = compute_sha256(tmp, spec.weights)
         spec.extra["packaged_with"] = f"{LIBRARY_NAME} {__version__}"
         write_json_atomic(spec.to_json(), tmp / TEMPLATE_JSON)
@@ -139,11 +172,6 @@ def package_template(
             files=[(w, (tmp / w).stat().st_size) for w in spec.weights],
         )
         (tmp / "README.md").write_text(render_model_card(ctx))
-        _make_readable(tmp)
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info("packaged %s as %s in %s", src, repo_id, out)
     return out
 
@@ -151,8 +179,7 @@ def package_template(
 def _read_checkpoint(src: Path) -> TemplateSpec:
     if not src.is_dir():
         raise PackageError(f"checkpoint {str(src)!r} does not exist or is not a folder")
-    path = src / TEMPLATE_JSON
-    if not path.is_file():
+    if not (src / TEMPLATE_JSON).is_file():
         if (src / "model.py").is_file():
             raise PackageError(
                 f"{str(src)!r} is a DiffSynth-format folder (model.py): convert it to the declarative format "
@@ -162,15 +189,12 @@ def _read_checkpoint(src: Path) -> TemplateSpec:
             f"{str(src)!r} is not a template checkpoint: it has no {TEMPLATE_JSON} (found "
             f"{sorted(p.name for p in src.iterdir())})"
         )
-    try:
-        return TemplateSpec.from_json(json.loads(path.read_text()), str(path))
-    except json.JSONDecodeError as e:
-        raise PackageError(f"{str(path)!r} is not valid JSON ({e})") from e
+    return read_template_json(src)
 
 
-def _read_tensors(src: Path, weights: list[str]) -> dict[str, torch.Tensor]:
+def _read_tensors(src: Path, spec: TemplateSpec) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for key, tensor in iter_tensors([src / w for w in weights]):
+    for key, tensor in iter_tensors(template_weight_files(src, spec)):
         if key in tensors:
             raise PackageError(f"tensor {key!r} appears in more than one weight file of {str(src)!r}")
         tensors[key] = tensor
@@ -201,12 +225,12 @@ def _save_weights(tensors: dict[str, torch.Tensor], folder: Path, shard_size: in
 
 
 def _read_training_args(src: Path) -> dict | None:
-    path = src / TRAINING_ARGS
+    path = resolve_inside(src, TRAINING_ARGS, "training arguments")
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON
         logger.warning("ignoring %s: not valid JSON (%s)", path, e)
         return None
     if not isinstance(data, dict):
@@ -240,6 +264,11 @@ def _copy_samples(src: Path, dst: Path) -> list[str]:
         images = images[-MAX_SAMPLES:]
     out = []
     for image in images:
+        try:  # a sample that is a symlink out of the run folder is not packaged
+            resolve_inside(folder, image.name, "validation image")
+        except PathContainmentError as e:
+            logger.warning("not packaging %s: %s", image, e)
+            continue
         (dst / SAMPLES_DIR).mkdir(exist_ok=True)
         shutil.copy2(image, dst / SAMPLES_DIR / image.name)
         out.append(f"{SAMPLES_DIR}/{image.name}")
@@ -249,38 +278,6 @@ def _copy_samples(src: Path, dst: Path) -> list[str]:
 def _image_step(path: Path) -> int | None:
     match = re.search(r"step[-_]?(\d+)", path.stem)
     return int(match.group(1)) if match else None
-
-
-def _check_out_dir(out: Path, src: Path) -> None:
-    o, s = out.resolve(), src.resolve()
-    if o == s or s in o.parents or o in s.parents:
-        raise PackageError(f"the package folder {str(out)!r} must be outside the checkpoint {str(src)!r}")
-    if out.exists():
-        if not out.is_dir():
-            raise PackageError(f"{str(out)!r} exists and is not a folder; choose another output folder")
-        if any(out.iterdir()) and not (out / TEMPLATE_JSON).is_file():
-            raise PackageError(
-                f"refusing to replace {str(out)!r}: it is not empty and not a template package; "
-                "choose another output folder"
-            )
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp and safetensors create owner-only entries; give the package the usual umask permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 # --- verification ----------------------------------------------------------------------------------
@@ -345,6 +342,7 @@ def verify_package(
     folder = Path(folder)
     report: dict[str, Any] = {"folder": str(folder), "files": package_files(folder)}
     try:
+        read_template_json(folder)  # checked (types, names inside the folder) before any file is hashed
         report["sha256"] = verify_sha256(folder) or "not recorded"
     except Exception as e:
         raise VerificationError(str(e)) from e

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..errors import DiffSynthTemplatesError
 from ..loading.integrity import TEMPLATE_JSON, verify_sha256
+from ..loading.resolve import OFFLINE_ENV, is_offline
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,22 @@ class HubUnreachableError(PublishError):
 
 class UploadInterruptedError(PublishError):
     pass
+
+
+class OfflineError(PublishError):
+    """Offline mode is on, and uploading needs the network."""
+
+
+def check_online(offline: bool | None = None) -> None:
+    """Raise ``OfflineError`` when offline mode is on: ``offline=True`` (CLI ``--offline``), or, when
+    ``offline`` is None, ``$DIFFSYNTH_TEMPLATES_OFFLINE`` (the same switch ``resolve_model_path`` reads)."""
+    if offline or (offline is None and is_offline()):
+        why = "--offline / offline=True" if offline else f"{OFFLINE_ENV}={os.environ.get(OFFLINE_ENV)}"
+        raise OfflineError(
+            f"offline mode is on ({why}), so nothing is uploaded and no connection is made: use --dry-run "
+            f"(Python: package_template + verify_package) to build and check the package, or unset "
+            f"{OFFLINE_ENV} / drop --offline to upload"
+        )
 
 
 @dataclass
@@ -132,14 +149,17 @@ def upload_package(
     *,
     revision: str = "master",
     progress: bool = True,
+    offline: bool | None = None,
 ) -> UploadResult:
     """Upload a package folder (from ``package_template``) to the model repository ``repo_id``.
 
     The repository is created (private unless ``private=False``) when missing; an existing one keeps its
     visibility. ``api`` replaces the SDK client (tests). The local folder is never modified; on failure
-    the error says how to retry.
+    the error says how to retry. In offline mode (``offline=True`` or ``$DIFFSYNTH_TEMPLATES_OFFLINE``)
+    it refuses before any connection (``OfflineError``).
     """
     repo_id = validate_repo_id(repo_id)
+    check_online(offline)
     folder = Path(folder)
     files = _check_package(folder)
     token = resolve_token(token)

@@ -86,6 +86,11 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+def published(files: dict[str, str]) -> dict[str, str]:
+    """The part of a snapshot that is uploaded: hidden files (the write-safety marker) stay local."""
+    return {k: v for k, v in files.items() if not any(part.startswith(".") for part in k.split("/"))}
+
+
 def generate(sources, pipe, **kw) -> np.ndarray:
     tp = TemplatePipeline.from_pretrained(
         [str(s) for s in sources], device="cpu", host_store=HostStore(), **kw
@@ -319,13 +324,15 @@ def test_package_shards_weights_and_records_hashes(checkpoint, pipe, tmp_path):
     assert all(torch.equal(reference[k], loaded[k]) for k in reference)
     verify_sha256(out)
 
-    # packaging again replaces the old package; a non-package folder is never overwritten
-    package_template(checkpoint, out, repo_id=REPO)
+    # packaging again replaces the old package when asked to; a non-package folder is never overwritten
+    with pytest.raises(Exception, match="already exists; pass --overwrite"):
+        package_template(checkpoint, out, repo_id=REPO)
+    package_template(checkpoint, out, repo_id=REPO, overwrite=True)
     assert json.loads((out / "template.json").read_text())["weights"] == ["model.safetensors"]
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
     with pytest.raises(Exception, match="refusing to replace"):
-        package_template(checkpoint, tmp_path / "precious", repo_id=REPO)
+        package_template(checkpoint, tmp_path / "precious", repo_id=REPO, overwrite=True)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 
@@ -366,7 +373,7 @@ def test_upload_creates_repo_and_uploads_every_file(hub, package):
     assert hub.repos[REPO]["visibility"] == 1 and hub.repos[REPO]["license"] == "apache-2.0"  # 1: private
     uploaded = hub.repos[REPO]["files"]
     assert {k: len(v) for k, v in uploaded.items()} == dict(result.files)
-    assert {k: hashlib.sha256(v).hexdigest() for k, v in uploaded.items()} == before
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in uploaded.items()} == published(before)
     assert set(uploaded) >= {"template.json", "README.md", "model.safetensors", "samples/step-20.png"}
     # weights land before the files that make the folder a template
     (_, first), (_, last) = hub.commits
@@ -398,7 +405,7 @@ def test_publish_cli_uploads_with_token_from_env(checkpoint, hub, tmp_path, monk
         str(out),
     ]
     assert main(argv) == 0
-    files = snapshot(out)
+    files = published(snapshot(out))
     assert f"uploaded {len(files)} file(s) to {hub.url}/models/alice/cli" in capsys.readouterr().out
     assert hub.repos["alice/cli"]["visibility"] == 5
     assert {k: hashlib.sha256(v).hexdigest() for k, v in hub.repos["alice/cli"]["files"].items()} == files
@@ -417,7 +424,9 @@ def test_interrupted_upload_leaves_package_intact_and_can_be_retried(hub, packag
     commits_before = len(hub.commits)
     result = upload_package(package, REPO, token=TOKEN, endpoint=hub.url, progress=False)
     assert not result.created
-    assert {k: hashlib.sha256(v).hexdigest() for k, v in hub.repos[REPO]["files"].items()} == before
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in hub.repos[REPO]["files"].items()} == published(
+        before
+    )
     assert hub.commits[commits_before][1] == ["model.safetensors"]  # what was committed is not sent again
     assert snapshot(package) == before
 
@@ -436,7 +445,7 @@ def test_upload_errors_say_what_to_do(hub, package, monkeypatch, tmp_path):
 
     # the CLI checks the token before packaging anything
     out = tmp_path / "never"
-    assert main(["publish", str(package), "--repo", REPO, "--out", str(out)]) == 1
+    assert main(["publish", str(package), "--repo", REPO, "--out", str(out)]) == 2
     assert not out.exists()
 
 
@@ -444,7 +453,7 @@ def test_upload_errors_say_what_to_do(hub, package, monkeypatch, tmp_path):
 def test_invalid_repo_ids_are_refused(repo, package, capsys):
     with pytest.raises(InvalidRepoIdError, match="expected OWNER/NAME"):
         validate_repo_id(repo)
-    assert main(["publish", str(package), f"--repo={repo}", "--dry-run"]) == 1
+    assert main(["publish", str(package), f"--repo={repo}", "--dry-run"]) == 2
     assert "expected OWNER/NAME" in capsys.readouterr().err
 
 
@@ -605,7 +614,7 @@ def test_convert_errors(tmp_path, capsys):
     src.mkdir()
     (src / "model.py").write_text("TEMPLATE_MODEL = None\n")
     save_file({"encoder.weight": torch.zeros(3, 3)}, str(src / "model.safetensors"))
-    assert main(["convert", str(src), "--out", str(tmp_path / "out")]) == 1
+    assert main(["convert", str(src), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "match no known DiffSynth layout" in err and "value_kv" in err and "trust_remote_code=True" in err
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffsynth_templates.backbones.attention import apply_rope, rope_cos_sin
 from diffsynth_templates.backbones.flux2_dit import Flux2DiT, Flux2DiTConfig
+from diffsynth_templates.loading.write_safety import MARKER
 from diffsynth_templates.pipelines.flux2_pipeline import _grid_ids
 from diffsynth_templates.pipelines.lora import applied_lora, validate_lora
 from diffsynth_templates.pipelines.random_init import RandomPipelineSpec, random_flux2_pipeline
@@ -124,7 +125,11 @@ def test_tiny_template_end_to_end(pipe, tmp_path, task):
     assert set(cache) <= set(model.cache_keys)
 
     folder = save_template_folder(tmp_path / task, model, template_spec(model, name=task))
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "model.safetensors", "template.json"]
+    assert sorted(p.name for p in folder.iterdir() if p.name != MARKER) == [
+        "README.md",
+        "model.safetensors",
+        "template.json",
+    ]
     loaded = load_template_folder(folder)
     assert loaded.model.config == model.config  # JSON round trip restores tuples, ranges, flags
 
