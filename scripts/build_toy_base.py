@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,12 +26,31 @@ from datasets import toy_world  # noqa: E402
 from diffsynth_templates import Flux2DiT, Flux2DiTConfig  # noqa: E402
 from diffsynth_templates.backbones.flux2_vae import Flux2VAE  # noqa: E402
 from diffsynth_templates.backbones.qwen3 import Qwen3TextEncoder  # noqa: E402
+from diffsynth_templates.loading import write_json_atomic  # noqa: E402
+from diffsynth_templates.loading.write_safety import write_folder  # noqa: E402
+from diffsynth_templates.pipelines.defaults import DEFAULTS_FILE  # noqa: E402
 from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline  # noqa: E402
 from diffsynth_templates.pipelines.random_init import tiny_text_config, word_tokenizer  # noqa: E402
 
 logger = logging.getLogger("build_toy_base")
 
 TEXT_HIDDEN = 64
+# what the toy model is made for; infer.py uses these when the user gives no size, steps or cfg
+GENERATION_DEFAULTS = {"height": 64, "width": 64, "num_inference_steps": 20, "cfg_scale": 1.0}
+MODEL_FOLDERS = {"model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vae"}
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A base-model folder written before the write-safety marker: only the official layout's entries."""
+    names = {p.name for p in folder.iterdir()}
+    return MODEL_FOLDERS <= names <= MODEL_FOLDERS | {DEFAULTS_FILE}
+
+
+def save_model(pipe: Flux2ImagePipeline, out: Path, overwrite: bool) -> None:
+    """``pipe`` in the official layout plus its generation defaults, written through write-safety."""
+    with write_folder(out, overwrite=overwrite, recognise=is_model_folder, kind="toy base model") as tmp:
+        pipe.save_pretrained(tmp)
+        write_json_atomic(GENERATION_DEFAULTS, tmp / DEFAULTS_FILE)
 
 
 def toy_vocabulary() -> list[str]:
@@ -74,7 +91,14 @@ def check_same_encoder(vae: Flux2VAE, reference: Flux2VAE, name: str) -> None:
         )
 
 
-def assemble(init: Path, transformer: Path, out: Path, dtype: torch.dtype, vae: Path | None = None) -> None:
+def assemble(
+    init: Path,
+    transformer: Path,
+    out: Path,
+    dtype: torch.dtype,
+    vae: Path | None = None,
+    overwrite: bool = False,
+) -> None:
     """``init`` with its DiT replaced by the trained ``transformer`` (and optionally its VAE by a decoder
     fine-tune of it); DiT and text encoder stored in ``dtype`` (the VAE stays float32: the inpainting
     constraint is measured on its round trip). Written to a temporary folder and renamed into place."""
@@ -87,16 +111,7 @@ def assemble(init: Path, transformer: Path, out: Path, dtype: torch.dtype, vae: 
         pipe.vae.load_state_dict(tuned.state_dict())
     pipe.dit.to(dtype)
     pipe.text_encoder.to(dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_model(pipe, out, overwrite)
     logger.info("wrote %s (DiT from %s, %s)", out, transformer, dtype)
 
 
@@ -112,13 +127,15 @@ def main() -> None:
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="DiT / text dtype")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if this project wrote it")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.init:
         if not args.transformer:
             p.error("--init needs --transformer (the trained DiT)")
         vae = Path(args.vae) if args.vae else None
-        assemble(Path(args.init), Path(args.transformer), Path(args.out), getattr(torch, args.dtype), vae)
+        dtype = getattr(torch, args.dtype)
+        assemble(Path(args.init), Path(args.transformer), Path(args.out), dtype, vae, args.overwrite)
         return
     if not args.vae:
         p.error("pass --vae (build base-init) or --init + --transformer (assemble the trained base)")
@@ -129,7 +146,7 @@ def main() -> None:
     dit = Flux2DiT(toy_dit_config(vae.config.latent_channels))
     text_encoder = Qwen3TextEncoder(tiny_text_config(tokenizer.get_vocab_size(), TEXT_HIDDEN))
     pipe = Flux2ImagePipeline(dit, vae, text_encoder, tokenizer, device="cpu", torch_dtype=torch.float32)
-    pipe.save_pretrained(Path(args.out))
+    save_model(pipe, Path(args.out), args.overwrite)
     counts = {
         n: sum(t.numel() for t in m.parameters())
         for n, m in (("dit", dit), ("vae", vae), ("text", text_encoder))

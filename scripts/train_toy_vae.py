@@ -23,6 +23,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffsynth_templates.backbones.flux2_vae import Flux2VAE, Flux2VAEConfig
+from diffsynth_templates.loading.safetensors_io import (
+    load_safetensors,
+    read_safetensors_metadata,
+    save_safetensors_atomic,
+)
+from diffsynth_templates.training.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 
 logger = logging.getLogger("train_toy_vae")
 
@@ -54,10 +60,26 @@ def random_crops(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor
 
 
 def save_state(path: Path, vae: Flux2VAE, opt: torch.optim.Optimizer, g: torch.Generator, step: int) -> None:
-    """Resume point: weights, optimizer and sampler state (torch.save of tensors only, written atomically)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(), "step": step}, tmp)
-    tmp.replace(path)
+    """Resume point as one safetensors file (no pickle): weights, optimizer tensors and the sampler's
+    state as tensors; the step and the optimizer's scalars as JSON in its metadata. Written atomically."""
+    opt_tensors, opt_meta = flatten_optimizer_state(opt.state_dict())
+    tensors = {
+        **{f"vae/{k}": v.detach().contiguous() for k, v in vae.state_dict().items()},
+        **{f"opt/{k}": v.contiguous() for k, v in opt_tensors.items()},
+        "rng": g.get_state(),
+    }
+    save_safetensors_atomic(tensors, path, metadata={"step": str(step), "optimizer": json.dumps(opt_meta)})
+
+
+def load_state(path: Path, vae: Flux2VAE, opt: torch.optim.Optimizer, g: torch.Generator) -> int:
+    """Restore what ``save_state`` wrote; return its step."""
+    tensors = load_safetensors(path)
+    meta = read_safetensors_metadata(path)
+    vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae/")})
+    opt_tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("opt/")}
+    opt.load_state_dict(unflatten_optimizer_state(opt_tensors, json.loads(meta["optimizer"])))
+    g.set_state(tensors["rng"])
+    return int(meta["step"])
 
 
 def train(
@@ -89,11 +111,7 @@ def train(
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     start = 0
     if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        g.set_state(state["rng"])
-        start = state["step"]
+        start = load_state(state_path, vae, opt, g)
         logger.info("resuming from %s at step %d", state_path, start)
     vae.train().requires_grad_(False)
     for param in trainable:
@@ -204,7 +222,7 @@ def main() -> None:
         args.seed,
         args.crop,
         args.full_steps,
-        Path(args.out + ".resume.pt"),
+        Path(args.out + ".resume.safetensors"),
         held_out=held_out[:16],
         decoder_only=args.decoder_only,
     )

@@ -106,6 +106,16 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
         raise _read_error(path, e) from e
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (``{}`` when it has none); errors name the file."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise _read_error(path, e) from e
+
+
 def iter_tensors(
     files: list[Path], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:

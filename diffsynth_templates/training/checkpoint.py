@@ -109,7 +109,7 @@ class _Weights:
 # --------------------------------------------------------------------------------------------------
 
 
-def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for param_id, entries in state_dict["state"].items():
         for key, value in entries.items():
@@ -120,7 +120,7 @@ def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], d
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def unflatten_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         _, param_id, key = name.split("/", 2)
@@ -227,7 +227,7 @@ def _check_finite_before_saving(final: Path, weights: dict[str, Tensor], optimiz
         check_finite_state(weights, f"refusing to write {final}: the trained weights")
         if optimizer_state is not None:
             check_finite_state(
-                _flatten_optimizer(optimizer_state)[0], f"refusing to write {final}: the optimizer state"
+                flatten_optimizer_state(optimizer_state)[0], f"refusing to write {final}: the optimizer state"
             )
     except NonFiniteError as e:
         raise NonFiniteError(
@@ -288,7 +288,7 @@ def save_checkpoint(
                 )
             extra: dict[str, Any] = {}
             if optimizer_state is not None:
-                opt_tensors, extra = _flatten_optimizer(optimizer_state)
+                opt_tensors, extra = flatten_optimizer_state(optimizer_state)
                 save_safetensors_atomic(opt_tensors, staging / STATE_DIR / "optimizer.safetensors")
             write_json_atomic(
                 {**asdict(state), "optimizer": extra or None}, staging / STATE_DIR / "state.json"
@@ -493,7 +493,7 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, config: TrainCo
     optimizer_path = folder / STATE_DIR / "optimizer.safetensors"
     optimizer_tensors = _read_tensors(optimizer_path)
     try:
-        optimizer_state = _unflatten_optimizer(optimizer_tensors, saved["optimizer"])
+        optimizer_state = unflatten_optimizer_state(optimizer_tensors, saved["optimizer"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DamagedCheckpointError(
             f"{str(optimizer_path)!r} and {str(state_path)!r} do not agree: {e!r}"

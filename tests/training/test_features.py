@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from diffsynth_templates.training.checkpoint import (
-    _flatten_optimizer,
-    _unflatten_optimizer,
+    flatten_optimizer_state,
     rng_state,
     set_rng_state,
+    unflatten_optimizer_state,
 )
 from diffsynth_templates.training.feature_cache import ContentStore, FeatureCacheError
 from diffsynth_templates.training.features import FeatureError, flatten_features, unflatten_features
@@ -58,9 +58,9 @@ def test_optimizer_state_round_trips_without_pickle():
     for _ in range(2):
         sum(p.square().sum() for p in params).backward()
         optimizer.step()
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    tensors, meta = flatten_optimizer_state(optimizer.state_dict())
     restored = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1.0)
-    restored.load_state_dict(_unflatten_optimizer(tensors, meta))
+    restored.load_state_dict(unflatten_optimizer_state(tensors, meta))
     a, b = optimizer.state_dict(), restored.state_dict()
     assert a["param_groups"] == b["param_groups"]
     for i in a["state"]:
