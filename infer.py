@@ -435,16 +435,9 @@ def _fill_defaults(args: argparse.Namespace, defaults) -> None:
 def _open_image(path: str | None, flag: str):
     if path is None:
         return None
-    from PIL import Image, UnidentifiedImageError
+    from diffsynth_templates.loading.image_files import open_image
 
-    if not Path(path).is_file():
-        raise InferError(f"{flag} {path!r} does not exist (or is not a file)")
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise InferError(f"{flag} {path!r} is not a readable image: {e}") from e
-    return image
+    return open_image(path, flag, mode=None, error=InferError)
 
 
 # -- template inputs ------------------------------------------------------------------------------
@@ -628,13 +621,10 @@ def _job_list(key: str, value, where: str) -> list:
 
 
 def _jsonable(inputs: list[dict]) -> list[dict]:
-    return [
-        {
-            k: (v if isinstance(v, (int, float, str, bool, list)) else f"<{type(v).__name__}>")
-            for k, v in d.items()
-        }
-        for d in inputs
-    ]
+    """Template inputs for the PNG metadata: JSON values as they are, anything else (images) as ``<Type>``."""
+    from diffsynth_templates.loading.json_io import to_json_value
+
+    return to_json_value(inputs, fallback=lambda v: f"<{type(v).__name__}>")
 
 
 if __name__ == "__main__":

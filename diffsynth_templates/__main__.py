@@ -16,8 +16,6 @@ import logging
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 from .errors import DiffSynthTemplatesError
 
 logger = logging.getLogger("diffsynth_templates")
@@ -228,10 +226,9 @@ def _parse_inputs(text: str | None) -> dict | None:
                 f"verification input {pair!r} is not KEY=VALUE (e.g. 'scale=0.7 image=a.png')"
             )
         if Path(value).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-            try:
-                out[key] = Image.open(value).convert("RGB")
-            except OSError as e:  # missing, unreadable or not an image
-                raise VerifyInputError(f"verification input {key}: cannot read image {value!r} ({e})") from e
+            from .loading.image_files import open_image  # lazily: loading imports torch
+
+            out[key] = open_image(value, f"verification input {key}: image", error=VerifyInputError)
             continue
         try:
             out[key] = json.loads(value)

@@ -13,7 +13,6 @@ whose architecture is not registered in this install is skipped.
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError, find_weight_files, iter_tensors, write_json_atomic
 from ..loading.integrity import SHA256_KEY, compute_sha256
+from ..loading.json_io import to_json_value
 from ..loading.paths import resolve_inside
 from ..loading.write_safety import check_output_folder, write_folder
 from ..templates.folder import (
@@ -353,7 +353,7 @@ def convert_diffsynth_folder(
     schema = getattr(model, "input_schema", None)
     spec = TemplateSpec(
         architecture=rule.architecture,
-        config=_jsonable(config),
+        config=to_json_value(config, fallback=list),
         name=name or Path(dst).name,
         inputs=schema.to_json() if schema is not None else None,
         cache_keys=list(getattr(model, "cache_keys", ())),
@@ -388,7 +388,3 @@ def convert_diffsynth_folder(
             out / TEMPLATE_JSON,
         )
     return out
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=list))

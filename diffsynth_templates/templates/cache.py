@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..loading.finite import NonFiniteError
+from ..loading.tensor_tree import move_tensors
 from ..pipelines.common import check_finite_cache
 from ..pipelines.kv_schedule import broadcast_cat, merge_kv_caches
 from ..pipelines.lora import merge_loras, validate_lora
@@ -116,12 +117,4 @@ def validate_output(out: TemplateOutput, dit, accepted: set[str], batch_size: in
 
 def to_device(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Move tensors in a cache (nested in dicts / tuples / lists) to the pipeline's device and dtype."""
-    if isinstance(value, Tensor):
-        return value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
-    if isinstance(value, Mapping):
-        return {k: to_device(v, device, dtype) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device, dtype) for v in value)
-    if isinstance(value, list):
-        return [to_device(v, device, dtype) for v in value]
-    return value
+    return move_tensors(value, device, dtype)

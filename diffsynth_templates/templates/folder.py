@@ -34,6 +34,7 @@ from torch import nn
 from ..loading import CheckpointError, load_module_from_files, save_safetensors_atomic, write_json_atomic
 from ..loading.finite import check_finite_state
 from ..loading.integrity import SHA256_KEY, verify_sha256
+from ..loading.json_io import to_json_value
 from ..loading.paths import resolve_inside
 from ..loading.write_safety import write_folder
 from .base import TemplateError, check_template_model
@@ -468,7 +469,7 @@ def save_template_folder(
 def write_template_files(folder: Path, model: nn.Module, spec: TemplateSpec, readme: str) -> None:
     """Write ``model.safetensors``, ``template.json`` and ``README.md`` into the (staging) ``folder``."""
     if not spec.config and is_dataclass(getattr(model, "config", None)):
-        spec.config = _jsonable(asdict(model.config))
+        spec.config = to_json_value(asdict(model.config), fallback=None)
     spec.weights = ["model.safetensors"]
     save_safetensors_atomic(model.state_dict(), folder / "model.safetensors")
     write_json_atomic(spec.to_json(), folder / TEMPLATE_JSON)
@@ -505,17 +506,9 @@ def is_template_output(folder: Path) -> bool:
     return True
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def fingerprint_callable(fn: Callable | None) -> str:
     """A stable description of a data processor (for feature-cache fingerprints)."""
     if fn is None:
         return "none"
     config = getattr(fn, "config", None)
-    return f"{type(fn).__module__}.{type(fn).__qualname__}:{json.dumps(_jsonable(asdict(config)) if is_dataclass(config) else None)}"
+    return f"{type(fn).__module__}.{type(fn).__qualname__}:{json.dumps(to_json_value(asdict(config), fallback=None) if is_dataclass(config) else None)}"

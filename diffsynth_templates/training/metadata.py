@@ -44,8 +44,8 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
+from ..loading.json_io import to_json_value
 from .images import inspect_image
 from .rows import normalize_row
 from .samples import FORMATS, BadRow, BadRowPolicy, DatasetError, MetadataReport, ParsedRow, RawRow, Sample
@@ -196,30 +196,14 @@ def _raw_rows(path: Path, fmt: str) -> list[RawRow]:
 # Normalizing one row
 
 
-def _relative(path: Path, base: Path) -> str:
-    try:
-        return path.relative_to(base).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def _jsonable(value: Any, base: Path) -> Any:
-    if isinstance(value, Path):
-        return _relative(value, base)
-    if isinstance(value, dict):
-        return {k: _jsonable(v, base) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v, base) for v in value]
-    return value
-
-
 def _content_id(row: ParsedRow, base: Path) -> str:
     normalized = {
-        "image": _relative(row.image, base),
+        "image": row.image,
         "prompt": row.prompt,
-        "edit_image": [_relative(p, base) for p in row.edit_images],
-        "template_inputs": _jsonable(row.template_inputs, base),
+        "edit_image": row.edit_images,
+        "template_inputs": row.template_inputs,
     }
+    normalized = to_json_value(normalized, base=base)  # paths relative to the base: the folder may move
     text = json.dumps(normalized, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

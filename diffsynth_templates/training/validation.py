@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..loading.image_files import open_image
 from ..pipelines.lora import merge_loras
 from ..templates.cache import TemplateOutput, to_device, validate_output
 from .config import ConfigError
@@ -36,15 +37,7 @@ def _load_images(value: Any) -> Any:
     if isinstance(value, list):
         return [_load_images(v) for v in value]
     if isinstance(value, str) and Path(value).suffix.lower() in IMAGE_EXTENSIONS:
-        if not Path(value).is_file():
-            raise FileNotFoundError(f"--validation_inputs names the image {value!r}, which does not exist")
-        try:
-            with Image.open(value) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ConfigError(
-                f"--validation_inputs names the image {value!r}, which cannot be read: {e}"
-            ) from e
+        return open_image(value, "--validation_inputs names the image", error=ConfigError)
     return value
 
 
