@@ -32,7 +32,7 @@ def open_image(
         image = Image.open(path)
         image.load()  # decode now: a broken file fails here, not deep inside a pipeline call
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise error(f"{what} {str(path)!r} is not a readable image: {e}") from e
+        raise error(f"{what} {str(path)!r} cannot be read; it is not a readable image ({e})") from e
     if mode is None:
         return image
     with image:

@@ -37,7 +37,7 @@ def _load_images(value: Any) -> Any:
     if isinstance(value, list):
         return [_load_images(v) for v in value]
     if isinstance(value, str) and Path(value).suffix.lower() in IMAGE_EXTENSIONS:
-        return open_image(value, "--validation_inputs names the image", error=ConfigError)
+        return open_image(value, "--validation_inputs image", error=ConfigError)
     return value
 
 

@@ -138,11 +138,11 @@ def test_open_image_converts_and_names_bad_files(tmp_path):
     assert open_image(tmp_path / "m.png", mode=None).mode == "L"  # masks keep their mode
     with pytest.raises(ImageFileError, match=r"--input_image '.*missing.png' does not exist"):
         open_image(tmp_path / "missing.png", "--input_image")
-    with pytest.raises(ImageFileError, match="is not a readable image") as caught:
+    with pytest.raises(ImageFileError, match="cannot be read; it is not a readable image") as caught:
         open_image(tmp_path / "bad.png")
     assert isinstance(caught.value, DiffSynthTemplatesError)
 
 
 def test_validation_inputs_with_a_missing_image_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="--validation_inputs names the image .*nope.png"):
+    with pytest.raises(ConfigError, match="--validation_inputs image .*nope.png"):
         check_validation_images([{"template_inputs": {"image": str(tmp_path / "nope.png")}}])
