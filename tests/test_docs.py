@@ -212,3 +212,22 @@ def test_documented_commands_run(doc, tmp_path):
     for name in EXPECTED_OUTPUTS.get(doc, []):
         assert (repo / name).is_file(), f"{doc}: the commands did not write {name}"
     print("\n".join(f"{s:6.1f} s  {c}" for s, c in timings))
+
+
+def test_make_ref_env_sees_this_interpreters_packages(tmp_path):
+    """The README's reference env works from a virtualenv too: its python imports what this one does."""
+    env = tmp_path / "ref"
+    out = subprocess.run(
+        [sys.executable, "benchmarks/make_ref_env.py", str(env), "--no-install"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    python = Path(out.stdout.strip().splitlines()[-1])
+    assert python.parent.parent == env
+    probe = "import sys, torch, diffusers, diffsynth_templates; print(sys.prefix, torch.__version__)"
+    seen = subprocess.run([str(python), "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert seen.returncode == 0, seen.stderr[-2000:]
+    prefix, version = seen.stdout.split()
+    assert Path(prefix) == env and version == __import__("torch").__version__
