@@ -134,8 +134,12 @@ def copy_repository(dest: Path) -> Path:
             for p in ROOT.rglob("*")
             if p.is_file() and not skip & set(p.relative_to(ROOT).parts)
         ]
+    # a virtualenv inside the checkout under a name .gitignore does not know (e.g. venv/) stays out
+    venvs = {cfg.parent.name for cfg in ROOT.glob("*/pyvenv.cfg")}
     for name in files:
         source = ROOT / name
+        if Path(name).parts[0] in venvs:
+            continue
         if source.is_file():  # a tracked file deleted in the working tree is left out
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
