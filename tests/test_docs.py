@@ -64,7 +64,16 @@ COVERED: dict[str, str] = {
 
 # normalised command -> flags appended when it runs here
 TINY: dict[str, list[str]] = {
-    "python benchmarks/cfg_batching.py --size 256": ["--size", "64", "--steps", "2", "--repeats", "1"],
+    "python benchmarks/cfg_batching.py --size 256": [
+        "--size",
+        "64",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--text_len",
+        "8",
+    ],
 }
 
 # files the run commands must have written (relative to the copy's root), per document
