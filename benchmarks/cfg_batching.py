@@ -37,7 +37,7 @@ def main() -> None:
         RandomPipelineSpec(dit=dit), device=args.device, torch_dtype=getattr(torch, args.dtype)
     )
     original = flux2_pipeline._batch_sides
-    variants = {"batched (1 call, batch 2)": original, "sequential (2 calls, batch 1)": lambda c, u: None}
+    variants = {"batched (1 call, batch 2)": original, "sequential (2 calls, batch 1)": lambda c, u, *_: None}
 
     def one_run() -> float:
         start = time.perf_counter()

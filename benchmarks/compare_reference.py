@@ -1,6 +1,6 @@
 """Side by side with the reference implementations: ours vs DiffSynth-Studio vs diffusers, same weights.
 
-    python benchmarks/compare_reference.py --diffsynth-python /work/venv-ref/bin/python [--quick]
+    python benchmarks/compare_reference.py --diffsynth-python .venv-ref/bin/python [--quick]
     python benchmarks/compare_reference.py --sizes 256 512 --steps 4 --repeats 3 --out benchmarks/RESULTS.md
 
 One random-weight FLUX.2-klein folder of realistic proportions (8 heads x 64, 2 double + 6 single
@@ -35,11 +35,10 @@ Environments. Ours and diffusers run in the interpreter that runs this script (t
 DiffSynth runs in ``--diffsynth-python`` (default: ``$DIFFSYNTH_PYTHON``, else this interpreter);
 ``--no-diffsynth`` leaves its columns out and says so in the table. Running the whole script inside
 the reference environment works too (it sees this package). The reference environment that works
-with a CPU-only torch (see README "Performance")::
+with a CPU-only torch, from a system Python or a virtualenv alike (see README "Performance";
+``benchmarks/make_ref_env.py`` says why ``venv --system-site-packages`` is not enough)::
 
-    python -m venv --system-site-packages /work/venv-ref
-    /work/venv-ref/bin/pip install --no-deps torchvision==0.28.0 diffsynth==2.1.12
-    /work/venv-ref/bin/pip install pandas
+    python benchmarks/make_ref_env.py .venv-ref
 
 PyPI's Linux torchvision wheels are CUDA builds whose C++ ops cannot load next to a ``+cpu`` torch;
 torchvision tolerates that except for two unconditional fake-kernel registrations (``nms``,
@@ -700,7 +699,7 @@ def run_benchmark(args) -> tuple[str, float]:
                     hint = ""
                     if s == "diffsynth":
                         hint = (
-                            " (install DiffSynth-Studio as in the module docstring and pass --diffsynth-python, "
+                            " (create its environment with benchmarks/make_ref_env.py and pass --diffsynth-python, "
                             "or run with --no-diffsynth)"
                         )
                     raise RuntimeError(f"{s} worker could not load: {workers[s].error}{hint}")
