@@ -163,7 +163,9 @@ def reconstruction_psnr(vae: Flux2VAE, images: torch.Tensor) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="datasets/toy", help="toy dataset folder (python -m datasets.toy_world)")
+    p.add_argument(
+        "--data", default="datasets/toy", help="toy dataset folder (python -m diffsynth_templates.toy.world)"
+    )
     p.add_argument("--out", default="models/toy/vae", help="output vae/ folder (official layout)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch_size", type=int, default=16)
