@@ -1,8 +1,8 @@
 """The toy-world demo grid that ``python infer.py`` (no arguments) writes: the base model, each toy
 template, templates composed, and a brightness sweep, every cell labelled.
 
-    python -m diffsynth_templates.toy.demo [--model models/toy/base] [--templates models/toy/templates] \
-        [--out outputs/toy_demo.png] [--steps 20]
+    python -m diffsynth_templates.toy.demo     # models/toy/base + models/toy/templates -> outputs/toy_demo.png
+    python -m diffsynth_templates.toy.demo --model BASE --templates FOLDER --out grid.png --steps 20
 """
 
 from __future__ import annotations
@@ -123,7 +123,11 @@ def render_demo(model: str | Path, templates: str | Path, out: str | Path, steps
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m diffsynth_templates.toy.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="models/toy/base")
     p.add_argument("--templates", default="models/toy/templates")
     p.add_argument("--out", default="outputs/toy_demo.png")
