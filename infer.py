@@ -181,10 +181,9 @@ def run_demo() -> list[Path]:
             f"the bundled toy model {DEFAULT_TOY_MODEL} is missing (a partial checkout?); "
             "rebuild it with scripts/train_toy.sh or pass --model"
         )
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from scripts.toy_demo import make_demo
+    from diffsynth_templates.toy.demo import render_demo
 
-    out = make_demo(DEFAULT_TOY_MODEL, TOY_TEMPLATES, DEMO_OUTPUT)
+    out = render_demo(DEFAULT_TOY_MODEL, TOY_TEMPLATES, DEMO_OUTPUT)
     logging.info("wrote %s (the toy-world demo; see README for what each cell shows)", out)
     return [out]
 

@@ -15,28 +15,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds datasets/
-
-from datasets import toy_world  # noqa: E402
-from diffsynth_templates import Flux2DiT, Flux2DiTConfig  # noqa: E402
-from diffsynth_templates.backbones.flux2_vae import Flux2VAE  # noqa: E402
-from diffsynth_templates.backbones.qwen3 import Qwen3TextEncoder  # noqa: E402
-from diffsynth_templates.loading import write_json_atomic  # noqa: E402
-from diffsynth_templates.loading.write_safety import write_folder  # noqa: E402
-from diffsynth_templates.pipelines.defaults import DEFAULTS_FILE  # noqa: E402
-from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline  # noqa: E402
-from diffsynth_templates.pipelines.random_init import tiny_text_config, word_tokenizer  # noqa: E402
+from diffsynth_templates import Flux2DiT
+from diffsynth_templates.backbones.flux2_vae import Flux2VAE
+from diffsynth_templates.backbones.qwen3 import Qwen3TextEncoder
+from diffsynth_templates.loading import write_json_atomic
+from diffsynth_templates.loading.write_safety import write_folder
+from diffsynth_templates.pipelines.defaults import DEFAULTS_FILE
+from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline
+from diffsynth_templates.pipelines.random_init import tiny_text_config, word_tokenizer
+from diffsynth_templates.toy.configs import GENERATION_DEFAULTS, TEXT_HIDDEN, toy_dit_config, toy_vocabulary
 
 logger = logging.getLogger("build_toy_base")
 
-TEXT_HIDDEN = 64
-# what the toy model is made for; infer.py uses these when the user gives no size, steps or cfg
-GENERATION_DEFAULTS = {"height": 64, "width": 64, "num_inference_steps": 20, "cfg_scale": 1.0}
 MODEL_FOLDERS = {"model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer", "vae"}
 
 
@@ -51,32 +45,6 @@ def save_model(pipe: Flux2ImagePipeline, out: Path, overwrite: bool) -> None:
     with write_folder(out, overwrite=overwrite, recognise=is_model_folder, kind="toy base model") as tmp:
         pipe.save_pretrained(tmp)
         write_json_atomic(GENERATION_DEFAULTS, tmp / DEFAULTS_FILE)
-
-
-def toy_vocabulary() -> list[str]:
-    words = ["a", "an", "and", "at", "the", "on", "to", "background", "gradient", "user", "assistant"]
-    for group in (
-        toy_world.SHAPE_COLORS,
-        toy_world.BACKGROUND_COLORS,
-        toy_world.SHAPE_KINDS,
-        toy_world.SIZES,
-    ):
-        words += list(group)
-    for position in toy_world.POSITIONS:
-        words += position.split()
-    return list(dict.fromkeys(words))
-
-
-def toy_dit_config(latent_channels: int) -> Flux2DiTConfig:
-    return Flux2DiTConfig(
-        in_channels=4 * latent_channels,
-        num_double_blocks=2,
-        num_single_blocks=4,
-        num_heads=3,
-        head_dim=64,
-        text_dim=3 * TEXT_HIDDEN,
-        axes_dims_rope=(16, 16, 16, 16),
-    )
 
 
 def check_same_encoder(vae: Flux2VAE, reference: Flux2VAE, name: str) -> None:

@@ -3,7 +3,7 @@
     python scripts/eval_controls.py                       # models/toy: 8 prompts x 2 seeds (minutes)
     python scripts/eval_controls.py --quick --check       # 2 prompts x 1 seed, exit 1 if a target is missed
 
-Over a fixed set of toy scenes (``datasets.toy_world.fixed_eval_prompts``) and seeds, each template is
+Over a fixed set of toy scenes (``diffsynth_templates.toy.world.fixed_eval_prompts``) and seeds, each template is
 asked for targets that the toy world can produce for that scene (the scene re-rendered with another
 brightness or tint), and the generated image is measured:
 
@@ -35,122 +35,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds datasets/
-
-from datasets import toy_world  # noqa: E402
+from diffsynth_templates.errors import DiffSynthTemplatesError
+from diffsynth_templates.toy import world as toy_world
+from diffsynth_templates.toy.metrics import (
+    COMPOSED_TOLERANCE,
+    composed_ok,
+    interior,
+    iou,
+    named_color,
+    psnr,
+    shape_mask,
+    spearman,
+)
+from diffsynth_templates.toy.models import TEMPLATES, ToyWorld, inpaint_mask
 
 logger = logging.getLogger("eval_controls")
 
-TEMPLATES = ("brightness", "color", "structure", "inpaint", "super_resolution", "sharpness")
 BRIGHTNESS_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5)
 TINT_VARIANTS = ({}, {"tint": "warm", "tint_strength": 0.35}, {"tint": "cool", "tint_strength": 0.35},
                  {"tint": "lime", "tint_strength": 0.35}, {"tint": "magenta", "tint_strength": 0.35})  # fmt: skip
-COMPOSED_TOLERANCE = 0.2
-
-
-# --- the toy world's models ------------------------------------------------------------------------
-
-
-@dataclass
-class ToyWorld:
-    """The base pipeline, the templates by name, and the generation settings every measurement shares."""
-
-    pipe: Any
-    templates: Any  # TemplatePipeline over the available templates, names = folder names
-    names: tuple[str, ...]
-    steps: int = 20
-    size: int = toy_world.TOY_SIZE
-
-    @classmethod
-    def load(cls, model: str | Path, templates: str | Path, steps: int = 20) -> ToyWorld:
-        from diffsynth_templates.pipelines.auto import load_pipeline
-        from diffsynth_templates.templates import TemplatePipeline
-
-        pipe = load_pipeline(model, device="cpu")
-        folders = [
-            Path(templates) / n for n in TEMPLATES if (Path(templates) / n / "template.json").is_file()
-        ]
-        if not folders:
-            raise SystemExit(f"no toy templates under {templates}: expected folders {TEMPLATES}")
-        names = tuple(f.name for f in folders)
-        tp = TemplatePipeline.from_pretrained([str(f) for f in folders], names=list(names), device="cpu")
-        return cls(pipe, tp, names, steps)
-
-    def generate(self, prompts: Sequence[str], seed: int, inputs: Sequence[dict] = ()) -> list[Image.Image]:
-        """One image per prompt (one batch, noise from ``seed``), with the given template inputs."""
-        call = dict(
-            prompt=list(prompts),
-            height=self.size,
-            width=self.size,
-            num_inference_steps=self.steps,
-            cfg_scale=1.0,  # the toy DiT is trained without caption dropout: no unconditional branch
-            seed=seed,
-            max_sequence_length=40,
-            progress=False,
-        )
-        if not inputs:
-            return self.pipe(**call)
-        return self.templates(self.pipe, template_inputs=list(inputs), **call)
-
-    def vae_round_trip(self, image: Image.Image) -> Image.Image:
-        """``image`` encoded and decoded by the base model's VAE, as the pipeline would output it."""
-        from diffsynth_templates.pipelines.image_io import tensor_to_output
-
-        with torch.no_grad():
-            latents = self.pipe.encode_image(image, self.size, self.size)
-            return tensor_to_output(self.pipe.decode_latents(latents).float(), "pil")[0]
-
-
-# --- measurements ------------------------------------------------------------------------------------
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties)."""
-
-    def ranks(v: Sequence[float]) -> np.ndarray:
-        v = np.asarray(v, dtype=np.float64)
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v), dtype=np.float64)
-        for value in np.unique(v):  # ties share their mean rank
-            tied = v == value
-            r[tied] = r[tied].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
-    """PSNR in dB of images in [0, 255] (optionally over the pixels where ``where`` is true)."""
-    diff = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
-    if where is not None:
-        diff = diff[where]
-    mse = float(np.mean(diff**2))
-    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
-
-
-def background_rows(image: np.ndarray, border: int = 3) -> np.ndarray:
-    """Per-row background color ``[H, 3]``: the median of the leftmost and rightmost columns (toy
-    backgrounds are solid or vertical gradients; shapes keep a margin from the border)."""
-    edges = np.concatenate([image[:, :border], image[:, -border:]], axis=1).astype(np.float64)
-    return np.median(edges, axis=1)
-
-
-def shape_mask(image: Image.Image, threshold: float = 40.0) -> np.ndarray:
-    """Pixels whose color differs from the row's background by more than ``threshold`` (of 255)."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
-    return np.abs(rgb - background_rows(rgb)[:, None, :]).max(axis=-1) > threshold
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 # --- the evaluation -----------------------------------------------------------------------------------
@@ -172,27 +77,6 @@ class Scene:
 class Metrics:
     values: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
-
-
-def named_color(rgb: Sequence[float], choices: Sequence[str] = toy_world.SHAPE_COLORS) -> str:
-    """The palette color nearest to a measured mean RGB (on [0, 1]), allowing any brightness factor in
-    the toy world's range: the base model draws brightness freely, so "dark red" still reads as red."""
-    low, high = toy_world.BRIGHTNESS_RANGE
-    m = np.asarray(rgb, dtype=np.float64)
-
-    def error(name: str) -> float:
-        c = np.asarray(toy_world.COLORS[name], dtype=np.float64) / 255
-        scale = float(np.clip(m @ c / max(c @ c, 1e-12), low, high))
-        return float(np.abs(m - scale * c).sum())
-
-    return min(choices, key=error)
-
-
-def interior(mask: np.ndarray) -> np.ndarray:
-    """A silhouette without its one-pixel anti-aliased rim (whose colors mix with the background)."""
-    padded = np.pad(mask, 1)  # outside the image counts as background
-    inner = mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return inner if inner.any() else mask
 
 
 def eval_base(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int]) -> dict[str, float]:
@@ -250,12 +134,6 @@ def eval_structure(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], e
             inputs = [{"model_id": "structure", "image": control}, *extra(scene)]
             scores.append(iou(shape_mask(world.generate([scene.prompt], seed, inputs)[0]), scene.mask))
     return {"structure_iou": float(np.mean(scores))}
-
-
-def inpaint_mask(scene_index: int, size: int) -> np.ndarray:
-    from diffsynth_templates.templates.processors import random_inpaint_mask
-
-    return random_inpaint_mask(size, size, 0.25, "box", seed=1000 + scene_index) > 127
 
 
 def eval_inpaint(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], extra: Callable[[Scene], list[dict]]) -> dict[str, float]:  # fmt: skip
@@ -372,15 +250,6 @@ def passes(value: float, op: str, target: float) -> bool:
     return {">=": value >= target, "<=": value <= target, ">": value > target}[op]
 
 
-def composed_ok(metric: str, solo: float, composed: float) -> bool:
-    """Within 20% of solo: an error metric (MAE) may grow by at most 20% of the solo value, any other
-    metric may drop by at most 20% of its magnitude."""
-    margin = COMPOSED_TOLERANCE * abs(solo)
-    if metric.endswith("_mae"):
-        return composed <= solo + margin
-    return composed >= solo - margin
-
-
 def run(
     world: ToyWorld,
     scenes: list[Scene],
@@ -466,11 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.num_prompts, args.num_seeds = 2, 1
 
-    world = ToyWorld.load(args.model, args.templates, args.steps)
-    scenes = [Scene(prompt, spec) for prompt, spec in toy_world.fixed_eval_prompts(args.num_prompts)]
-    seeds = list(range(args.num_seeds))
-    start = time.time()
-    rows, ok = run(world, scenes, seeds, args.known_miss, args.tasks)
+    try:
+        world = ToyWorld.load(args.model, args.templates, args.steps)
+        scenes = [Scene(prompt, spec) for prompt, spec in toy_world.fixed_eval_prompts(args.num_prompts)]
+        seeds = list(range(args.num_seeds))
+        start = time.time()
+        rows, ok = run(world, scenes, seeds, args.known_miss, args.tasks)
+    except DiffSynthTemplatesError as e:  # a missing or broken model folder: one line, no traceback
+        sys.stderr.write(f"error: {e}\n")
+        return 2
     settings = {"prompts": len(scenes), "seeds": len(seeds), "steps": args.steps, "cfg_scale": 1.0,
                 "size": world.size, "seconds": round(time.time() - start)}  # fmt: skip
     table = markdown(rows, settings)

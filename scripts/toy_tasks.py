@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds datasets/
 
 Row = dict[str, Any]
 
@@ -182,11 +179,11 @@ def task_dataset(task: ToyTask, data: Path, num_samples: int, seed: int, size: i
     """
     if task.max_tint is None:
         return data
-    from datasets import toy_world
+    from diffsynth_templates.toy import world
 
     folder = data.with_name(f"{data.name}-tint{task.max_tint:g}")
     if not (folder / "metadata.jsonl").is_file():
-        toy_world.generate(folder, num_samples, seed, size, max_tint=task.max_tint, overwrite=True)
+        world.generate(folder, num_samples, seed, size, max_tint=task.max_tint, overwrite=True)
     return folder
 
 

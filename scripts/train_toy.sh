@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the toy world from scratch, with this repository's own tools:
-#   dataset (datasets/toy_world.py) -> VAE (scripts/train_toy_vae.py) -> base model whose DiT is trained
+#   dataset (diffsynth_templates/toy/world.py) -> VAE (scripts/train_toy_vae.py) -> base model whose DiT is trained
 #   by train.py (--trainable_models dit, two-stage) -> six templates trained by train.py (two-stage)
 #   -> packaged in models/toy/ (declarative folders with model cards) -> scripts/eval_controls.py.
 #
@@ -14,6 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python}
+# every stage runs this checkout's library (diffsynth_templates, its toy world included), also where another
+# copy is installed: scripts/*.py are run by path, so Python would otherwise look only at the installed one
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process: robust on a shared 2-core machine
 
 if [ "${TOY_SMOKE:-0}" = "1" ]; then
@@ -32,7 +35,7 @@ latest() {  # the newest checkpoint folder of a train.py output path
 }
 
 echo "== 1. dataset: $DATA"
-[ -f "$DATA/metadata.jsonl" ] || $PY -m datasets.toy_world --out "$DATA" --num_samples "$SAMPLES" --seed 0 --size 64
+[ -f "$DATA/metadata.jsonl" ] || $PY -m diffsynth_templates.toy.world --out "$DATA" --num_samples "$SAMPLES" --seed 0 --size 64
 
 echo "== 2. VAE"
 [ -f "$WORK/vae/config.json" ] || $PY scripts/train_toy_vae.py --data "$DATA" --out "$WORK/vae" --steps "$VAE_STEPS" \

@@ -28,17 +28,10 @@ from diffsynth_templates.loading.safetensors_io import (
     read_safetensors_metadata,
     save_safetensors_atomic,
 )
+from diffsynth_templates.toy.configs import TOY_VAE_CONFIG
 from diffsynth_templates.training.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 
 logger = logging.getLogger("train_toy_vae")
-
-# 32 latent channels like the official FLUX.2 VAE, but three levels (4x downsampling) instead of four:
-# 32 channels per 4x4 RGB patch (1.5x compression) so the round trip, which the inpainting hard
-# constraint keeps outside the mask, can approach the 35 dB target. An 8x VAE (6x compression) of this
-# size plateaued near 25 dB on 128 px toy images.
-TOY_VAE_CONFIG = dict(
-    block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=32
-)
 
 
 def load_images(data: Path, limit: int | None) -> torch.Tensor:
@@ -170,7 +163,9 @@ def reconstruction_psnr(vae: Flux2VAE, images: torch.Tensor) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="datasets/toy", help="toy dataset folder (python -m datasets.toy_world)")
+    p.add_argument(
+        "--data", default="datasets/toy", help="toy dataset folder (python -m diffsynth_templates.toy.world)"
+    )
     p.add_argument("--out", default="models/toy/vae", help="output vae/ folder (official layout)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch_size", type=int, default=16)

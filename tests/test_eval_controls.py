@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage, stats  # installed with scikit-image (the test extra)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from eval_controls import composed_ok, interior, iou, named_color, psnr, shape_mask, spearman  # noqa: E402
-
-from datasets import toy_world  # noqa: E402
+from diffsynth_templates.toy import world as toy_world
+from diffsynth_templates.toy.metrics import (
+    composed_ok,
+    interior,
+    iou,
+    named_color,
+    psnr,
+    shape_mask,
+    spearman,
+)
 
 
 def test_spearman_matches_scipy_with_ties():

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import toy_world as tw
 from diffsynth_templates.loading.write_safety import MARKER, UnsafeOutputError
+from diffsynth_templates.toy import world as tw
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,10 @@ def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
 
 def test_cli_help_and_run(tmp_path):
     help_run = subprocess.run(
-        [sys.executable, "-m", "datasets.toy_world", "--help"], cwd=REPO_ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "diffsynth_templates.toy.world", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
     )
     assert help_run.returncode == 0, help_run.stderr
     assert "--num_samples" in help_run.stdout and "--seed" in help_run.stdout

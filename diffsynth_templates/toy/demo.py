@@ -1,12 +1,14 @@
 """The toy-world demo grid that ``python infer.py`` (no arguments) writes: the base model, each toy
 template, templates composed, and a brightness sweep, every cell labelled.
 
-    python scripts/toy_demo.py [--model models/toy/base] [--templates models/toy/templates] [--out outputs/toy_demo.png]
+    python -m diffsynth_templates.toy.demo     # models/toy/base + models/toy/templates -> outputs/toy_demo.png
+    python -m diffsynth_templates.toy.demo --model BASE --templates FOLDER --out grid.png --steps 20
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,10 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root holds datasets/ and scripts/
+from diffsynth_templates.errors import DiffSynthTemplatesError
+from diffsynth_templates.toy import world as toy_world
+from diffsynth_templates.toy.models import ToyWorld, inpaint_mask
 
-from datasets import toy_world  # noqa: E402
-from scripts.eval_controls import ToyWorld, inpaint_mask  # noqa: E402
+logger = logging.getLogger(__name__)
 
 CELL = 3 * toy_world.TOY_SIZE  # pixels per cell side in the grid (images upscaled 3x, nearest neighbour)
 LABEL = 30  # label strip under each cell
@@ -99,7 +102,9 @@ def render_grid(tiles: Sequence[tuple[str, Image.Image, Image.Image | None]], ti
     return grid
 
 
-def make_demo(model: str | Path, templates: str | Path, out: str | Path, steps: int = 20) -> Path:
+def render_demo(model: str | Path, templates: str | Path, out: str | Path, steps: int = 20) -> Path:
+    """Draw the demo grid of the toy base model ``model`` and the templates under ``templates`` into
+    ``out`` (PNG, written atomically); the cells whose templates are not there are left out."""
     from tqdm import tqdm
 
     world = ToyWorld.load(model, templates, steps)
@@ -117,15 +122,26 @@ def make_demo(model: str | Path, templates: str | Path, out: str | Path, steps: 
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m diffsynth_templates.toy.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="models/toy/base")
     p.add_argument("--templates", default="models/toy/templates")
     p.add_argument("--out", default="outputs/toy_demo.png")
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args(argv)
-    print(f"wrote {make_demo(args.model, args.templates, args.out, args.steps)}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = render_demo(args.model, args.templates, args.out, args.steps)
+    except DiffSynthTemplatesError as e:  # a missing or broken model folder: one line, no traceback
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    logger.info("wrote %s", out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

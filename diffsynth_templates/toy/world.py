@@ -9,7 +9,7 @@ controls, so a base model trained on them leaves those axes free for templates t
 A ``SceneSpec`` fully determines its image: ``render(spec)`` is a pure function, and ``generate`` writes
 the spec of every sample into the metadata so any image can be re-rendered or edited exactly.
 
-    python -m datasets.toy_world --out datasets/toy --num_samples 4000 --seed 0 --size 64
+    python -m diffsynth_templates.toy.world --out datasets/toy --num_samples 4000 --seed 0 --size 64
 
 Depends only on numpy, Pillow and OpenCV so it runs anywhere the project does.
 """
@@ -545,7 +545,7 @@ def _is_toy_dataset(folder: Path) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
-        prog="python -m datasets.toy_world",
+        prog="python -m diffsynth_templates.toy.world",
         description="Generate the procedural toy-world dataset (shapes on backgrounds, with control annotations).",
     )
     parser.add_argument(
