@@ -7,7 +7,9 @@ single function means every backbone honours the same contract.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +64,25 @@ def attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
     )
     return out.transpose(1, 2).flatten(2)
+
+
+# set by a sampler that validated its KV caches once per call: the DiT's forward then skips the check
+_KV_PREVALIDATED = contextvars.ContextVar("kv_prevalidated", default=False)
+
+
+@contextlib.contextmanager
+def kv_cache_prevalidated(enabled: bool = True) -> Iterator[None]:
+    """Inside, DiT forwards trust their ``kv_cache`` (the caller validated it once, before its loop)."""
+    token = _KV_PREVALIDATED.set(enabled)
+    try:
+        yield
+    finally:
+        _KV_PREVALIDATED.reset(token)
+
+
+def kv_cache_needs_check() -> bool:
+    """False inside ``kv_cache_prevalidated()``: the DiT's forward may skip ``validate_kv_cache``."""
+    return not _KV_PREVALIDATED.get()
 
 
 def validate_kv_cache(

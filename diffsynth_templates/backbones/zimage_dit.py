@@ -27,7 +27,15 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KVBlockSpec, KVCache, apply_rope, attention, check_rope_axes, validate_kv_cache
+from .attention import (
+    KVBlockSpec,
+    KVCache,
+    apply_rope,
+    attention,
+    check_rope_axes,
+    kv_cache_needs_check,
+    validate_kv_cache,
+)
 from .flux2_dit import timestep_embedding
 
 SEQ_MULTIPLE = 32  # captions and images are each padded to a multiple of this many tokens
@@ -344,7 +352,8 @@ class ZImageDiT(nn.Module):
         sampler steps with ``-output``. ``kv_cache`` maps ``block_{i}`` to extra ``(k, v)`` tokens.
         """
         self._check_inputs(x, t, cap_feats, patch_size, f_patch_size)
-        self.validate_kv_cache(kv_cache, batch_size=len(x))
+        if kv_cache_needs_check():  # a sampler that checked its caches once per call skips this
+            self.validate_kv_cache(kv_cache, batch_size=len(x))
         kv_cache = kv_cache or {}
         key = f"{patch_size}-{f_patch_size}"
         layouts = [self._layout(xi, ci, patch_size, f_patch_size) for xi, ci in zip(x, cap_feats)]
