@@ -8,7 +8,6 @@ single function means every backbone honours the same contract.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -66,23 +65,16 @@ def attention(
     return out.transpose(1, 2).flatten(2)
 
 
-# set by a sampler that validated its KV caches once per call: the DiT's forward then skips the check
-_KV_PREVALIDATED = contextvars.ContextVar("kv_prevalidated", default=False)
-
-
 @contextlib.contextmanager
-def kv_cache_prevalidated(enabled: bool = True) -> Iterator[None]:
-    """Inside, DiT forwards trust their ``kv_cache`` (the caller validated it once, before its loop)."""
-    token = _KV_PREVALIDATED.set(enabled)
+def kv_cache_prevalidated(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside, ``model``'s forward trusts its ``kv_cache``: the caller (a sampler) validated it once,
+    before its loop. A flag on the module, not global state, so ``torch.compile`` traces it."""
+    previous = getattr(model, "kv_cache_prevalidated", False)
+    model.kv_cache_prevalidated = enabled
     try:
         yield
     finally:
-        _KV_PREVALIDATED.reset(token)
-
-
-def kv_cache_needs_check() -> bool:
-    """False inside ``kv_cache_prevalidated()``: the DiT's forward may skip ``validate_kv_cache``."""
-    return not _KV_PREVALIDATED.get()
+        model.kv_cache_prevalidated = previous
 
 
 def validate_kv_cache(

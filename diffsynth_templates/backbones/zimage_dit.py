@@ -33,7 +33,6 @@ from .attention import (
     apply_rope,
     attention,
     check_rope_axes,
-    kv_cache_needs_check,
     validate_kv_cache,
 )
 from .flux2_dit import timestep_embedding
@@ -352,7 +351,7 @@ class ZImageDiT(nn.Module):
         sampler steps with ``-output``. ``kv_cache`` maps ``block_{i}`` to extra ``(k, v)`` tokens.
         """
         self._check_inputs(x, t, cap_feats, patch_size, f_patch_size)
-        if kv_cache_needs_check():  # a sampler that checked its caches once per call skips this
+        if not getattr(self, "kv_cache_prevalidated", False):  # a sampler checked it once per call
             self.validate_kv_cache(kv_cache, batch_size=len(x))
         kv_cache = kv_cache or {}
         key = f"{patch_size}-{f_patch_size}"

@@ -208,7 +208,7 @@ class FamilyPipeline(PipelineBase):
 
         self._batch_memo = {}
         n_steps = len(schedule)
-        with self._on_device(self.dit), kv_cache_prevalidated(not self.check_kv_each_step):
+        with self._on_device(self.dit), kv_cache_prevalidated(self.dit, not self.check_kv_each_step):
             for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
                 cond_i = at_step(cond, i, n_steps)
                 uncond_i = None if uncond is None else at_step(uncond, i, n_steps)

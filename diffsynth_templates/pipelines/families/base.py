@@ -55,6 +55,8 @@ class Family:
     pipeline: str  # "module:Class" of its sampling pipeline (imported on demand)
     kv_layout: Callable[[Any], KVLayout]  # DiT config -> layout
     name_prefixes: tuple[str, ...]  # KV block names and DiT Linear paths start with one of these
+    # (config, double_blocks, single_blocks) -> the DiT Linear paths of its attention projections
+    attention_modules: Callable[..., tuple[str, ...]]
     tiny_spec: str  # "module:Class" of the random tiny pipeline's spec (its ``.dit`` is the tiny config)
     presets: tuple[str, ...]  # classmethods of ``dit_config_class`` giving the released configs
     adapter: Any  # the model call, shared by sampling and training (see flux2.py / zimage.py)

@@ -30,6 +30,18 @@ def kv_layout(config: Flux2DiTConfig) -> KVLayout:
     return KVLayout(blocks, config.num_heads, config.head_dim, config.in_channels, 1, config.text_dim)
 
 
+def attention_modules(config: Flux2DiTConfig, double_blocks=None, single_blocks=None) -> tuple[str, ...]:
+    """Image-stream ``to_q/to_k/to_v/to_out.0`` of the double blocks and ``attn.to_out`` of the single
+    blocks (their fused QKV+MLP input is left out: 9x wider, it would dominate a template's size)."""
+    doubles = range(config.num_double_blocks) if double_blocks is None else double_blocks
+    singles = range(config.num_single_blocks) if single_blocks is None else single_blocks
+    names = [
+        f"transformer_blocks.{i}.attn.{p}" for i in doubles for p in ("to_q", "to_k", "to_v", "to_out.0")
+    ]
+    names += [f"single_transformer_blocks.{i}.attn.to_out" for i in singles]
+    return tuple(names)
+
+
 def draw_noise(seed: int, shape: tuple[int, ...], mu: float = TRAINING_MU) -> tuple[Tensor, Tensor]:
     """Training sigma: ``u ~ U[0, 1)`` through klein's exponential time shift at ``mu``; ``(sigma [],
     noise shape)`` in float32 on the CPU from a private generator."""
@@ -218,6 +230,7 @@ FLUX2 = Family(
     pipeline="diffsynth_templates.pipelines.flux2_pipeline:Flux2ImagePipeline",
     kv_layout=kv_layout,
     name_prefixes=("double_", "single_", "transformer_blocks.", "single_transformer_blocks."),
+    attention_modules=attention_modules,
     tiny_spec="diffsynth_templates.pipelines.random_init:RandomPipelineSpec",
     presets=("klein_4b", "klein_9b"),
     adapter=Flux2Adapter(),

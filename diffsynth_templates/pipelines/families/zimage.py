@@ -44,6 +44,13 @@ def kv_layout(config: ZImageDiTConfig) -> KVLayout:
     )
 
 
+def attention_modules(config: ZImageDiTConfig, double_blocks=None, single_blocks=None) -> tuple[str, ...]:
+    """``attention.to_q/to_k/to_v/to_out.0`` of the main blocks (``double_blocks`` gives their indices;
+    Z-Image has no single blocks; the refiners are left out, like the KV door)."""
+    blocks = range(config.num_layers) if double_blocks is None else double_blocks
+    return tuple(f"layers.{i}.attention.{p}" for i in blocks for p in ("to_q", "to_k", "to_v", "to_out.0"))
+
+
 # --- the training sigma draw ----------------------------------------------------------------------
 
 
@@ -231,6 +238,7 @@ ZIMAGE = Family(
     pipeline="diffsynth_templates.pipelines.zimage_pipeline:ZImagePipeline",
     kv_layout=kv_layout,
     name_prefixes=("block_", "layers."),
+    attention_modules=attention_modules,
     tiny_spec="diffsynth_templates.pipelines.random_init:RandomZImageSpec",
     presets=("official",),
     adapter=ZImageAdapter(),

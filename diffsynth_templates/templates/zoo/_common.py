@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...backbones.flux2_dit import Flux2DiT, Flux2DiTConfig
-from ...backbones.zimage_dit import ZImageDiT, ZImageDiTConfig
-from ...pipelines.families import FAMILIES, family_of_config
+from ...backbones.flux2_dit import Flux2DiTConfig
+from ...backbones.zimage_dit import ZImageDiTConfig
+from ...pipelines.families import FAMILIES, Family, family_of_config
 from ...pipelines.families.flux2 import FLUX2
 from ...pipelines.families.zimage import ZIMAGE
 from ..base import TemplateError
@@ -54,12 +54,17 @@ class BaseLayout:
 
 def base_layout(dit_config: DiTConfig) -> BaseLayout:
     """The layout of a FLUX.2 or Z-Image DiT config (its family's ``kv_layout``)."""
+    family = _family(dit_config)
+    return BaseLayout(family.name, *astuple(family.kv_layout(dit_config)))
+
+
+def _family(dit_config: DiTConfig) -> Family:
     family = family_of_config(dit_config)
     if family is None:
         raise TemplateConfigError(
             f"templates are built for a Flux2DiTConfig or a ZImageDiTConfig, got {type(dit_config).__name__}"
         )
-    return BaseLayout(family.name, *astuple(family.kv_layout(dit_config)))
+    return family
 
 
 def backbone_of_names(names: Iterable[str]) -> str | None:
@@ -88,25 +93,13 @@ def attention_lora_modules(
     template's size). Z-Image: ``attention.to_q/to_k/to_v/to_out.0`` of the main blocks (pass their
     indices as ``double_blocks``; the refiners are left out, like the KV door).
     """
-    if isinstance(dit_config, ZImageDiTConfig):
-        blocks = range(dit_config.num_layers) if double_blocks is None else double_blocks
-        return tuple(
-            f"layers.{i}.attention.{p}" for i in blocks for p in ("to_q", "to_k", "to_v", "to_out.0")
-        )
-    doubles = range(dit_config.num_double_blocks) if double_blocks is None else double_blocks
-    singles = range(dit_config.num_single_blocks) if single_blocks is None else single_blocks
-    names = [
-        f"transformer_blocks.{i}.attn.{p}" for i in doubles for p in ("to_q", "to_k", "to_v", "to_out.0")
-    ]
-    names += [f"single_transformer_blocks.{i}.attn.to_out" for i in singles]
-    return tuple(names)
+    return _family(dit_config).attention_modules(dit_config, double_blocks, single_blocks)
 
 
 def linear_shapes(dit_config: DiTConfig, modules: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(in_features, out_features)`` of each named DiT Linear, read off a DiT built on the meta device."""
-    dit_class = ZImageDiT if isinstance(dit_config, ZImageDiTConfig) else Flux2DiT
     with torch.device("meta"):
-        layers = dict(dit_class(dit_config).named_modules())
+        layers = dict(_family(dit_config).dit_class(dit_config).named_modules())
     ins, outs = [], []
     for name in modules:
         layer = layers.get(name)
