@@ -31,7 +31,15 @@ from ..backbones.autoencoder_kl import AutoencoderKL
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..backbones.zimage_dit import ZImageDiT
 from .common import PipelineInputError, batch_side_kv, conditioning_loras, side_lora_rows
-from .families.zimage import DEFAULT_SHIFT, ZIMAGE, check_shift, read_shift
+from .families.zimage import (
+    DEFAULT_SHIFT,
+    VARIANTS,
+    ZIMAGE,
+    SamplingDefaults,
+    check_shift,
+    read_shift,
+    variant_of,
+)
 from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
 from .flux2_prompt import DEFAULT_PAD_TOKEN, UnknownWordWarner, pad_or_truncate, prepare_tokenizer
 from .image_io import ImageLike, image_to_tensor, resize_image
@@ -75,19 +83,6 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
     "{%- endif %}"
 )
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """What a call uses when ``num_inference_steps`` / ``cfg_scale`` are not given."""
-
-    num_inference_steps: int
-    cfg_scale: float
-
-
-# Turbo is distilled for 8 steps without guidance; base samples 50 steps with CFG
-# (guidance_scale 4 in diffusers' convention).
-VARIANTS = {"turbo": SamplingDefaults(8, 1.0), "base": SamplingDefaults(50, 5.0)}
 
 
 # --- prompts --------------------------------------------------------------------------------------
@@ -415,11 +410,6 @@ class ZImagePipeline(FamilyPipeline):
 # --- helpers --------------------------------------------------------------------------------------
 
 _read_shift = read_shift  # the family's, under its old name
-
-
-def variant_of(source) -> str:
-    """ "turbo" when the model's folder or id names it, else "base"."""
-    return "turbo" if "turbo" in Path(str(source)).name.lower() else "base"
 
 
 def _batch_sides(cond: Conditioning, uncond: Conditioning, image_tokens: int = 0) -> Conditioning | None:

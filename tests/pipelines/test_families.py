@@ -199,3 +199,23 @@ def test_kv_cache_is_validated_once_per_call(pipes, name, monkeypatch):
     finally:
         pipe.check_kv_each_step = False
     assert len(checks) == 1 + 1 + 3 and torch.equal(once, again)
+
+
+@pytest.mark.parametrize(
+    ("folder", "index", "expected"),
+    [
+        ("klein", {"_class_name": "Flux2KleinPipeline", "is_distilled": True}, (4, 1.0)),
+        ("klein-base", {"_class_name": "Flux2KleinPipeline", "is_distilled": False}, (50, 4.0)),
+        ("Z-Image-Turbo", {"_class_name": "ZImagePipeline"}, (8, 1.0)),
+        ("Z-Image", {"_class_name": "ZImagePipeline"}, (50, 5.0)),
+        ("other", {"_class_name": "SomethingElse"}, (50, 4.0)),
+    ],
+)
+def test_recommended_defaults_come_from_the_family(tmp_path, folder, index, expected):
+    from diffsynth_templates.pipelines.defaults import recommended_defaults
+
+    root = tmp_path / folder
+    root.mkdir()
+    (root / "model_index.json").write_text(json.dumps(index))
+    found = recommended_defaults(root)
+    assert (found.num_inference_steps, found.cfg_scale) == expected

@@ -65,6 +65,11 @@ class Family:
     supports_inpainting: bool
     supports_guidance: bool
     default_cfg_scale: float | None  # None: the pipeline's variant decides (Z-Image turbo/base)
+    # (model_index.json, the folder's _class_names, its name or id, variant) -> (steps, cfg_scale,
+    # where they come from) when the folder is one of this family's released models, else None
+    recommended_sampling: Callable[[dict, set, str, str | None], tuple[int, float, str] | None] = (
+        lambda index, classes, name, variant: None
+    )
     edit_images_unsupported: str = ""  # why not, and what to do instead, when it has no edit images
 
     @property

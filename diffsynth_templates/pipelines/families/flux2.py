@@ -42,6 +42,17 @@ def attention_modules(config: Flux2DiTConfig, double_blocks=None, single_blocks=
     return tuple(names)
 
 
+KLEIN_BASE_SAMPLING = (50, 4.0, "FLUX.2-klein base model")
+KLEIN_DISTILLED_SAMPLING = (4, 1.0, "distilled FLUX.2-klein model")
+
+
+def recommended_sampling(index: dict, classes: set, name: str, variant: str | None):
+    """Released klein pipelines: distilled (``is_distilled``) 4 steps without CFG, base 50 with cfg 4."""
+    if index.get("_class_name") != "Flux2KleinPipeline":
+        return None
+    return KLEIN_DISTILLED_SAMPLING if index.get("is_distilled") is True else KLEIN_BASE_SAMPLING
+
+
 def draw_noise(seed: int, shape: tuple[int, ...], mu: float = TRAINING_MU) -> tuple[Tensor, Tensor]:
     """Training sigma: ``u ~ U[0, 1)`` through klein's exponential time shift at ``mu``; ``(sigma [],
     noise shape)`` in float32 on the CPU from a private generator."""
@@ -231,6 +242,7 @@ FLUX2 = Family(
     kv_layout=kv_layout,
     name_prefixes=("double_", "single_", "transformer_blocks.", "single_transformer_blocks."),
     attention_modules=attention_modules,
+    recommended_sampling=recommended_sampling,
     tiny_spec="diffsynth_templates.pipelines.random_init:RandomPipelineSpec",
     presets=("klein_4b", "klein_9b"),
     adapter=Flux2Adapter(),

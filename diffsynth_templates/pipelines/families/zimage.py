@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from ..common import PipelineInputError
 from ..flow_match import NUM_TRAIN_TIMESTEPS, add_noise
 from .base import Family, KVLayout, UnsupportedFeatureError
 
+CLASS_NAMES = ("ZImagePipeline", "ZImageTransformer2DModel")  # what diffusers writes in _class_name
 DEFAULT_SHIFT = 3.0  # the sampling scheduler's static shift
 ZIMAGE_TRAINING_SHIFT = 3.0  # DiffSynth-Studio's Z-Image training shift (its scheduler default)
 
@@ -30,6 +32,35 @@ EDIT_IMAGES_UNSUPPORTED = (
     "these rows, or hand the source image to the template through template_inputs "
     '(e.g. {"image": "source.png"}), which any backbone supports'
 )
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a call uses when ``num_inference_steps`` / ``cfg_scale`` are not given."""
+
+    num_inference_steps: int
+    cfg_scale: float
+
+
+# Turbo is distilled for 8 steps without guidance; base samples 50 steps with CFG
+# (guidance_scale 4 in diffusers' convention).
+VARIANTS = {"turbo": SamplingDefaults(8, 1.0), "base": SamplingDefaults(50, 5.0)}
+
+
+def variant_of(source) -> str:
+    """ "turbo" when the model's folder or id names it, else "base"."""
+    return "turbo" if "turbo" in Path(str(source)).name.lower() else "base"
+
+
+def recommended_sampling(index: dict, classes: set, name: str, variant: str | None):
+    """Z-Image's variants (``variant``, else read from the name as ``from_pretrained`` does)."""
+    if not classes & set(CLASS_NAMES):
+        return None
+    variant = variant or variant_of(name)
+    if variant not in VARIANTS:
+        return None
+    d = VARIANTS[variant]
+    return d.num_inference_steps, d.cfg_scale, f"Z-Image {variant.capitalize()} model"
 
 
 def kv_layout(config: ZImageDiTConfig) -> KVLayout:
@@ -232,13 +263,14 @@ class ZImageAdapter:
 ZIMAGE = Family(
     name="zimage",
     title="Z-Image",
-    class_names=("ZImagePipeline", "ZImageTransformer2DModel"),
+    class_names=CLASS_NAMES,
     dit_class=ZImageDiT,
     dit_config_class=ZImageDiTConfig,
     pipeline="diffsynth_templates.pipelines.zimage_pipeline:ZImagePipeline",
     kv_layout=kv_layout,
     name_prefixes=("block_", "layers."),
     attention_modules=attention_modules,
+    recommended_sampling=recommended_sampling,
     tiny_spec="diffsynth_templates.pipelines.random_init:RandomZImageSpec",
     presets=("official",),
     adapter=ZImageAdapter(),
