@@ -124,15 +124,10 @@ class Flux2ImagePipeline(FamilyPipeline):
         (klein-base repos may take the text encoder, VAE and tokenizer from the klein repo): pass a
         folder or id holding that component, either as its ``{component}/`` subfolder or directly.
         """
-        overrides = {
-            "transformer": transformer,
-            "text_encoder": text_encoder,
-            "vae": vae,
-            "tokenizer": tokenizer,
-        }
         folders, device, torch_dtype = cls._folders(
-            source, torch_dtype, device, overrides, revision, cache_dir, offline
-        )
+            source, torch_dtype, device, revision, cache_dir, offline,
+            transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+        )  # fmt: skip
         pipe = cls(**cls.load_components(folders, device, torch_dtype))
         pipe.name_or_path = str(transformer or source)
         return pipe

@@ -96,7 +96,9 @@ class FamilyPipeline(PipelineBase):
         )  # fmt: skip
 
     @staticmethod
-    def _folders(source, torch_dtype, device, overrides: dict, revision, cache_dir, offline):
+    def _folders(source, torch_dtype, device, revision, cache_dir, offline, **overrides):
+        """Each component's folder (``overrides``: a component's own folder or id), with the device
+        and dtype the call asked for or their defaults."""
         device, torch_dtype = default_device_and_dtype(device, torch_dtype)
         return component_folders(source, overrides, revision, cache_dir, offline), device, torch_dtype
 

@@ -277,15 +277,10 @@ class ZImagePipeline(FamilyPipeline):
         ``variant`` ("turbo" or "base") picks the sampling defaults; when omitted it is "turbo" if the
         source's name contains "turbo", else "base". The scheduler's ``shift`` is read when present.
         """
-        overrides = {
-            "transformer": transformer,
-            "text_encoder": text_encoder,
-            "vae": vae,
-            "tokenizer": tokenizer,
-        }
         folders, device, torch_dtype = cls._folders(
-            source, torch_dtype, device, overrides, revision, cache_dir, offline
-        )
+            source, torch_dtype, device, revision, cache_dir, offline,
+            transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+        )  # fmt: skip
         variant = variant or variant_of(source)
         shift = read_shift(source, revision, cache_dir, offline)
         logger.info("Z-Image %s defaults %s, shift %s", variant, VARIANTS.get(variant), shift)
