@@ -14,7 +14,6 @@ import time
 
 import torch
 
-import diffsynth_templates.pipelines.flux2_pipeline as flux2_pipeline
 from diffsynth_templates import Flux2DiTConfig
 from diffsynth_templates.pipelines.random_init import RandomPipelineSpec, random_flux2_pipeline
 
@@ -36,8 +35,8 @@ def main() -> None:
     pipe = random_flux2_pipeline(
         RandomPipelineSpec(dit=dit), device=args.device, torch_dtype=getattr(torch, args.dtype)
     )
-    original = flux2_pipeline._batch_sides
-    variants = {"batched (1 call, batch 2)": original, "sequential (2 calls, batch 1)": lambda c, u, *_: None}
+    # the pipeline's public switch: both CFG sides in one DiT call, or two passes
+    variants = {"batched (1 call, batch 2)": True, "sequential (2 calls, batch 1)": False}
 
     def one_run() -> float:
         start = time.perf_counter()
@@ -49,16 +48,13 @@ def main() -> None:
         return (time.perf_counter() - start) / args.steps
 
     times = {name: [] for name in variants}
-    try:
-        for fn in variants.values():  # warm-up
-            flux2_pipeline._batch_sides = fn
-            one_run()
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                flux2_pipeline._batch_sides = fn
-                times[name].append(one_run())
-    finally:
-        flux2_pipeline._batch_sides = original
+    for batching in variants.values():  # warm-up
+        pipe.cfg_batching = batching
+        one_run()
+    for _ in range(args.repeats):
+        for name, batching in variants.items():
+            pipe.cfg_batching = batching
+            times[name].append(one_run())
 
     tokens = (args.size // 16) ** 2
     print(f"\nCFG batching, {args.size}x{args.size} ({tokens} image + {args.text_len} text tokens), "

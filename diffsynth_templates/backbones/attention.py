@@ -7,7 +7,8 @@ single function means every backbone honours the same contract.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,18 @@ def attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
     )
     return out.transpose(1, 2).flatten(2)
+
+
+@contextlib.contextmanager
+def kv_cache_prevalidated(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside, ``model``'s forward trusts its ``kv_cache``: the caller (a sampler) validated it once,
+    before its loop. A flag on the module, not global state, so ``torch.compile`` traces it."""
+    previous = getattr(model, "kv_cache_prevalidated", False)
+    model.kv_cache_prevalidated = enabled
+    try:
+        yield
+    finally:
+        model.kv_cache_prevalidated = previous
 
 
 def validate_kv_cache(

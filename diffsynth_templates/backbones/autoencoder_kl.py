@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import Tensor, nn
 
-from .flux2_vae import DOWN_BLOCK, UP_BLOCK, Decoder, Encoder, Flux2VAEConfig, _check_image, _check_latents
+from .flux2_vae import DOWN_BLOCK, UP_BLOCK, Decoder, Encoder, Flux2VAEConfig, check_image, check_latents
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +156,13 @@ class AutoencoderKL(nn.Module):
 
     def encoder_moments(self, images: Tensor) -> Tensor:
         """The posterior's mean and log-variance stacked on channels (training needs both)."""
-        _check_image(images, self.config.in_channels, self.config.downsample_factor, "AutoencoderKL.encode")
+        check_image(images, self.config.in_channels, self.config.downsample_factor, "AutoencoderKL.encode")
         moments = self.encoder(images.to(self.dtype))
         return self.quant_conv(moments) if self.quant_conv is not None else moments
 
     def decode(self, latents: Tensor) -> Tensor:
         """``[B, latent_channels, h, w]`` -> images ``[B, 3, 8h, 8w]``, unclamped."""
-        _check_latents(latents, self.config.latent_channels, 1, "AutoencoderKL.decode")
+        check_latents(latents, self.config.latent_channels, 1, "AutoencoderKL.decode")
         latents = latents.to(self.dtype)
         if self.post_quant_conv is not None:
             latents = self.post_quant_conv(latents)

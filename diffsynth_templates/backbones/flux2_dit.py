@@ -354,7 +354,8 @@ class Flux2DiT(nn.Module):
         or ``[B, N, 4]``; ``kv_cache`` maps ``double_{i}`` / ``single_{i}`` to extra ``(k, v)``.
         """
         self._check_inputs(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids)
-        self.validate_kv_cache(kv_cache, batch_size=hidden_states.shape[0])
+        if not getattr(self, "kv_cache_prevalidated", False):  # a sampler checked it once per call
+            self.validate_kv_cache(kv_cache, batch_size=hidden_states.shape[0])
         kv_cache = kv_cache or {}
         dtype = hidden_states.dtype
 

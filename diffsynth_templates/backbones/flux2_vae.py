@@ -428,7 +428,7 @@ class Flux2VAE(nn.Module):
     def encoder_moments(self, images: Tensor) -> Tensor:
         """The posterior's mean and log-variance stacked on channels, ``[B, 2 * latent_channels, H/f, W/f]``
         (training needs both: sampling and the KL term)."""
-        _check_image(images, self.config.in_channels, self.config.downsample_factor, "Flux2VAE.encode")
+        check_image(images, self.config.in_channels, self.config.downsample_factor, "Flux2VAE.encode")
         moments = self.encoder(images.to(self.dtype))
         return self.quant_conv(moments) if self.quant_conv is not None else moments
 
@@ -441,7 +441,7 @@ class Flux2VAE(nn.Module):
         with ``tile_overlap`` latent pixels of overlap (default ``tile_size // 4``), blended linearly;
         peak memory then depends on the tile, not the image.
         """
-        _check_latents(latents, self.config.latent_channels, 1, "Flux2VAE.decode")
+        check_latents(latents, self.config.latent_channels, 1, "Flux2VAE.decode")
         if tile_size is not None:
             tile_overlap = tile_size // 4 if tile_overlap is None else tile_overlap
             if tile_size < 1 or not 0 <= tile_overlap < tile_size:
@@ -484,31 +484,31 @@ class Flux2VAE(nn.Module):
     def patchify(self, latents: Tensor) -> Tensor:
         """Fold each 2x2 patch into channels: ``[B, C, h, w] -> [B, C*4, h/2, w/2]``, channel c*4 + dy*2 + dx."""
         ph, pw = self.config.patch_size
-        _check_latents(latents, self.config.latent_channels, (ph, pw), "Flux2VAE.patchify")
+        check_latents(latents, self.config.latent_channels, (ph, pw), "Flux2VAE.patchify")
         return rearrange(latents, "b c (h ph) (w pw) -> b (c ph pw) h w", ph=ph, pw=pw)
 
     def unpatchify(self, latents: Tensor) -> Tensor:
         """Inverse of ``patchify``: ``[B, C*4, h/2, w/2] -> [B, C, h, w]``."""
         ph, pw = self.config.patch_size
-        _check_latents(latents, self.config.dit_channels, 1, "Flux2VAE.unpatchify")
+        check_latents(latents, self.config.dit_channels, 1, "Flux2VAE.unpatchify")
         return rearrange(latents, "b (c ph pw) h w -> b c (h ph) (w pw)", ph=ph, pw=pw)
 
     def normalize(self, latents: Tensor) -> Tensor:
         """``(x - running_mean) / sqrt(running_var + eps)`` per channel, as the klein pipeline encodes."""
-        _check_latents(latents, self.config.dit_channels, 1, "Flux2VAE.normalize")
+        check_latents(latents, self.config.dit_channels, 1, "Flux2VAE.normalize")
         mean, std = self.bn.mean_std()
         return ((latents.float() - mean) / std).to(latents.dtype)
 
     def denormalize(self, latents: Tensor) -> Tensor:
         """``x * sqrt(running_var + eps) + running_mean``, as the klein pipeline does before decoding."""
-        _check_latents(latents, self.config.dit_channels, 1, "Flux2VAE.denormalize")
+        check_latents(latents, self.config.dit_channels, 1, "Flux2VAE.denormalize")
         mean, std = self.bn.mean_std()
         return (latents.float() * std + mean).to(latents.dtype)
 
     def encode_to_dit(self, images: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] -> normalized DiT latents ``[B, 128, H/16, W/16]``."""
         f, (ph, pw) = self.config.downsample_factor, self.config.patch_size
-        _check_image(images, self.config.in_channels, (f * ph, f * pw), "Flux2VAE.encode_to_dit")
+        check_image(images, self.config.in_channels, (f * ph, f * pw), "Flux2VAE.encode_to_dit")
         return self.normalize(self.patchify(self.encode(images)))
 
     def decode_from_dit(
@@ -522,19 +522,30 @@ class Flux2VAE(nn.Module):
 # --- input checks --------------------------------------------------------------------------------
 
 
-def _check_image(images: Tensor, channels: int, multiple: int | tuple[int, int], where: str) -> None:
-    my, mx = (multiple, multiple) if isinstance(multiple, int) else multiple
-    if images.ndim != 4 or images.shape[1] != channels or images.shape[2] % my or images.shape[3] % mx:
+def check_image(images: Tensor, channels: int, multiple: int | tuple[int, int], where: str) -> None:
+    """Images ``[B, channels, H, W]`` with H and W multiples of ``multiple`` (one int or ``(my, mx)``)."""
+    my, mx = _fits(images, channels, multiple)
+    if my:
         raise ValueError(
             f"{where} got images of shape {tuple(images.shape)}; expected [B, {channels}, H, W] with H a "
             f"multiple of {my} and W a multiple of {mx}. Resize or crop the image to fit."
         )
 
 
-def _check_latents(latents: Tensor, channels: int, multiple: int | tuple[int, int], where: str) -> None:
-    my, mx = (multiple, multiple) if isinstance(multiple, int) else multiple
-    if latents.ndim != 4 or latents.shape[1] != channels or latents.shape[2] % my or latents.shape[3] % mx:
+def check_latents(latents: Tensor, channels: int, multiple: int | tuple[int, int], where: str) -> None:
+    """Latents ``[B, channels, h, w]`` with h and w multiples of ``multiple`` (one int or ``(my, mx)``)."""
+    my, mx = _fits(latents, channels, multiple)
+    if my:
         size = "" if (my, mx) == (1, 1) else f" with h a multiple of {my} and w a multiple of {mx}"
         raise ValueError(
             f"{where} got latents of shape {tuple(latents.shape)}; expected [B, {channels}, h, w]{size}"
         )
+
+
+def _fits(x: Tensor, channels: int, multiple: int | tuple[int, int]) -> tuple[int, int] | tuple[None, None]:
+    """``(None, None)`` when ``x`` is ``[B, channels, h, w]`` with h, w multiples of ``multiple``; else
+    the multiples ``(my, mx)`` it missed, for the message."""
+    my, mx = (multiple, multiple) if isinstance(multiple, int) else multiple
+    if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % my or x.shape[3] % mx:
+        return my, mx
+    return None, None

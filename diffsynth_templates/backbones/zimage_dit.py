@@ -27,7 +27,14 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
-from .attention import KVBlockSpec, KVCache, apply_rope, attention, check_rope_axes, validate_kv_cache
+from .attention import (
+    KVBlockSpec,
+    KVCache,
+    apply_rope,
+    attention,
+    check_rope_axes,
+    validate_kv_cache,
+)
 from .flux2_dit import timestep_embedding
 
 SEQ_MULTIPLE = 32  # captions and images are each padded to a multiple of this many tokens
@@ -344,7 +351,8 @@ class ZImageDiT(nn.Module):
         sampler steps with ``-output``. ``kv_cache`` maps ``block_{i}`` to extra ``(k, v)`` tokens.
         """
         self._check_inputs(x, t, cap_feats, patch_size, f_patch_size)
-        self.validate_kv_cache(kv_cache, batch_size=len(x))
+        if not getattr(self, "kv_cache_prevalidated", False):  # a sampler checked it once per call
+            self.validate_kv_cache(kv_cache, batch_size=len(x))
         kv_cache = kv_cache or {}
         key = f"{patch_size}-{f_patch_size}"
         layouts = [self._layout(xi, ci, patch_size, f_patch_size) for xi, ci in zip(x, cap_feats)]

@@ -3,42 +3,20 @@
     pipe = load_pipeline("Tongyi-MAI/Z-Image-Turbo")   # -> ZImagePipeline
     pipe = load_pipeline("models/toy/base")            # -> Flux2ImagePipeline
 
-The backbone is decided by ``model_index.json``'s ``_class_name`` (what diffusers writes), else by
-``transformer/config.json``'s (or ``config.json``'s, for a transformer folder itself); anything else
-is an error that says what was found.
+Thin wrappers over the family registry (``pipelines.families``), which owns detection.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..loading.resolve import resolve_model_path
-from .common import PipelineInputError
+from .families import FAMILIES, detect_family, get_family
 
-# class names (pipeline or transformer) -> backbone
-_CLASS_BACKBONES = {
-    "Flux2KleinPipeline": "flux2",
-    "Flux2Pipeline": "flux2",
-    "Flux2Transformer2DModel": "flux2",
-    "ZImagePipeline": "zimage",
-    "ZImageTransformer2DModel": "zimage",
-}
-BACKBONES = ("flux2", "zimage")
-BACKBONE_TITLES = {"flux2": "FLUX.2", "zimage": "Z-Image"}  # how messages spell them
-
-
-def _class_name(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("_class_name")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise PipelineInputError(f"{str(path)!r} is not a JSON object: {e}") from e
+BACKBONES = tuple(FAMILIES)
+BACKBONE_TITLES = {name: family.title for name, family in FAMILIES.items()}  # how messages spell them
 
 
 def detect_backbone(
@@ -49,38 +27,11 @@ def detect_backbone(
     offline: bool | None = None,
 ) -> str:
     """``"flux2"`` or ``"zimage"`` for a local model folder or a ModelScope id (or a transformer folder)."""
-    root = resolve_model_path(
-        source,
-        allow_patterns=["model_index.json", "transformer/config.json", "config.json"],
-        revision=revision,
-        cache_dir=cache_dir,
-        offline=offline,
-    )
-    found = []
-    for path in (root / "model_index.json", root / "transformer" / "config.json", root / "config.json"):
-        name = _class_name(path)
-        if name is None:
-            continue
-        found.append(f"{path.relative_to(root)}: {name!r}")
-        if name in _CLASS_BACKBONES:
-            return _CLASS_BACKBONES[name]
-    raise PipelineInputError(
-        f"cannot tell which backbone {str(source)!r} is: "
-        f"{'; '.join(found) if found else 'it has no model_index.json, transformer/config.json or config.json'}. "
-        f"Known classes: {sorted(_CLASS_BACKBONES)}"
-    )
+    return detect_family(source, revision=revision, cache_dir=cache_dir, offline=offline).name
 
 
 def pipeline_class(backbone: str) -> type:
-    if backbone == "flux2":
-        from .flux2_pipeline import Flux2ImagePipeline
-
-        return Flux2ImagePipeline
-    if backbone == "zimage":
-        from .zimage_pipeline import ZImagePipeline
-
-        return ZImagePipeline
-    raise PipelineInputError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+    return get_family(backbone).pipeline_class()
 
 
 def load_pipeline(

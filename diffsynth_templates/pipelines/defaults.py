@@ -25,6 +25,8 @@ from pathlib import Path
 from ..errors import DiffSynthTemplatesError
 from ..loading.finite import NonFiniteError, check_finite_number
 from ..loading.resolve import resolve_model_path
+from .families import FAMILIES
+from .families.flux2 import KLEIN_BASE_SAMPLING, KLEIN_DISTILLED_SAMPLING
 
 DEFAULTS_FILE = "generation_defaults.json"
 FIELDS = ("height", "width", "num_inference_steps", "cfg_scale")
@@ -52,8 +54,8 @@ class GenerationDefaults:
 
 
 GENERIC = GenerationDefaults(1024, 1024, 50, 4.0, "generic defaults")
-KLEIN_BASE = GenerationDefaults(1024, 1024, 50, 4.0, "FLUX.2-klein base model")
-KLEIN_DISTILLED = GenerationDefaults(1024, 1024, 4, 1.0, "distilled FLUX.2-klein model")
+KLEIN_BASE = GenerationDefaults(1024, 1024, *KLEIN_BASE_SAMPLING)
+KLEIN_DISTILLED = GenerationDefaults(1024, 1024, *KLEIN_DISTILLED_SAMPLING)
 
 
 def recommended_defaults(
@@ -90,17 +92,11 @@ def _recognised(root: Path, name: str, variant: str | None) -> GenerationDefault
         _json_object(root / "transformer" / "config.json").get("_class_name"),
         _json_object(root / "config.json").get("_class_name"),
     }
-    if index.get("_class_name") == "Flux2KleinPipeline":
-        return KLEIN_DISTILLED if index.get("is_distilled") is True else KLEIN_BASE
-    if classes & {"ZImagePipeline", "ZImageTransformer2DModel"}:
-        from .zimage_pipeline import VARIANTS  # the pipeline's own table, so both always agree
-
-        variant = variant or ("turbo" if "turbo" in Path(name).name.lower() else "base")
-        if variant in VARIANTS:
-            d = VARIANTS[variant]
-            return GenerationDefaults(
-                1024, 1024, d.num_inference_steps, d.cfg_scale, f"Z-Image {variant.capitalize()} model"
-            )
+    for family in FAMILIES.values():  # each family recognises its own released models
+        found = family.recommended_sampling(index, classes, name, variant)
+        if found is not None:
+            steps, cfg_scale, source = found
+            return GenerationDefaults(1024, 1024, steps, cfg_scale, source)
     return GENERIC
 
 

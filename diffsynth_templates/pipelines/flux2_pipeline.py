@@ -13,50 +13,27 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..backbones.attention import KVCache
 from ..backbones.flux2_dit import Flux2DiT
 from ..backbones.flux2_vae import Flux2VAE
 from ..backbones.qwen3 import Qwen3TextEncoder
-from .common import (
-    PipelineBase,
-    PipelineInputError,
-    as_prompt_list,
-    at_step,
-    batch_side_kv,
-    check_call,
-    check_finite_cache,
-    check_finite_output,
-    check_seed,
-    check_size,
-    component_folders,
-    conditioning_loras,
-    default_device_and_dtype,
-    side_lora_rows,
-)
-from .flow_match import add_noise, euler_step, klein_schedule, velocity_towards
-from .flux2_prompt import Flux2PromptEncoder, load_tokenizer, read_tokenizer_settings
-from .image_io import (
-    ImageLike,
-    fit_to_area,
-    image_to_tensor,
-    inpaint_pair,
-    paste_unmasked,
-    place_mask,
-    resize_image,
-    tensor_to_output,
-)
+from .common import batch_side_kv, conditioning_loras, side_lora_rows
+from .families.flux2 import EDIT_TIME_STEP, FLUX2
+from .flow_match import klein_schedule
+from .flux2_prompt import Flux2PromptEncoder
+from .image_io import ImageLike, fit_to_area, image_to_tensor, resize_image
 from .kv_schedule import ScheduledKVCache
-from .lora import LoRACache, validate_lora
+from .lora import LoRACache
+from .sampling import FamilyPipeline
+
+__all__ = ["EDIT_TIME_STEP", "Conditioning", "Flux2ImagePipeline", "KLEIN_SCHEDULER_CONFIG", "MODEL_INDEX"]
 
 logger = logging.getLogger(__name__)
 
-EDIT_TIME_STEP = 10  # reference images sit at t = 10, 20, ... in the position ids
 MAX_EDIT_AREA = 1024 * 1024
 # what the official klein repos ship, so saved folders load in diffusers too
 KLEIN_SCHEDULER_CONFIG = {
@@ -93,10 +70,16 @@ class Conditioning:
     lora_rows: tuple[tuple[LoRACache, slice], ...] = ()
 
 
-class Flux2ImagePipeline(PipelineBase):
+class Flux2ImagePipeline(FamilyPipeline):
     """``Flux2ImagePipeline.from_pretrained(...)(prompt, ...)`` -> images."""
 
     backbone = "flux2"
+    family = FLUX2
+    vae_class = Flux2VAE
+    prompt_encoder_class = Flux2PromptEncoder
+    conditioning_class = Conditioning
+    scheduler_config = KLEIN_SCHEDULER_CONFIG
+    model_index = MODEL_INDEX
 
     def __init__(
         self,
@@ -141,47 +124,13 @@ class Flux2ImagePipeline(PipelineBase):
         (klein-base repos may take the text encoder, VAE and tokenizer from the klein repo): pass a
         folder or id holding that component, either as its ``{component}/`` subfolder or directly.
         """
-        device, torch_dtype = default_device_and_dtype(device, torch_dtype)
-        overrides = {
-            "transformer": transformer,
-            "text_encoder": text_encoder,
-            "vae": vae,
-            "tokenizer": tokenizer,
-        }
-        folders = component_folders(source, overrides, revision, cache_dir, offline)
-        dit = Flux2DiT.from_pretrained(folders["transformer"], torch_dtype=torch_dtype, device=device)
-        te = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=torch_dtype, device=device)
-        vae_model = Flux2VAE.from_pretrained(folders["vae"], torch_dtype=torch_dtype, device=device)
-        tok = load_tokenizer(folders["tokenizer"])
-        pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
-        prompt_encoder = Flux2PromptEncoder(tok, te, pad_token=pad_token, padding_side=padding_side)
-        pipe = cls(dit, vae_model, te, tok, device, torch_dtype, prompt_encoder)
+        folders, device, torch_dtype = cls._folders(
+            source, torch_dtype, device, revision, cache_dir, offline,
+            transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+        )  # fmt: skip
+        pipe = cls(**cls.load_components(folders, device, torch_dtype))
         pipe.name_or_path = str(transformer or source)
         return pipe
-
-    def save_pretrained(self, root: str | os.PathLike) -> Path:
-        """Write the official layout (``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-        ``scheduler/``, ``model_index.json``), readable by this class and by diffusers."""
-        from ..loading import write_json_atomic
-
-        root = Path(root)
-        self.dit.save_pretrained(root / "transformer")
-        self.vae.save_pretrained(root / "vae")
-        self.text_encoder.save_pretrained(root / "text_encoder")
-        (root / "tokenizer").mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(root / "tokenizer" / "tokenizer.json"))
-        pad_token = self.tokenizer.id_to_token(self.prompt_encoder.pad_id)
-        write_json_atomic(
-            {
-                "tokenizer_class": "Qwen2Tokenizer",
-                "pad_token": pad_token,
-                "padding_side": self.prompt_encoder.padding_side,
-            },
-            root / "tokenizer" / "tokenizer_config.json",
-        )
-        write_json_atomic(KLEIN_SCHEDULER_CONFIG, root / "scheduler" / "scheduler_config.json")
-        write_json_atomic(MODEL_INDEX, root / "model_index.json")
-        return root
 
     # -- memory modes -----------------------------------------------------------------------------
 
@@ -259,177 +208,83 @@ class Flux2ImagePipeline(PipelineBase):
         size first); both are placed onto ``height x width`` alike (resized to cover, center-cropped).
         ``max_pixels`` bounds ``height * width`` (default 4096 x 4096).
         """
-        prompts = as_prompt_list(prompt, "prompt")
-        batch = len(prompts)
-        negatives = as_prompt_list(negative_prompt, "negative_prompt", batch)
-        check_size(height, width, self.pixels_per_token, max_pixels, self.size_reason)
-        tensors = {
-            "latents": latents,
-            "extra_text_embedding": extra_text_embedding,
-            "negative_extra_text_embedding": negative_extra_text_embedding,
-        }
-        check_call(
-            output_type,
-            cfg_scale,
-            denoising_strength,
-            input_image,
-            inpaint_mask,
-            num_inference_steps,
-            tensors,
-            max_sequence_length,
-            callback_on_step_end,
-        )
-        seed = check_seed(seed)
-        pair = None  # the mask at the input image's size, checked before anything is computed
-        if inpaint_mask is not None:
-            pair = inpaint_pair(input_image, inpaint_mask, resize_mask)
-        elif input_image is not None:
-            image_to_tensor(input_image, "input_image")
-        do_cfg = cfg_scale != 1.0
-        h, w = height // self.pixels_per_token, width // self.pixels_per_token
+        return self._sample(
+            prompt, negative_prompt, height, width, num_inference_steps, cfg_scale, seed, latents,
+            max_sequence_length, input_image, denoising_strength, inpaint_mask, resize_mask, kv_cache,
+            negative_kv_cache, lora, negative_lora, extra_text_embedding, negative_extra_text_embedding,
+            output_type, progress, max_pixels, callback_on_step_end, edit_image=edit_image,
+        )  # fmt: skip
 
-        cond = self._conditioning(prompts, max_sequence_length, kv_cache, lora, extra_text_embedding, "")
-        uncond = None
-        if do_cfg:
-            uncond = self._conditioning(
-                negatives,
-                max_sequence_length,
-                negative_kv_cache,
-                negative_lora,
-                negative_extra_text_embedding,
-                "negative_",
-            )
+    # -- the loop's hooks -------------------------------------------------------------------------
 
-        noise = self._initial_noise(batch, h, w, seed, latents)
-        clean = None if input_image is None else self.encode_image(input_image, height, width, "input_image")
-        schedule = klein_schedule(
-            num_inference_steps,
-            h * w,
-            denoising_strength if input_image is not None else 1.0,
-            device=self.device,
-        )
-        x = _pack(noise if clean is None else add_noise(clean, noise, schedule.sigmas[0]))
-        clean_tokens = None if clean is None else _pack(clean).expand(batch, -1, -1)
-        img_ids = _grid_ids(h, w, t=0).to(self.device)
-        edit_tokens, edit_ids = self._edit_tokens(edit_image)
-        mask_tokens = None
-        if pair is not None:  # placed on the token grid exactly where the image lands
-            mask_tokens = _pack(place_mask(pair[1], height, width, grid=(h, w)).to(self.device))
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.pixels_per_token, width // self.pixels_per_token
 
-        self._batch_memo = {}
-        n_steps = len(schedule)
-        with self._on_device(self.dit):
-            for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
-                cond_i = at_step(cond, i, n_steps)
-                uncond_i = None if uncond is None else at_step(uncond, i, n_steps)
-                velocity = self._velocity(x, t, cond_i, uncond_i, cfg_scale, img_ids, edit_tokens, edit_ids)
-                if mask_tokens is not None:  # outside the mask, steer straight onto the input's latents
-                    keep = velocity_towards(x, clean_tokens, schedule.sigmas[i])
-                    velocity = keep * (1 - mask_tokens) + velocity * mask_tokens
-                x = euler_step(x, velocity, schedule.sigmas[i], schedule.sigmas[i + 1]).float()
-                if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, t, {"latents": x})
-                    x = (out or {}).get("latents", x)
+    def _schedule(self, steps, h, w, strength):
+        return klein_schedule(steps, h * w, strength, device=self.device)
 
-        check_finite_output(x, "latents after denoising")
-        latents_out = _unpack(x, h, w)
-        if output_type == "latent":
-            with self._on_device(self.vae):
-                return self.vae.unpatchify(self.vae.denormalize(latents_out.to(self.device)))
-        images = self.decode_latents(latents_out).float()
-        check_finite_output(images, "decoded images")
-        if inpaint_mask is not None:  # pixels outside the mask: exactly the input's
-            images = paste_unmasked(images, input_image, inpaint_mask, resize_mask)
-        return tensor_to_output(images, output_type)
-
-    def _conditioning(self, prompts, max_len, kv_cache, lora, extra_embedding, side: str) -> Conditioning:
+    def _text(self, prompts, max_len, extra, name) -> dict:
         embeds, text_ids = self.encode_prompt(prompts, max_len)
-        if extra_embedding is not None:
-            embeds, text_ids = _append_text_tokens(
-                embeds, text_ids, extra_embedding, f"{side}extra_text_embedding"
-            )
-        if isinstance(kv_cache, ScheduledKVCache):
-            entries = [(self._checked_kv(c, len(prompts), side), a, b) for c, a, b in kv_cache.entries]
-            kv_cache = ScheduledKVCache(entries)
-        else:
-            kv_cache = self._checked_kv(kv_cache, len(prompts), side)
-        if lora:
-            validate_lora(self.dit, lora, source=f"{side}lora")
-            check_finite_cache(lora, f"{side}lora")
-        return Conditioning(embeds, text_ids, kv_cache or None, lora or None)
+        if extra is not None:
+            embeds, text_ids = FLUX2.adapter.append_text_tokens(embeds, text_ids, extra, name)
+        return {"prompt_embeds": embeds, "text_ids": text_ids}
+
+    def _tokens(self, latents: Tensor) -> Tensor:
+        return FLUX2.adapter.pack(latents)
+
+    def _untokens(self, x: Tensor, h: int, w: int) -> Tensor:
+        return FLUX2.adapter.unpack(x, h, w)
+
+    def _latent_output(self, latents: Tensor) -> Tensor:
+        with self._on_device(self.vae):
+            return self.vae.unpatchify(self.vae.denormalize(latents.to(self.device)))
+
+    def _positions(self, h: int, w: int, edit_image):
+        """Image position ids, then each reference image's tokens and ids (t = 10, 20, ...)."""
+        img_ids = FLUX2.adapter.grid_ids(h, w, t=0).to(self.device)
+        edit_tokens, edit_ids = self._edit_tokens(edit_image)
+        ids = img_ids if edit_ids is None else torch.cat([img_ids, edit_ids])
+        return ids, edit_tokens, h * w
 
     def _edit_tokens(self, edit_image) -> tuple[Tensor | None, Tensor | None]:
-        """Reference images as extra image tokens, each at its own time position t = 10, 20, ..."""
         if edit_image is None:
             return None, None
         images = edit_image if isinstance(edit_image, list) else [edit_image]
-        tokens, ids = [], []
+        latents = []
         for index, image in enumerate(images):
             pixels = image_to_tensor(image, f"edit_image[{index}]")
             height, width = fit_to_area(*pixels.shape[-2:], MAX_EDIT_AREA, self.pixels_per_token)
-            latents = self.encode_image(image, height, width, f"edit_image[{index}]")
-            tokens.append(_pack(latents))
-            ids.append(
-                _grid_ids(
-                    height // self.pixels_per_token,
-                    width // self.pixels_per_token,
-                    t=EDIT_TIME_STEP * (index + 1),
-                )
-            )
-        return torch.cat(tokens, dim=1), torch.cat(ids).to(self.device)
+            latents.append(self.encode_image(image, height, width, f"edit_image[{index}]"))
+        return FLUX2.adapter.reference_tokens(latents, self.device)
 
-    def _velocity(
-        self, x, t, cond: Conditioning, uncond: Conditioning | None, cfg_scale, img_ids, edit_tokens, edit_ids
-    ):
-        n_img = x.shape[1]
-        hidden = x
-        if edit_tokens is not None:
-            hidden = torch.cat([x, edit_tokens.expand(x.shape[0], -1, -1)], dim=1)
-            img_ids = torch.cat([img_ids, edit_ids])
-        hidden = hidden.to(self.torch_dtype)
-        # the reference feeds sigma as (sigma * 1000) / 1000 in the latents' dtype; so do we
-        sigma = (t.expand(x.shape[0]).to(self.torch_dtype)) / 1000
+    def _hidden(self, x: Tensor, positions) -> Tensor:
+        edit_tokens = positions[1]
+        hidden = x if edit_tokens is None else torch.cat([x, edit_tokens.expand(x.shape[0], -1, -1)], dim=1)
+        return hidden.to(self.torch_dtype)
 
-        if uncond is None:
-            return self._dit(hidden, sigma, img_ids, cond)[:, :n_img].float()
-        key = (id(cond.kv_cache), id(uncond.kv_cache))
-        if key not in self._batch_memo:  # concatenating the sides' caches once per call, not per step
-            self._batch_memo[key] = _batch_sides(cond, uncond, hidden.shape[1])
-        batched = self._batch_memo[key]
-        if batched is not None:
-            both = self._dit(torch.cat([hidden, hidden]), torch.cat([sigma, sigma]), img_ids, batched)
-            pos, neg = both[:, :n_img].float().chunk(2)
-        else:
-            pos = self._dit(hidden, sigma, img_ids, cond)[:, :n_img].float()
-            neg = self._dit(hidden, sigma, img_ids, uncond)[:, :n_img].float()
-        return neg + cfg_scale * (pos - neg)
+    def _timestep(self, t: Tensor, batch: int) -> Tensor:
+        return FLUX2.adapter.sampling_timestep(t, batch, self.torch_dtype)
 
-    def _dit(self, hidden: Tensor, sigma: Tensor, img_ids: Tensor, c: Conditioning) -> Tensor:
+    def _own_tokens(self, x: Tensor, hidden: Tensor) -> int:
+        return hidden.shape[1]
+
+    def _batch_sides(self, cond, uncond, own_tokens):
+        return _batch_sides(cond, uncond, own_tokens)
+
+    def _model(self, hidden: Tensor, timestep: Tensor, c: Conditioning, positions) -> Tensor:
+        ids, _, n_img = positions
         with conditioning_loras(self.dit, c.lora, c.lora_rows):
-            return self.dit(
-                hidden_states=hidden,
-                encoder_hidden_states=c.prompt_embeds,
-                timestep=sigma,
-                img_ids=img_ids,
-                txt_ids=c.text_ids,
-                kv_cache=c.kv_cache,
+            out = FLUX2.adapter.forward(
+                self.dit, hidden, timestep, ids, c.prompt_embeds, c.text_ids, c.kv_cache
             )
+        return out[:, :n_img].float()
 
 
 # --- helpers --------------------------------------------------------------------------------------
 
-
-def _append_text_tokens(embeds: Tensor, text_ids: Tensor, extra: Tensor, name: str) -> tuple[Tensor, Tensor]:
-    """Extra text tokens go after the prompt, continuing its sequence positions."""
-    if extra.ndim != 3 or extra.shape[-1] != embeds.shape[-1] or extra.shape[0] not in (1, embeds.shape[0]):
-        raise PipelineInputError(
-            f"{name} has shape {tuple(extra.shape)}; expected [1 or {embeds.shape[0]}, L, {embeds.shape[-1]}]"
-        )
-    length = embeds.shape[1]
-    extra_ids = torch.zeros(extra.shape[1], text_ids.shape[-1], dtype=text_ids.dtype, device=text_ids.device)
-    extra_ids[:, -1] = torch.arange(length, length + extra.shape[1], device=text_ids.device)
-    extra = extra.to(embeds.device, embeds.dtype).expand(embeds.shape[0], -1, -1)
-    return torch.cat([embeds, extra], dim=1), torch.cat([text_ids, extra_ids])
+# the family's layout helpers under their old names (``from flux2_pipeline import _pack`` keeps working)
+_pack, _unpack, _grid_ids = FLUX2.adapter.pack, FLUX2.adapter.unpack, FLUX2.adapter.grid_ids
+_append_text_tokens = FLUX2.adapter.append_text_tokens
 
 
 def _batch_sides(cond: Conditioning, uncond: Conditioning, image_tokens: int = 0) -> Conditioning | None:
@@ -446,19 +301,3 @@ def _batch_sides(cond: Conditioning, uncond: Conditioning, image_tokens: int = 0
     embeds = torch.cat([cond.prompt_embeds, uncond.prompt_embeds])
     rows = side_lora_rows(cond.lora, uncond.lora, batch)
     return replace(cond, prompt_embeds=embeds, kv_cache=kv, lora=None, lora_rows=rows)
-
-
-def _pack(latents: Tensor) -> Tensor:
-    """``[B, C, h, w]`` -> tokens ``[B, h * w, C]`` in row-major order."""
-    return latents.flatten(2).transpose(1, 2)
-
-
-def _unpack(tokens: Tensor, h: int, w: int) -> Tensor:
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
-
-
-def _grid_ids(h: int, w: int, t: int) -> Tensor:
-    """Position ids (t, row, col, 0) for an ``h x w`` token grid, row-major."""
-    rows = torch.arange(h).repeat_interleave(w)
-    cols = torch.arange(w).repeat(h)
-    return torch.stack([torch.full_like(rows, t), rows, cols, torch.zeros_like(rows)], dim=-1)

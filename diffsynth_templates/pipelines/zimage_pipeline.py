@@ -25,55 +25,35 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..backbones.attention import KVCache
 from ..backbones.autoencoder_kl import AutoencoderKL
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..backbones.zimage_dit import ZImageDiT
-from ..loading import CheckpointError
-from ..loading.finite import NonFiniteError, check_finite_number
-from ..loading.resolve import resolve_model_path
-from .common import (
-    PipelineBase,
-    PipelineInputError,
-    as_prompt_list,
-    at_step,
-    batch_side_kv,
-    check_call,
-    check_finite_cache,
-    check_finite_output,
-    check_seed,
-    check_size,
-    component_folders,
-    conditioning_loras,
-    default_device_and_dtype,
-    side_lora_rows,
+from .common import PipelineInputError, batch_side_kv, conditioning_loras, side_lora_rows
+from .families.zimage import (
+    DEFAULT_SHIFT,
+    VARIANTS,
+    ZIMAGE,
+    SamplingDefaults,
+    check_shift,
+    read_shift,
+    variant_of,
 )
-from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule, add_noise, euler_step, velocity_towards
-from .flux2_prompt import (
-    DEFAULT_PAD_TOKEN,
-    UnknownWordWarner,
-    load_tokenizer,
-    pad_or_truncate,
-    prepare_tokenizer,
-    read_tokenizer_settings,
-)
-from .image_io import (
-    ImageLike,
-    image_to_tensor,
-    inpaint_pair,
-    paste_unmasked,
-    place_mask,
-    resize_image,
-    tensor_to_output,
-)
+from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
+from .flux2_prompt import DEFAULT_PAD_TOKEN, UnknownWordWarner, pad_or_truncate, prepare_tokenizer
+from .image_io import ImageLike, image_to_tensor, resize_image
 from .kv_schedule import ScheduledKVCache
-from .lora import LoRACache, validate_lora
+from .lora import LoRACache
+from .sampling import FamilyPipeline
+
+__all__ = [
+    "CHAT_TEMPLATE", "DEFAULT_SHIFT", "VARIANTS", "SamplingDefaults", "ZImagePipeline", "ZImagePromptEncoder",
+    "chat_prompt", "check_shift", "variant_of", "zimage_schedule",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SHIFT = 3.0
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 SCHEDULER_CONFIG = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -103,19 +83,6 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
     "{%- endif %}"
 )
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """What a call uses when ``num_inference_steps`` / ``cfg_scale`` are not given."""
-
-    num_inference_steps: int
-    cfg_scale: float
-
-
-# Turbo is distilled for 8 steps without guidance; base samples 50 steps with CFG
-# (guidance_scale 4 in diffusers' convention).
-VARIANTS = {"turbo": SamplingDefaults(8, 1.0), "base": SamplingDefaults(50, 5.0)}
 
 
 # --- prompts --------------------------------------------------------------------------------------
@@ -243,10 +210,16 @@ class Conditioning:
     lora_rows: tuple[tuple[LoRACache, slice], ...] = ()
 
 
-class ZImagePipeline(PipelineBase):
+class ZImagePipeline(FamilyPipeline):
     """``ZImagePipeline.from_pretrained(...)(prompt, ...)`` -> images."""
 
     backbone = "zimage"
+    family = ZIMAGE
+    vae_class = AutoencoderKL
+    prompt_encoder_class = ZImagePromptEncoder
+    conditioning_class = Conditioning
+    scheduler_config = SCHEDULER_CONFIG
+    model_index = MODEL_INDEX
 
     def __init__(
         self,
@@ -266,7 +239,7 @@ class ZImagePipeline(PipelineBase):
         self.prompt_encoder = prompt_encoder or ZImagePromptEncoder(tokenizer, text_encoder)
         check_shift(shift)
         self.variant, self.defaults, self.shift = variant, VARIANTS[variant], shift
-        self.patch_size = dit.config.all_patch_size[0]
+        self.patch_size = ZIMAGE.adapter.patch_size(dit)
         # pixels per DiT token side: the VAE's downsampling, then the DiT's patchify
         self.pixels_per_token = vae.config.downsample_factor * self.patch_size
         self.device = torch.device(device) if device is not None else next(dit.parameters()).device
@@ -274,6 +247,11 @@ class ZImagePipeline(PipelineBase):
         self.offload_device: torch.device | None = None
         self.tokenizer_config: dict = {"tokenizer_class": "Qwen2Tokenizer", "chat_template": CHAT_TEMPLATE}
         self._batch_memo: dict = {}
+
+    @property
+    def default_cfg_scale(self) -> float:
+        """The variant's (Turbo: 1.0, base: 5.0)."""
+        return self.defaults.cfg_scale
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -299,56 +277,22 @@ class ZImagePipeline(PipelineBase):
         ``variant`` ("turbo" or "base") picks the sampling defaults; when omitted it is "turbo" if the
         source's name contains "turbo", else "base". The scheduler's ``shift`` is read when present.
         """
-        device, torch_dtype = default_device_and_dtype(device, torch_dtype)
-        overrides = {
-            "transformer": transformer,
-            "text_encoder": text_encoder,
-            "vae": vae,
-            "tokenizer": tokenizer,
-        }
-        folders = component_folders(source, overrides, revision, cache_dir, offline)
-        variant = variant or ("turbo" if "turbo" in Path(str(source)).name.lower() else "base")
-        shift = _read_shift(source, revision, cache_dir, offline)
+        folders, device, torch_dtype = cls._folders(
+            source, torch_dtype, device, revision, cache_dir, offline,
+            transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+        )  # fmt: skip
+        variant = variant or variant_of(source)
+        shift = read_shift(source, revision, cache_dir, offline)
         logger.info("Z-Image %s defaults %s, shift %s", variant, VARIANTS.get(variant), shift)
-
-        dit = ZImageDiT.from_pretrained(folders["transformer"], torch_dtype=torch_dtype, device=device)
-        te = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=torch_dtype, device=device)
-        vae_model = AutoencoderKL.from_pretrained(folders["vae"], torch_dtype=torch_dtype, device=device)
-        tok = load_tokenizer(folders["tokenizer"])
-        pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
-        prompt_encoder = ZImagePromptEncoder(tok, te, pad_token=pad_token, padding_side=padding_side)
-        pipe = cls(dit, vae_model, te, tok, device, torch_dtype, prompt_encoder, variant, shift)
+        pipe = cls(**cls.load_components(folders, device, torch_dtype), variant=variant, shift=shift)
         pipe.name_or_path = str(transformer or source)
         config_path = Path(folders["tokenizer"]) / "tokenizer_config.json"
         if config_path.is_file():  # kept for save_pretrained (chat template, special tokens)
             pipe.tokenizer_config = json.loads(config_path.read_text())
         return pipe
 
-    def save_pretrained(self, root: str | os.PathLike) -> Path:
-        """Write the official layout, readable by this class and by diffusers' ``ZImagePipeline``."""
-        from ..loading import write_json_atomic
-
-        root = Path(root)
-        self.dit.save_pretrained(root / "transformer")
-        self.vae.save_pretrained(root / "vae")
-        self.text_encoder.save_pretrained(root / "text_encoder")
-        (root / "tokenizer").mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(root / "tokenizer" / "tokenizer.json"))
-        write_json_atomic(
-            {
-                **self.tokenizer_config,
-                "pad_token": self.tokenizer.id_to_token(self.prompt_encoder.pad_id),
-                "padding_side": self.prompt_encoder.padding_side,
-            },
-            root / "tokenizer" / "tokenizer_config.json",
-        )
-        write_json_atomic(
-            {**SCHEDULER_CONFIG, "shift": self.shift}, root / "scheduler" / "scheduler_config.json"
-        )
-        write_json_atomic(MODEL_INDEX, root / "model_index.json")
-        return root
-
-    # -- memory modes -----------------------------------------------------------------------------
+    def _scheduler_config(self) -> dict:
+        return {**SCHEDULER_CONFIG, "shift": self.shift}
 
     # -- building blocks --------------------------------------------------------------------------
 
@@ -418,170 +362,49 @@ class ZImagePipeline(PipelineBase):
         """
         steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         cfg_scale = self.defaults.cfg_scale if cfg_scale is None else cfg_scale
-        prompts = as_prompt_list(prompt, "prompt")
-        batch = len(prompts)
-        negatives = as_prompt_list(negative_prompt, "negative_prompt", batch)
-        check_size(height, width, self.pixels_per_token, max_pixels, self.size_reason)
-        tensors = {
-            "latents": latents,
-            "extra_text_embedding": extra_text_embedding,
-            "negative_extra_text_embedding": negative_extra_text_embedding,
-        }
-        check_call(
-            output_type,
-            cfg_scale,
-            denoising_strength,
-            input_image,
-            inpaint_mask,
-            steps,
-            tensors,
-            max_sequence_length,
-            callback_on_step_end,
-        )
-        seed = check_seed(seed)
-        pair = None  # the mask at the input image's size, checked before anything is computed
-        if inpaint_mask is not None:
-            pair = inpaint_pair(input_image, inpaint_mask, resize_mask)
-        elif input_image is not None:
-            image_to_tensor(input_image, "input_image")
+        return self._sample(
+            prompt, negative_prompt, height, width, steps, cfg_scale, seed, latents, max_sequence_length,
+            input_image, denoising_strength, inpaint_mask, resize_mask, kv_cache, negative_kv_cache, lora,
+            negative_lora, extra_text_embedding, negative_extra_text_embedding, output_type, progress,
+            max_pixels, callback_on_step_end,
+        )  # fmt: skip
+
+    # -- the loop's hooks -------------------------------------------------------------------------
+
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         f = self.vae.config.downsample_factor
-        h, w = height // f, width // f
+        return height // f, width // f
 
-        cond = self._conditioning(prompts, max_sequence_length, kv_cache, lora, extra_text_embedding, "")
-        uncond = None
-        if cfg_scale != 1.0:
-            uncond = self._conditioning(
-                negatives,
-                max_sequence_length,
-                negative_kv_cache,
-                negative_lora,
-                negative_extra_text_embedding,
-                "negative_",
-            )
+    def _schedule(self, steps, h, w, strength):
+        return zimage_schedule(steps, self.shift, strength, device=self.device)
 
-        noise = self._initial_noise(batch, h, w, seed, latents)
-        clean = None if input_image is None else self.encode_image(input_image, height, width, "input_image")
-        strength = denoising_strength if input_image is not None else 1.0
-        schedule = zimage_schedule(steps, self.shift, strength, device=self.device)
-        x = noise if clean is None else add_noise(clean, noise, schedule.sigmas[0])
-        mask = None  # placed on the latent grid exactly where the image lands
-        if pair is not None:
-            mask = place_mask(pair[1], height, width, grid=(h, w)).to(self.device)
-
-        self._batch_memo = {}
-        with self._on_device(self.dit):
-            for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
-                cond_i = at_step(cond, i, steps)
-                uncond_i = None if uncond is None else at_step(uncond, i, steps)
-                velocity = self._velocity(x, t, cond_i, uncond_i, cfg_scale)
-                if mask is not None:  # outside the mask, steer straight onto the input's latents
-                    keep = velocity_towards(x, clean, schedule.sigmas[i])
-                    velocity = keep * (1 - mask) + velocity * mask
-                x = euler_step(x, velocity, schedule.sigmas[i], schedule.sigmas[i + 1]).float()
-                if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, t, {"latents": x})
-                    x = (out or {}).get("latents", x)
-
-        check_finite_output(x, "latents after denoising")
-        if output_type == "latent":
-            return x
-        images = self.decode_latents(x).float()
-        check_finite_output(images, "decoded images")
-        if inpaint_mask is not None:  # pixels outside the mask: exactly the input's
-            images = paste_unmasked(images, input_image, inpaint_mask, resize_mask)
-        return tensor_to_output(images, output_type)
-
-    def _conditioning(self, prompts, max_len, kv_cache, lora, extra_embedding, side: str) -> Conditioning:
+    def _text(self, prompts, max_len, extra, name) -> dict:
         cap_feats = self.encode_prompt(prompts, max_len)
-        if extra_embedding is not None:
-            cap_feats = self._append_tokens(cap_feats, extra_embedding, f"{side}extra_text_embedding")
-        if isinstance(kv_cache, ScheduledKVCache):
-            entries = [(self._checked_kv(c, len(prompts), side), a, b) for c, a, b in kv_cache.entries]
-            kv_cache = ScheduledKVCache(entries)
-        else:
-            kv_cache = self._checked_kv(kv_cache, len(prompts), side)
-        if lora:
-            validate_lora(self.dit, lora, source=f"{side}lora")
-            check_finite_cache(lora, f"{side}lora")
-        return Conditioning(cap_feats, kv_cache or None, lora or None)
-
-    def _append_tokens(self, cap_feats: list[Tensor], extra: Tensor, name: str) -> list[Tensor]:
-        """Extra caption tokens go after each prompt's tokens (they get the following positions)."""
-        dim, batch = self.dit.config.cap_feat_dim, len(cap_feats)
-        if extra.ndim != 3 or extra.shape[-1] != dim or extra.shape[0] not in (1, batch):
-            raise PipelineInputError(
-                f"{name} has shape {tuple(extra.shape)}; expected [1 or {batch}, L, {dim}]"
+        if extra is not None:
+            dim = self.dit.config.cap_feat_dim
+            cap_feats = ZIMAGE.adapter.append_caption_tokens(
+                cap_feats, extra, name, dim, self.device, self.torch_dtype
             )
-        extra = extra.to(self.device, self.torch_dtype).expand(batch, -1, -1)
-        return [torch.cat([c, e]) for c, e in zip(cap_feats, extra)]
+        return {"cap_feats": cap_feats}
 
-    def _velocity(
-        self, x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None, cfg_scale: float
-    ):
-        batch = x.shape[0]
-        hidden = x.to(self.torch_dtype)
-        # the DiT reads 1 - sigma (0 = noise) and predicts the negated velocity
-        t_dit = (NUM_TRAIN_TIMESTEPS - t.expand(batch)) / NUM_TRAIN_TIMESTEPS
-        if uncond is None:
-            return -self._dit(hidden, t_dit, cond)
-        key = (id(cond.kv_cache), id(uncond.kv_cache))
-        if key not in self._batch_memo:  # concatenating the sides' caches once per call, not per step
-            image_tokens = x.shape[-2] * x.shape[-1] // self.patch_size**2
-            self._batch_memo[key] = _batch_sides(cond, uncond, image_tokens)
-        batched = self._batch_memo[key]
-        if batched is not None:
-            pos, neg = self._dit(torch.cat([hidden, hidden]), torch.cat([t_dit, t_dit]), batched).chunk(2)
-        else:
-            pos, neg = self._dit(hidden, t_dit, cond), self._dit(hidden, t_dit, uncond)
-        # the reference's form: pos + guidance * (pos - neg) with guidance = cfg_scale - 1
-        return -(pos + (cfg_scale - 1) * (pos - neg))
+    def _timestep(self, t: Tensor, batch: int) -> Tensor:
+        return ZIMAGE.adapter.sampling_timestep(t, batch)
 
-    def _dit(self, hidden: Tensor, t: Tensor, c: Conditioning) -> Tensor:
+    def _own_tokens(self, x: Tensor, hidden: Tensor) -> int:
+        return ZIMAGE.adapter.image_tokens(self.dit, x)
+
+    def _batch_sides(self, cond, uncond, own_tokens):
+        return _batch_sides(cond, uncond, own_tokens)
+
+    def _model(self, hidden: Tensor, timestep: Tensor, c: Conditioning, positions) -> Tensor:
         with conditioning_loras(self.dit, c.lora, c.lora_rows):
-            out = self.dit(
-                x=list(hidden.unsqueeze(2).unbind(0)),
-                t=t,
-                cap_feats=c.cap_feats,
-                patch_size=self.patch_size,
-                kv_cache=c.kv_cache,
-            )
-        return torch.stack(out).squeeze(2).float()
+            out = ZIMAGE.adapter.forward(self.dit, hidden, timestep, c.cap_feats, c.kv_cache)
+        return out.float()
 
 
 # --- helpers --------------------------------------------------------------------------------------
 
-
-def _read_shift(source, revision, cache_dir, offline) -> float:
-    """The scheduler's static shift from ``scheduler/scheduler_config.json``, else 3.0."""
-    try:
-        root = resolve_model_path(
-            source, allow_patterns=["scheduler/*"], revision=revision, cache_dir=cache_dir, offline=offline
-        )
-    except FileNotFoundError:
-        return DEFAULT_SHIFT
-    path = root / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        return DEFAULT_SHIFT
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); download it again") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
-    if config.get("use_dynamic_shifting"):
-        raise CheckpointError(
-            f"{str(path)!r} asks for dynamic shifting; Z-Image samples with a static shift. "
-            "Set use_dynamic_shifting to false (and shift, default 3.0)"
-        )
-    return check_shift(config.get("shift", DEFAULT_SHIFT), f"{str(path)!r}: shift")
-
-
-def check_shift(shift: object, name: str = "shift") -> float:
-    """The static schedule shift: a finite number > 0 (3.0 for Z-Image)."""
-    value = check_finite_number(name, shift)
-    if value <= 0:
-        raise NonFiniteError(f"{name} must be a finite number > 0 (Z-Image uses 3.0), got {shift!r}")
-    return value
+_read_shift = read_shift  # the family's, under its old name
 
 
 def _batch_sides(cond: Conditioning, uncond: Conditioning, image_tokens: int = 0) -> Conditioning | None:

@@ -10,7 +10,6 @@ at most ``max_resident`` are there at any time. The negative side is skipped whe
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import numbers
@@ -230,20 +229,20 @@ class TemplatePipeline:
         """The template stage alone: ``pipe_kwargs`` with the templates' merged caches added (what
         ``__call__`` passes to ``pipe``); useful to reuse caches or time the stage."""
         _check_pipe(pipe)
-        params = inspect.signature(pipe.__call__).parameters
-        cfg_scale = pipe_kwargs.get(
-            "cfg_scale", params["cfg_scale"].default if "cfg_scale" in params else 1.0
-        )
+        cfg_scale = pipe_kwargs.get("cfg_scale")
         if cfg_scale is None:  # the pipeline's own default (Z-Image: per variant)
-            cfg_scale = getattr(getattr(pipe, "defaults", None), "cfg_scale", 1.0)
+            cfg_scale = pipe.default_cfg_scale
         negative = negative_template_inputs if cfg_scale != 1.0 else None  # the negative side would be unused
         positive_out, negative_out = self.run_templates(pipe, template_inputs or [], negative or [])
         kwargs = dict(pipe_kwargs)
         batch = _batch_size(pipe_kwargs.get("prompt"))
-        for prefix, outputs in (("", positive_out), ("negative_", negative_out)):
-            accepted = _accepted_keys(params, prefix)
+        sides = (
+            ("", positive_out, pipe.accepted_cache_keys),
+            ("negative_", negative_out, pipe.negative_cache_keys),
+        )
+        for prefix, outputs, accepted in sides:
             for out in outputs:
-                validate_output(out, pipe.dit, accepted, batch)
+                validate_output(out, pipe.dit, set(accepted), batch)
             for key, value in self._merged(outputs).items():
                 name = prefix + key
                 if kwargs.get(name) is not None:  # passing None is not passing a value
@@ -273,17 +272,6 @@ class TemplatePipeline:
 
 MERGE_MEMO_SIZE = 4  # merged caches kept (one per recent combination of template outputs)
 
-# pipeline arguments no template may set (everything else, e.g. input_image, is allowed)
-_NOT_CACHE_KEYS = {
-    "self",
-    "prompt",
-    "negative_prompt",
-    "output_type",
-    "progress",
-    "callback_on_step_end",
-    "max_pixels",
-    "resize_mask",
-}
 STEP_KEYS = (("step_start", 0.0), ("step_end", 1.0))
 
 
@@ -300,14 +288,6 @@ def check_base(name: str, template: LoadedTemplate, pipe) -> None:
         f"template {name!r} was built for base model {trained_on!r} ({want_title}), "
         f"but this pipeline's base model is {this!r} ({have_title}); load it on a {want_title} pipeline"
     )
-
-
-def _accepted_keys(params, prefix: str) -> set[str]:
-    """Cache keys one side may produce: ``key`` for the positive side, ``negative_{key}`` must exist for the other."""
-    names = set(params) - _NOT_CACHE_KEYS
-    if prefix:
-        return {p[len(prefix) :] for p in names if p.startswith(prefix)}
-    return {p for p in names if not p.startswith("negative_")}
 
 
 def _merge_side(outputs: list[TemplateOutput]) -> dict[str, Any]:
@@ -341,10 +321,16 @@ def _merge_with_user(key: str, user: Any, template: Any, name: str) -> Any:
     return broadcast_cat([user, template], 1)
 
 
+# what a base pipeline declares for templates (``pipelines.sampling.FamilyPipeline`` has them all)
+PIPE_CONTRACT = ("dit", "device", "accepted_cache_keys", "negative_cache_keys", "default_cfg_scale")
+
+
 def _check_pipe(pipe: Any) -> None:
-    if not (callable(pipe) and hasattr(pipe, "dit") and hasattr(pipe, "device")):
+    missing = [name for name in PIPE_CONTRACT if not hasattr(pipe, name)]
+    if not callable(pipe) or missing:
         raise TemplateArgumentError(
             f"pipe must be a base pipeline (Flux2ImagePipeline, ZImagePipeline, ...), got {type(pipe).__name__}"
+            + (f" (it lacks {missing})" if missing else "")
         )
 
 

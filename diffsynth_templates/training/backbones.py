@@ -1,12 +1,13 @@
 """The base models the trainer knows, one adapter each: FLUX.2-klein and Z-Image.
 
 The backbone is read from the model folder (``transformer/config.json``'s ``_class_name``, see
-``pipelines.auto.detect_backbone``); no flag selects it. An adapter says how to
+``pipelines.families.detect_family``); no flag selects it. An adapter says how to
 
 * load the DiT and the stage-I pipeline (text encoder + VAE + tokenizer, no DiT weights);
 * encode a prompt into the ``[L, D]`` tensor stage I stores (latents are the pipeline's own
   ``encode_image`` output ``[C, h, w]`` for every backbone);
-* build the flow-matching objective stage II optimizes (``flux2_objective`` / ``zimage_objective``);
+* build the flow-matching objective stage II optimizes (``objective.FamilyObjective``: the family's
+  sigma draw and model-call adapter, ``pipelines.families``);
 * rebuild a sampling pipeline around the DiT being trained, for validation images;
 
 and what it cannot do (Z-Image: no reference/edit images), checked before any work starts.
@@ -17,25 +18,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..backbones.autoencoder_kl import AutoencoderKL
-from ..backbones.flux2_dit import Flux2DiT
-from ..backbones.flux2_vae import Flux2VAE
-from ..backbones.qwen3 import Qwen3TextEncoder
-from ..backbones.zimage_dit import ZImageDiT, ZImageDiTConfig
 from ..loading import read_config
-from ..pipelines.auto import BACKBONE_TITLES, detect_backbone
+from ..pipelines.families import FAMILIES, Family, UnsupportedFeatureError, detect_family, family_of_dit
+from ..pipelines.families.zimage import EDIT_IMAGES_UNSUPPORTED, read_shift
 from ..pipelines.flow_match import TRAINING_MU
-from ..pipelines.flux2_pipeline import Flux2ImagePipeline
-from ..pipelines.flux2_prompt import Flux2PromptEncoder, load_tokenizer, read_tokenizer_settings
-from ..pipelines.zimage_pipeline import ZImagePipeline, ZImagePromptEncoder, _read_shift
+from ..pipelines.zimage_pipeline import variant_of
 from .config import TrainConfig
-from .flux2_objective import Flux2Objective
-from .zimage_objective import EDIT_IMAGES_UNSUPPORTED, UnsupportedFeatureError, ZImageObjective
+from .objective import FamilyObjective
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +44,27 @@ __all__ = [
 
 
 class TrainingBackbone:
-    """What the trainer needs to know about one base model family."""
+    """What the trainer needs to know about one base model family (its ``Family`` record, plus how
+    the trainer builds pipelines around it)."""
 
-    name: ClassVar[str]
-    dit_class: ClassVar[type[nn.Module]]
-    supports_edit_images: ClassVar[bool]
+    def __init__(self, family: Family):
+        self.family = family
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def dit_class(self) -> type[nn.Module]:
+        return self.family.dit_class
+
+    @property
+    def supports_edit_images(self) -> bool:
+        return self.family.supports_edit_images
 
     @property
     def title(self) -> str:
-        return BACKBONE_TITLES.get(self.name, self.name)
+        return self.family.title
 
     def load_dit(self, folder: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
         return self.dit_class.from_pretrained(folder, torch_dtype=dtype, device=device)
@@ -68,122 +74,73 @@ class TrainingBackbone:
     ):
         """Text encoder + VAE + tokenizer as a pipeline; ``dit`` may be None (stage I never runs it).
 
-        ``folders`` holds every component folder (``transformer`` included, for its config).
+        ``folders`` holds every component folder (``transformer`` included, for its config). The
+        components load exactly as ``from_pretrained`` loads them (``load_components``).
         """
-        raise NotImplementedError
+        cls = self.family.pipeline_class()
+        return cls(**cls.load_components(folders, device, dtype, dit=dit))
 
     def prompt_embeds(self, pipe, prompt: str, max_sequence_length: int) -> Tensor:
         """One prompt's text features ``[L, D]`` as stage I stores them."""
-        raise NotImplementedError
-
-    def objective(self, mu: float = TRAINING_MU):
-        raise NotImplementedError
-
-    def runner(self, dit: nn.Module, pipe):
-        """A sampling pipeline around ``dit`` (in its dtype) sharing ``pipe``'s text encoder and VAE."""
-        raise NotImplementedError
-
-    def check_samples(self, samples: Sequence[Any]) -> None:
-        """Refuse, before any work, dataset rows this base model cannot train on (naming them)."""
-        if self.supports_edit_images:
-            return
-        lines = [s.line for s in samples if s.edit_images]
-        if lines:
-            shown = ", ".join(map(str, lines[:10])) + (
-                f" and {len(lines) - 10} more" if len(lines) > 10 else ""
-            )
-            raise UnsupportedFeatureError(
-                f"metadata lines {shown} have an edit_image, but the base model is {self.title}: "
-                f"{EDIT_IMAGES_UNSUPPORTED}"
-            )
-
-
-class Flux2Backbone(TrainingBackbone):
-    name = "flux2"
-    dit_class = Flux2DiT
-    supports_edit_images = True
-
-    def load_pipeline(self, config, folders, device, dtype, dit=None) -> Flux2ImagePipeline:
-        text_encoder = Qwen3TextEncoder.from_pretrained(
-            folders["text_encoder"], torch_dtype=dtype, device=device
-        )
-        vae = Flux2VAE.from_pretrained(folders["vae"], torch_dtype=dtype, device=device)
-        tokenizer = load_tokenizer(folders["tokenizer"])
-        pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
-        prompt_encoder = Flux2PromptEncoder(
-            tokenizer, text_encoder, pad_token=pad_token, padding_side=padding_side
-        )
-        return Flux2ImagePipeline(dit, vae, text_encoder, tokenizer, device, dtype, prompt_encoder)
-
-    def prompt_embeds(self, pipe, prompt, max_sequence_length) -> Tensor:
         embeds, _ = pipe.encode_prompt([prompt], max_sequence_length)
         return embeds[0]
 
-    def objective(self, mu: float = TRAINING_MU) -> Flux2Objective:
-        return Flux2Objective(mu)
+    def objective(self, mu: float = TRAINING_MU) -> FamilyObjective:
+        return FamilyObjective(self.family, mu)
 
-    def runner(self, dit, pipe) -> Flux2ImagePipeline:
-        return Flux2ImagePipeline(
+    def runner(self, dit: nn.Module, pipe):
+        """A sampling pipeline around ``dit`` (in its dtype) sharing ``pipe``'s text encoder and VAE."""
+        return type(pipe)(
             dit, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.device,
             next(dit.parameters()).dtype, pipe.prompt_encoder,
         )  # fmt: skip
 
+    def check_samples(self, samples: Sequence[Any]) -> None:
+        """Refuse, before any work, dataset rows this base model cannot train on (naming them)."""
+        self.family.check_edit_images([s.line for s in samples if s.edit_images])
+
 
 class ZImageBackbone(TrainingBackbone):
-    name = "zimage"
-    dit_class = ZImageDiT
-    supports_edit_images = False
+    """Z-Image's pipeline also carries its variant and shift, read from the model folder."""
 
-    def load_pipeline(self, config, folders, device, dtype, dit=None) -> ZImagePipeline:
-        text_encoder = Qwen3TextEncoder.from_pretrained(
-            folders["text_encoder"], torch_dtype=dtype, device=device
-        )
-        vae = AutoencoderKL.from_pretrained(folders["vae"], torch_dtype=dtype, device=device)
-        tokenizer = load_tokenizer(folders["tokenizer"])
-        pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
-        prompt_encoder = ZImagePromptEncoder(
-            tokenizer, text_encoder, pad_token=pad_token, padding_side=padding_side
-        )
+    def load_pipeline(self, config, folders, device, dtype, dit=None):
         if dit is None:  # the pipeline reads its patch size off the DiT: a weightless skeleton stands in
-            dit_config = ZImageDiTConfig.from_diffusers(read_config(folders["transformer"]))
+            dit_config = self.family.dit_config_class.from_diffusers(read_config(folders["transformer"]))
             with torch.device("meta"):
-                dit = ZImageDiT(dit_config)
+                dit = self.family.dit_class(dit_config)
         source = config.model or config.transformer
-        variant = "turbo" if "turbo" in Path(str(source)).name.lower() else "base"
-        shift = _read_shift(source, None, None, True if config.offline else None)
-        return ZImagePipeline(
-            dit, vae, text_encoder, tokenizer, device, dtype, prompt_encoder, variant=variant, shift=shift
+        shift = read_shift(source, None, None, True if config.offline else None)
+        cls = self.family.pipeline_class()
+        return cls(
+            **cls.load_components(folders, device, dtype, dit=dit), variant=variant_of(source), shift=shift
         )
 
     def prompt_embeds(self, pipe, prompt, max_sequence_length) -> Tensor:
         return pipe.encode_prompt([prompt], max_sequence_length)[0]
 
-    def objective(self, mu: float = TRAINING_MU) -> ZImageObjective:
-        return ZImageObjective()  # klein's mu does not apply: Z-Image trains on its static shift
-
-    def runner(self, dit, pipe) -> ZImagePipeline:
-        return ZImagePipeline(
+    def runner(self, dit, pipe):
+        return type(pipe)(
             dit, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.device, next(dit.parameters()).dtype,
             pipe.prompt_encoder, variant=pipe.variant, shift=pipe.shift,
         )  # fmt: skip
 
 
-BACKBONES: dict[str, TrainingBackbone] = {b.name: b for b in (Flux2Backbone(), ZImageBackbone())}
+BACKBONES: dict[str, TrainingBackbone] = {
+    name: (ZImageBackbone if name == "zimage" else TrainingBackbone)(family)
+    for name, family in FAMILIES.items()
+}
 
 
 def get_backbone(name: str) -> TrainingBackbone:
     if name not in BACKBONES:
-        raise ValueError(f"the trainer knows the backbones {sorted(BACKBONES)}, not {name!r}")
+        raise UnsupportedFeatureError(f"the trainer knows the backbones {sorted(BACKBONES)}, not {name!r}")
     return BACKBONES[name]
 
 
 def backbone_of_dit(dit: nn.Module) -> TrainingBackbone:
-    for backbone in BACKBONES.values():
-        if isinstance(dit, backbone.dit_class):
-            return backbone
-    raise TypeError(f"the trainer trains on a Flux2DiT or a ZImageDiT, got {type(dit).__name__}")
+    return BACKBONES[family_of_dit(dit).name]
 
 
 def detect_training_backbone(transformer_folder: Path, offline: bool = False) -> TrainingBackbone:
     """The backbone of the DiT the run trains on (its folder's ``config.json`` says which)."""
-    return get_backbone(detect_backbone(transformer_folder, offline=True if offline else None))
+    return get_backbone(detect_family(transformer_folder, offline=True if offline else None).name)

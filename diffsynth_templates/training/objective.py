@@ -7,9 +7,10 @@ is the mean squared error. The template's ``forward`` runs here, inside the grap
 gradients through the frozen DiT.
 
 What is generic lives here (the template's cache, KV validation, LoRA application, batching samples
-of one shape, the loss); what depends on the base model (latent layout, position ids, the DiT call,
-the sign of its output) lives in the backbone's objective (``flux2_objective``, ``zimage_objective``),
-picked from the DiT's class.
+of one shape, the loss, ``FamilyObjective``); what depends on the base model (the sigma draw, latent
+layout, position ids, the DiT call, the sign of its output) is the family's (``pipelines.families``:
+its ``draw_noise`` and its model-call adapter, the same one its pipeline samples through), picked from
+the DiT's class.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..pipelines.families import Family, family_of_dit
 from ..pipelines.flow_match import TRAINING_MU
 from ..pipelines.lora import applied_lora
 from ..templates.base import TemplateError
-from .backbones import backbone_of_dit
-from .features import SampleFeatures
 from .noise import draw_noise, noise_seed
 
 __all__ = [
     "TRAINED_CACHE_KEYS",
     "DiTObjective",
+    "FamilyObjective",
     "TrainingContext",
     "TrainingModule",
     "draw_noise",
@@ -45,6 +46,17 @@ logger = logging.getLogger(__name__)
 TRAINED_CACHE_KEYS = ("kv_cache", "lora", "extra_text_embedding")
 
 
+class SampleFeatures(Protocol):
+    """What the objective reads of a stage-I sample (``features.SampleFeatures``)."""
+
+    id: str
+    line: int
+    latents: Tensor  # [C, h, w]
+    prompt_embeds: Tensor  # [L, D]
+    edit_latents: list[Tensor]
+    template: dict[str, Any]
+
+
 class PreparedSample(Protocol):
     """One sample ready for the DiT (its backbone's layout), with the template's KV and LoRA."""
 
@@ -55,7 +67,7 @@ class PreparedSample(Protocol):
 
 
 class DiTObjective(Protocol):
-    """A backbone's half of the objective (``Flux2Objective``, ``ZImageObjective``)."""
+    """What ``TrainingModule`` calls (``FamilyObjective``, or a test's stand-in)."""
 
     def prepare(
         self, features: SampleFeatures, seed: int, cache: dict[str, Any], device: torch.device
@@ -64,6 +76,22 @@ class DiTObjective(Protocol):
     def predict(
         self, dit: nn.Module, group: list, kv: dict[str, tuple[Tensor, Tensor]] | None
     ) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass
+class FamilyObjective:
+    """The objective of one backbone family: its training sigma draw, then its model-call adapter."""
+
+    family: Family
+    mu: float = TRAINING_MU  # only FLUX.2's draw reads it; Z-Image trains on its static shift
+
+    def prepare(self, features: SampleFeatures, seed: int, cache: dict[str, Any], device: torch.device):
+        sigma, noise = self.family.draw_noise(seed, (1, *features.latents.shape), self.mu)
+        return self.family.adapter.prepare(features, sigma, noise, cache, device)
+
+    def predict(self, dit: nn.Module, group: list, kv: dict[str, tuple[Tensor, Tensor]] | None):
+        """``(prediction, target)`` for a group of same-signature samples."""
+        return self.family.adapter.predict(dit, group, kv)
 
 
 @dataclass
@@ -101,7 +129,7 @@ class TrainingModule(nn.Module):
         super().__init__()
         self.dit, self.template, self.dit_lora = dit, template, dit_lora
         # ``mu`` only shapes FLUX.2's sigmas; Z-Image draws them on its own static shift
-        self.objective = objective if objective is not None else backbone_of_dit(dit).objective(mu)
+        self.objective = objective if objective is not None else FamilyObjective(family_of_dit(dit), mu)
         self.mu, self.gradient_checkpointing, self.activation_offload = (
             mu,
             gradient_checkpointing,

@@ -5,14 +5,17 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ...backbones.flux2_dit import Flux2DiT, Flux2DiTConfig
-from ...backbones.zimage_dit import ZImageDiT, ZImageDiTConfig
+from ...backbones.flux2_dit import Flux2DiTConfig
+from ...backbones.zimage_dit import ZImageDiTConfig
+from ...pipelines.families import FAMILIES, Family, family_of_config
+from ...pipelines.families.flux2 import FLUX2
+from ...pipelines.families.zimage import ZIMAGE
 from ..base import TemplateError
 from ..folder import TemplateSpec
 
@@ -25,19 +28,15 @@ class TemplateConfigError(TemplateError, TypeError):
 
 def tiny_dit_config() -> Flux2DiTConfig:
     """The DiT config of ``random_flux2_pipeline()`` (1 double + 2 single blocks, 2 heads x 16)."""
-    from ...pipelines.random_init import RandomPipelineSpec
-
-    return RandomPipelineSpec().dit
+    return FLUX2.tiny_config()
 
 
 def tiny_zimage_dit_config() -> ZImageDiTConfig:
     """The DiT config of ``random_zimage_pipeline()`` (2 main blocks, 2 heads x 32)."""
-    from ...pipelines.random_init import RandomZImageSpec
-
-    return RandomZImageSpec().dit
+    return ZIMAGE.tiny_config()
 
 
-# --- base-model layouts ---------------------------------------------------------------------------
+# --- base-model layouts (each family's record owns its own; these are the names templates use) ----
 
 
 @dataclass(frozen=True)
@@ -54,37 +53,26 @@ class BaseLayout:
 
 
 def base_layout(dit_config: DiTConfig) -> BaseLayout:
-    """The layout of a FLUX.2 or Z-Image DiT config."""
-    if isinstance(dit_config, Flux2DiTConfig):
-        blocks = tuple(f"double_{i}" for i in range(dit_config.num_double_blocks)) + tuple(
-            f"single_{i}" for i in range(dit_config.num_single_blocks)
+    """The layout of a FLUX.2 or Z-Image DiT config (its family's ``kv_layout``)."""
+    family = _family(dit_config)
+    return BaseLayout(family.name, *astuple(family.kv_layout(dit_config)))
+
+
+def _family(dit_config: DiTConfig) -> Family:
+    family = family_of_config(dit_config)
+    if family is None:
+        raise TemplateConfigError(
+            f"templates are built for a Flux2DiTConfig or a ZImageDiTConfig, got {type(dit_config).__name__}"
         )
-        return BaseLayout(
-            "flux2", blocks, dit_config.num_heads, dit_config.head_dim, dit_config.in_channels, 1,
-            dit_config.text_dim,
-        )  # fmt: skip
-    if isinstance(dit_config, ZImageDiTConfig):
-        return BaseLayout(
-            "zimage",
-            tuple(f"block_{i}" for i in range(dit_config.num_layers)),
-            dit_config.num_heads,
-            dit_config.head_dim,
-            dit_config.in_channels,
-            dit_config.all_patch_size[0],
-            dit_config.cap_feat_dim,
-        )
-    raise TemplateConfigError(
-        f"templates are built for a Flux2DiTConfig or a ZImageDiTConfig, got {type(dit_config).__name__}"
-    )
+    return family
 
 
 def backbone_of_names(names: Iterable[str]) -> str | None:
     """Which backbone KV block names or DiT Linear paths belong to (None when they do not tell)."""
     names = list(names)
-    if names and all(n.startswith(("double_", "single_", "transformer_blocks.", "single_transformer_blocks.")) for n in names):  # fmt: skip
-        return "flux2"
-    if names and all(n.startswith(("block_", "layers.")) for n in names):
-        return "zimage"
+    for family in FAMILIES.values():
+        if names and all(n.startswith(family.name_prefixes) for n in names):
+            return family.name
     return None
 
 
@@ -105,25 +93,13 @@ def attention_lora_modules(
     template's size). Z-Image: ``attention.to_q/to_k/to_v/to_out.0`` of the main blocks (pass their
     indices as ``double_blocks``; the refiners are left out, like the KV door).
     """
-    if isinstance(dit_config, ZImageDiTConfig):
-        blocks = range(dit_config.num_layers) if double_blocks is None else double_blocks
-        return tuple(
-            f"layers.{i}.attention.{p}" for i in blocks for p in ("to_q", "to_k", "to_v", "to_out.0")
-        )
-    doubles = range(dit_config.num_double_blocks) if double_blocks is None else double_blocks
-    singles = range(dit_config.num_single_blocks) if single_blocks is None else single_blocks
-    names = [
-        f"transformer_blocks.{i}.attn.{p}" for i in doubles for p in ("to_q", "to_k", "to_v", "to_out.0")
-    ]
-    names += [f"single_transformer_blocks.{i}.attn.to_out" for i in singles]
-    return tuple(names)
+    return _family(dit_config).attention_modules(dit_config, double_blocks, single_blocks)
 
 
 def linear_shapes(dit_config: DiTConfig, modules: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(in_features, out_features)`` of each named DiT Linear, read off a DiT built on the meta device."""
-    dit_class = ZImageDiT if isinstance(dit_config, ZImageDiTConfig) else Flux2DiT
     with torch.device("meta"):
-        layers = dict(dit_class(dit_config).named_modules())
+        layers = dict(_family(dit_config).dit_class(dit_config).named_modules())
     ins, outs = [], []
     for name in modules:
         layer = layers.get(name)
