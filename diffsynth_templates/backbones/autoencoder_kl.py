@@ -12,13 +12,13 @@ Z-Image VAE has neither). Parameter names follow the official ``vae/`` checkpoin
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
 
+from ..loading.model_loading import PretrainedModule
 from .flux2_vae import DOWN_BLOCK, UP_BLOCK, Decoder, Encoder, Flux2VAEConfig, check_image, check_latents
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,9 @@ class AutoencoderKLConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(PretrainedModule, nn.Module):
+    config_class = AutoencoderKLConfig
+
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
         self.config = config
@@ -123,25 +125,6 @@ class AutoencoderKL(nn.Module):
             if config.use_post_quant_conv
             else None
         )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-    ) -> AutoencoderKL:
-        """Load an official-layout ``vae/`` folder (``config.json`` + safetensors, sharded or not)."""
-        from ..loading import load_component, read_config  # lazy: loading sits above backbones
-
-        config = AutoencoderKLConfig.from_dict(read_config(folder))
-        return load_component(lambda: cls(config), folder, torch_dtype=torch_dtype, device=device)
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` in the official layout."""
-        from ..loading import save_component
-
-        save_component(self, folder, self.config.to_dict())
 
     @property
     def dtype(self) -> torch.dtype:

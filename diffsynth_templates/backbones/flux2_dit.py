@@ -10,7 +10,6 @@ official diffusers ``transformer/`` checkpoints so they load without renaming.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..loading.model_loading import PretrainedModule
 from .attention import (
     KVBlockSpec,
     KVCache,
@@ -300,7 +300,11 @@ class OutputHead(nn.Module):
 # --- the model ------------------------------------------------------------------------------------
 
 
-class Flux2DiT(nn.Module):
+class Flux2DiT(PretrainedModule, nn.Module):
+    config_class = Flux2DiTConfig
+    config_format = "diffusers"
+    weights_stem = "diffusion_pytorch_model"
+
     def __init__(self, config: Flux2DiTConfig):
         super().__init__()
         self.config = cfg = config
@@ -416,31 +420,6 @@ class Flux2DiT(nn.Module):
                 )
 
     # -- loading ----------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-    ) -> Flux2DiT:
-        """Load an official diffusers-format ``transformer/`` folder (single file or sharded with an index)."""
-        from ..loading import load_component, read_config
-
-        config = Flux2DiTConfig.from_diffusers(read_config(folder))
-        return load_component(
-            lambda: cls(config),
-            folder,
-            stem="diffusion_pytorch_model",
-            torch_dtype=torch_dtype,
-            device=device,
-        )
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` in the official layout."""
-        from ..loading import save_component
-
-        save_component(self, folder, self.config.to_diffusers())
 
 
 def _joint_ids(txt_ids: Tensor, img_ids: Tensor) -> Tensor:

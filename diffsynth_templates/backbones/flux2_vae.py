@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..loading.model_loading import PretrainedModule
 from .attention import attention
 
 logger = logging.getLogger(__name__)
@@ -362,7 +362,13 @@ def _tile_weight(starts: list[int], index: int, size: int, scale: int) -> Tensor
 # --- the model -----------------------------------------------------------------------------------
 
 
-class Flux2VAE(nn.Module):
+class Flux2VAE(PretrainedModule, nn.Module):
+    config_class = Flux2VAEConfig
+    load_options = {
+        "ignore_keys": lambda key: key == "bn.num_batches_tracked",
+        "keep_fp32": lambda name: name.startswith("bn."),  # the latent BatchNorm statistics
+    }
+
     def __init__(self, config: Flux2VAEConfig):
         super().__init__()
         self.config = config
@@ -376,36 +382,6 @@ class Flux2VAE(nn.Module):
             else None
         )
         self.bn = LatentBatchNormStats(config.dit_channels, config.batch_norm_eps, config.batch_norm_momentum)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-    ) -> Flux2VAE:
-        """Load an official-layout ``vae/`` folder (``config.json`` + safetensors, sharded or not)."""
-        from ..loading import load_component, read_config  # lazy: loading sits above backbones
-
-        config = Flux2VAEConfig.from_dict(read_config(folder))
-
-        def flux2_vae() -> Flux2VAE:
-            return cls(config)
-
-        return load_component(
-            flux2_vae,
-            folder,
-            torch_dtype=torch_dtype,
-            device=device,
-            ignore_keys=lambda key: key == "bn.num_batches_tracked",
-            keep_fp32=lambda name: name.startswith("bn."),
-        )
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` in the official layout."""
-        from ..loading import save_component
-
-        save_component(self, folder, self.config.to_dict())
 
     @property
     def dtype(self) -> torch.dtype:

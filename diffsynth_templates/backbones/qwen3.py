@@ -9,13 +9,14 @@ without renaming; an ``lm_head.weight`` in the folder is ignored, never built.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..loading.model_loading import PretrainedModule
 
 
 @dataclass
@@ -238,7 +239,12 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class Qwen3TextEncoder(nn.Module):
+class Qwen3TextEncoder(PretrainedModule, nn.Module):
+    config_class = Qwen3Config
+    weights_stem = "model"
+    # the 9B encoder ships its (untied) LM head; an encoder never uses it
+    load_options = {"ignore_keys": lambda key: key.startswith("lm_head.")}
+
     def __init__(self, config: Qwen3Config):
         super().__init__()
         self.config = config
@@ -314,30 +320,3 @@ class Qwen3TextEncoder(nn.Module):
             )
 
     # -- loading ----------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-    ) -> Qwen3TextEncoder:
-        """Load an official ``text_encoder/`` folder (``model.safetensors`` or shards with an index)."""
-        from ..loading import load_component, read_config
-
-        config = Qwen3Config.from_dict(read_config(folder))
-        return load_component(
-            lambda: cls(config),
-            folder,
-            stem="model",
-            torch_dtype=torch_dtype,
-            device=device,
-            # the 9B encoder ships its (untied) LM head; an encoder never uses it
-            ignore_keys=lambda key: key.startswith("lm_head."),
-        )
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` in the official (transformers) layout."""
-        from ..loading import save_component
-
-        save_component(self, folder, self.config.to_dict(), stem="model")

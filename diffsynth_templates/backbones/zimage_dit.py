@@ -16,7 +16,6 @@ with zeros and hidden by an attention mask. Parameter names follow the official 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
+from ..loading.model_loading import PretrainedModule
 from .attention import (
     KVBlockSpec,
     KVCache,
@@ -292,7 +292,11 @@ def _cat_rope(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tenso
 # --- the model ------------------------------------------------------------------------------------
 
 
-class ZImageDiT(nn.Module):
+class ZImageDiT(PretrainedModule, nn.Module):
+    config_class = ZImageDiTConfig
+    config_format = "diffusers"
+    weights_stem = "diffusion_pytorch_model"
+
     def __init__(self, config: ZImageDiTConfig):
         super().__init__()
         self.config = cfg = config
@@ -479,31 +483,6 @@ class ZImageDiT(nn.Module):
             raise ValueError(f"t has shape {tuple(t.shape)}; expected [{len(x)}] (1 - sigma per sample)")
 
     # -- loading ----------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike,
-        torch_dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-    ) -> ZImageDiT:
-        """Load an official diffusers-format ``transformer/`` folder (single file or sharded with an index)."""
-        from ..loading import load_component, read_config
-
-        config = ZImageDiTConfig.from_diffusers(read_config(folder))
-        return load_component(
-            lambda: cls(config),
-            folder,
-            stem="diffusion_pytorch_model",
-            torch_dtype=torch_dtype,
-            device=device,
-        )
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` in the official layout."""
-        from ..loading import save_component
-
-        save_component(self, folder, self.config.to_diffusers())
 
 
 def _patchify(image: Tensor, p: int, pf: int) -> Tensor:

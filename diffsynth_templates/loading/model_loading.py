@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -164,3 +164,45 @@ def save_component(
     save_safetensors_atomic(model.state_dict(), folder / f"{stem}.safetensors")
     write_json_atomic(config, folder / "config.json")
     return folder
+
+
+P = TypeVar("P", bound="PretrainedModule")
+
+
+class PretrainedModule:
+    """``from_pretrained`` / ``save_pretrained`` in the official layout, for an ``nn.Module`` built from a
+    config dataclass: one implementation for every backbone (DiTs, VAEs, the text encoder).
+
+    A subclass names its ``config_class`` and how that config reads and writes the folder's
+    ``config.json`` (``config_format``: ``"dict"`` for ``from_dict``/``to_dict``, ``"diffusers"`` for
+    ``from_diffusers``/``to_diffusers``), its weights' file stem (``None``: any known stem on load,
+    ``diffusion_pytorch_model`` on save) and extra ``load_component`` options.
+    """
+
+    config_class: ClassVar[type]
+    config_format: ClassVar[str] = "dict"
+    weights_stem: ClassVar[str | None] = None
+    load_options: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls: type[P],
+        folder: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> P:
+        """Load an official-layout component folder (``config.json`` + safetensors, sharded or not)."""
+        config = getattr(cls.config_class, f"from_{cls.config_format}")(read_config(folder))
+
+        def build() -> P:
+            return cls(config)
+
+        build.__name__ = cls.__name__
+        return load_component(
+            build, folder, stem=cls.weights_stem, torch_dtype=torch_dtype, device=device, **cls.load_options
+        )
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``{stem}.safetensors`` in the official layout."""
+        config = getattr(self.config, f"to_{self.config_format}")()
+        save_component(self, folder, config, stem=self.weights_stem or "diffusion_pytorch_model")
