@@ -315,10 +315,8 @@ def ours_worker(spec: dict, stage: str, cache: Path, output: Path) -> dict[str, 
         return out
 
     captured: dict[str, Any] = {}
-    build = trainer._build_training_module
 
-    def build_and_probe(*a, **k):
-        model, optimizer = build(*a, **k)
+    def probe(model, optimizer) -> None:
         _, items = open_cache(config.cache_path)
         features = next(items[i] for i in range(len(items)) if items[i].order == 0)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -327,10 +325,8 @@ def ours_worker(spec: dict, stage: str, cache: Path, output: Path) -> dict[str, 
         out["trainable_parameters"] = sum(p.numel() for p in params)
         out["rss_loaded_mib"] = proc_status_kib("VmRSS") / 1024
         reset_peak_rss()  # from here: the steps (and the final checkpoint)
-        return model, optimizer
 
-    trainer._build_training_module = build_and_probe
-    result = trainer.run(config)
+    result = trainer.run(config, on_model_built=probe)
     out["peak_rss_steps_mib"] = peak_rss_mib()
     from diffsynth_templates.training.metrics import read_metrics
 

@@ -36,9 +36,16 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 512
 DEFAULT_PAD_TOKEN = "<|endoftext|>"  # Qwen's pad token (tokenizer_config.json, and transformers' default)
 
 
+def qwen3_chat_prompt(prompt: str, thinking: bool) -> str:
+    """Qwen3's chat template for one user turn with the generation prompt; ``thinking=False`` adds the
+    empty ``<think>`` block that switches thinking off. The one chat-prompt builder of both families."""
+    turn = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    return turn if thinking else turn + "<think>\n\n</think>\n\n"
+
+
 def chat_prompt(prompt: str) -> str:
-    """Qwen3's chat template for one user turn, generation prompt added, thinking disabled."""
-    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    """What FLUX.2-klein sends: one user turn, generation prompt added, thinking disabled."""
+    return qwen3_chat_prompt(prompt, thinking=False)
 
 
 def pad_or_truncate(

@@ -41,7 +41,13 @@ from .families.zimage import (
     variant_of,
 )
 from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
-from .flux2_prompt import DEFAULT_PAD_TOKEN, UnknownWordWarner, pad_or_truncate, prepare_tokenizer
+from .flux2_prompt import (
+    DEFAULT_PAD_TOKEN,
+    UnknownWordWarner,
+    pad_or_truncate,
+    prepare_tokenizer,
+    qwen3_chat_prompt,
+)
 from .image_io import ImageLike, image_to_tensor, resize_image
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache
@@ -91,7 +97,7 @@ CHAT_TEMPLATE = (
 def chat_prompt(prompt: str) -> str:
     """Qwen3's chat template for one user turn with the generation prompt, thinking enabled (no empty
     ``<think>`` block), as the Z-Image pipeline applies it."""
-    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    return qwen3_chat_prompt(prompt, thinking=True)
 
 
 class ZImagePromptEncoder:

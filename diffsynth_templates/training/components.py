@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
-import json
 import logging
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 
 from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError
+from ..loading.json_io import to_json_value
 from ..loading.resolve import resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
 from ..pipelines.common import COMPONENTS, component_folder
@@ -166,10 +166,6 @@ class TemplateHandle:
     fingerprint: dict[str, Any]  # {"architecture", "config", "data_processor"}
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, tuple) else str(v)))
-
-
 def _check_backbone(config: TrainConfig, spec: TemplateSpec, model_config: Any, backbone: str) -> None:
     """The template's declared base (its folder) or its block/module names must match the base model."""
     names = list(getattr(model_config, "block_names", None) or getattr(model_config, "modules", None) or ())
@@ -226,7 +222,7 @@ def build_template(config: TrainConfig, seed: int, backbone: str | None = None) 
         _check_backbone(config, spec, model_config, backbone)
         spec.base_backbone = backbone  # TemplatePipeline refuses it on another backbone
     spec.base_model = spec.base_model or config.model  # what it was trained on, for model cards
-    spec.config = _jsonable(asdict(model_config)) if is_dataclass(model_config) else dict(spec.config)
+    spec.config = to_json_value(asdict(model_config)) if is_dataclass(model_config) else dict(spec.config)
 
     if config.data_processor:
         try:

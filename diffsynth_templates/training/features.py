@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import DiffSynthTemplatesError
+from ..loading.tensor_tree import detached_cpu
 from ..pipelines.image_io import fit_to_area
 from .backbones import EDIT_IMAGES_UNSUPPORTED, UnsupportedFeatureError, get_backbone
 from .dataset import SampleLoadError, TemplateDataset
@@ -248,17 +249,7 @@ class FeatureExtractor:
         if not isinstance(features, dict):
             raise FeatureError(f"process_inputs returned {type(features).__name__}; it must return a dict")
         flatten_features(features, {}, "check/")  # reject what cannot be cached, in both modes alike
-        return _to_cpu(features)
-
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().cpu().contiguous()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
+        return detached_cpu(features)
 
 
 class SafeItems(torch.utils.data.Dataset):

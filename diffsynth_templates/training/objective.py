@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..loading.tensor_tree import move_tensors
 from ..pipelines.families import Family, family_of_dit
 from ..pipelines.flow_match import TRAINING_MU
 from ..pipelines.lora import applied_lora
@@ -103,16 +104,6 @@ class TrainingContext:
     torch_dtype: torch.dtype
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
-    return value
-
-
 class TrainingModule(nn.Module):
     """DiT (+ template, + DiT LoRA) with ``forward(batch, seeds) -> loss``; what DDP/DeepSpeed wrap."""
 
@@ -170,7 +161,7 @@ class TrainingModule(nn.Module):
         context = TrainingContext(self.dit, self.device, self.dit_dtype)
         cache = self.template(
             pipe=context,
-            **_to(features.template, self.device),
+            **move_tensors(features.template, self.device, non_blocking=True),
             use_gradient_checkpointing=self.gradient_checkpointing,
             use_gradient_checkpointing_offload=self.activation_offload,
         )

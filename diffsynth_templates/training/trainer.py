@@ -23,7 +23,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..loading import CheckpointError
@@ -116,9 +117,14 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step of this run, mean over ranks
 
 
-def run(config: TrainConfig) -> DataProcessResult | TrainResult:
+# called with (model, optimizer) once both are built, before accelerate wraps them: benchmarks and tools
+# observe the model there (parameters, a probe evaluation) without patching the trainer
+ModelBuiltHook = Callable[[nn.Module, torch.optim.Optimizer], None]
+
+
+def run(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> DataProcessResult | TrainResult:
     import_user_modules(config)
-    return process_dataset(config) if config.task == "data_process" else train(config)
+    return process_dataset(config) if config.task == "data_process" else train(config, on_model_built)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,7 +347,7 @@ def _total_steps(config: TrainConfig, sizes: list, world: int) -> int:
     return min(candidates)
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> TrainResult:
     accelerator = make_accelerator(config)
     main, world = accelerator.is_main_process, accelerator.num_processes
     device, dtype = accelerator.device, model_dtype(config)
@@ -379,6 +385,8 @@ def train(config: TrainConfig) -> TrainResult:
         )  # fmt: skip
 
     model, optimizer = _build_training_module(config, dit, template, device)
+    if on_model_built is not None:
+        on_model_built(model, optimizer)
     if _is_deepspeed(accelerator):
         _fill_deepspeed_config(accelerator, config)
     model, optimizer = accelerator.prepare(model, optimizer)
