@@ -1,4 +1,6 @@
-"""Flux2DiT: parity with diffusers, loading of official-layout checkpoints, and the KV-cache laws."""
+"""Flux2DiT: parity with diffusers, loading of official-layout checkpoints, and its block attention.
+
+The KV-cache laws and validation it shares with Z-Image are in tests/backbones/test_dit_families.py."""
 
 from __future__ import annotations
 
@@ -7,80 +9,23 @@ import json
 import pytest
 import torch
 
-from diffsynth_templates import CheckpointError, Flux2DiT, Flux2DiTConfig, KVCacheError
+from diffsynth_templates import CheckpointError, Flux2DiT, Flux2DiTConfig
 from diffsynth_templates.backbones.attention import apply_rope, rope_cos_sin
+from tests.backbones.dit_cases import FLUX2_TINY, random_kv
+from tests.backbones.dit_cases import flux2_inputs as make_inputs
 
-TINY = dict(
-    in_channels=16,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=24,
-    timestep_guidance_channels=32,
-    mlp_ratio=3.0,
-    axes_dims_rope=(4, 4, 4, 4),
-    rope_theta=2000,
-    eps=1e-6,
-    guidance_embeds=False,
-)
+TINY = FLUX2_TINY
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(flux2_dit_reference):
     """A tiny diffusers Flux2Transformer2DModel saved sharded in the official layout."""
-    from diffusers import Flux2Transformer2DModel
-
-    torch.manual_seed(0)
-    ref = Flux2Transformer2DModel(**TINY).eval()
-    with torch.no_grad():  # diffusers zero-inits nothing here, but make every weight non-trivial anyway
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    folder = tmp_path_factory.mktemp("transformer")
-    ref.save_pretrained(folder, max_shard_size="20KB")
-    return ref, folder
-
-
-def make_inputs(batch=2, n_img=12, n_txt=5, seed=0, cfg=TINY):
-    g = torch.Generator().manual_seed(seed)
-    # image tokens on a grid (t, h, w, l) = (0, row, col, 0), as the pipeline lays them out
-    img_ids = torch.zeros(n_img, 4)
-    img_ids[:, 1] = torch.arange(n_img) // 4
-    img_ids[:, 2] = torch.arange(n_img) % 4
-    txt_ids = torch.zeros(n_txt, 4)
-    txt_ids[:, 3] = torch.arange(n_txt)
-    return dict(
-        hidden_states=torch.randn(batch, n_img, cfg["in_channels"], generator=g),
-        encoder_hidden_states=torch.randn(batch, n_txt, cfg["joint_attention_dim"], generator=g),
-        timestep=torch.rand(batch, generator=g),
-        img_ids=img_ids,
-        txt_ids=txt_ids,
-    )
-
-
-def random_kv(model: Flux2DiT, length: int, batch: int = 1, seed: int = 1, names=None):
-    g = torch.Generator().manual_seed(seed)
-    specs = model.kv_block_specs
-    names = names or list(specs)
-    return {
-        n: (
-            torch.randn(batch, length, specs[n].heads, specs[n].head_dim, generator=g),
-            torch.randn(batch, length, specs[n].heads, specs[n].head_dim, generator=g),
-        )
-        for n in names
-    }
+    return flux2_dit_reference
 
 
 @pytest.fixture(scope="module")
 def model(reference):
     return Flux2DiT.from_pretrained(reference[1])
-
-
-def test_checkpoint_is_sharded(reference):
-    _, folder = reference
-    shards = sorted(p.name for p in folder.glob("diffusion_pytorch_model-*.safetensors"))
-    assert len(shards) > 1
-    assert (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
 
 
 def test_parity_with_diffusers_fp32(reference, model):
@@ -207,31 +152,7 @@ def test_pickle_only_folder_is_refused(tmp_path):
         Flux2DiT.from_pretrained(tmp_path)
 
 
-def test_save_pretrained_round_trip(model, tmp_path):
-    model.save_pretrained(tmp_path)
-    again = Flux2DiT.from_pretrained(tmp_path)
-    inputs = make_inputs()
-    with torch.no_grad():
-        assert torch.equal(model(**inputs), again(**inputs))
-
-
 # --- KV-cache laws --------------------------------------------------------------------------------
-
-
-def test_empty_cache_changes_nothing(model):
-    inputs = make_inputs()
-    with torch.no_grad():
-        base = model(**inputs)
-        empty = model(**inputs, kv_cache=random_kv(model, 0))
-    assert torch.equal(base, empty)
-
-
-def test_cache_changes_output(model):
-    inputs = make_inputs()
-    with torch.no_grad():
-        base = model(**inputs)
-        with_kv = model(**inputs, kv_cache=random_kv(model, 4, names=["single_1"]))
-    assert (base - with_kv).abs().max() > 1e-3
 
 
 def _attention_reference(q, k, v):
@@ -264,77 +185,7 @@ def test_block_cache_equals_handwritten_attention(model):
     assert (ours - expected).abs().max().item() <= 1e-5
 
 
-def test_batch1_cache_broadcasts(model):
-    inputs = make_inputs(batch=3)
-    kv1 = random_kv(model, 4, batch=1)
-    kv3 = {n: (k.repeat(3, 1, 1, 1), v.repeat(3, 1, 1, 1)) for n, (k, v) in kv1.items()}
-    with torch.no_grad():
-        assert (model(**inputs, kv_cache=kv1) - model(**inputs, kv_cache=kv3)).abs().max() <= 1e-6
-
-
-def test_permuting_extra_tokens_changes_nothing(model):
-    inputs = make_inputs()
-    kv = random_kv(model, 6)
-    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
-    permuted = {n: (k[:, perm], v[:, perm]) for n, (k, v) in kv.items()}
-    with torch.no_grad():
-        assert (model(**inputs, kv_cache=kv) - model(**inputs, kv_cache=permuted)).abs().max() <= 1e-5
-
-
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradients_reach_cache_with_dit_frozen(model, checkpointing):
-    model.enable_gradient_checkpointing(checkpointing)
-    try:
-        inputs = make_inputs()
-        kv = {n: (k.requires_grad_(), v.requires_grad_()) for n, (k, v) in random_kv(model, 3).items()}
-        model(**inputs, kv_cache=kv).square().mean().backward()
-    finally:
-        model.enable_gradient_checkpointing(False)
-    assert all(p.grad is None for p in model.parameters())
-    for name, (k, v) in kv.items():
-        assert k.grad is not None and k.grad.abs().sum() > 0, name
-        assert v.grad is not None and v.grad.abs().sum() > 0, name
-
-
-def test_checkpointing_gives_same_gradients(model):
-    inputs = make_inputs()
-    grads = []
-    for flag in (False, True):
-        model.enable_gradient_checkpointing(flag)
-        kv = {n: (k.requires_grad_(), v.requires_grad_()) for n, (k, v) in random_kv(model, 3).items()}
-        model(**inputs, kv_cache=kv).square().mean().backward()
-        grads.append(torch.cat([t.grad.flatten() for pair in kv.values() for t in pair]))
-    model.enable_gradient_checkpointing(False)
-    assert (grads[0] - grads[1]).abs().max() <= 1e-6
-
-
-# --- KV-cache validation --------------------------------------------------------------------------
-
-
-def test_unknown_block_name_is_named(model):
-    kv = random_kv(model, 2, names=["double_0"])
-    kv["double_9"] = kv["double_0"]
-    with pytest.raises(KVCacheError, match="double_9"):
-        model(**make_inputs(), kv_cache=kv)
-
-
-def test_wrong_head_dim_is_named(model):
-    k = torch.randn(1, 2, model.config.num_heads, model.config.head_dim + 1)
-    with pytest.raises(KVCacheError, match=r"single_0.*head_dim|single_0.*expects"):
-        model(**make_inputs(), kv_cache={"single_0": (k, k)})
-
-
-def test_k_v_shape_mismatch_is_named(model):
-    k = torch.randn(1, 2, model.config.num_heads, model.config.head_dim)
-    v = torch.randn(1, 3, model.config.num_heads, model.config.head_dim)
-    with pytest.raises(KVCacheError, match="double_1.*differ"):
-        model(**make_inputs(), kv_cache={"double_1": (k, v)})
-
-
-def test_wrong_cache_batch_is_named(model):
-    k = torch.randn(2, 2, model.config.num_heads, model.config.head_dim)
-    with pytest.raises(KVCacheError, match="single_1.*batch 2"):
-        model(**make_inputs(batch=3), kv_cache={"single_1": (k, k)})
+# --- input validation -----------------------------------------------------------------------------
 
 
 def test_bad_input_shapes_are_named(model):

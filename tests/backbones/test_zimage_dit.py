@@ -1,4 +1,7 @@
-"""ZImageDiT: parity with diffusers' ZImageTransformer2DModel, official-layout loading, and the KV-cache laws."""
+"""ZImageDiT: parity with diffusers' ZImageTransformer2DModel, official-layout loading, ragged batches and
+its block attention.
+
+The KV-cache laws and validation it shares with FLUX.2 are in tests/backbones/test_dit_families.py."""
 
 from __future__ import annotations
 
@@ -7,83 +10,28 @@ import json
 import pytest
 import torch
 
-from diffsynth_templates import KVCacheError
 from diffsynth_templates.backbones.attention import apply_rope
 from diffsynth_templates.backbones.zimage_dit import ZImageDiT, ZImageDiTConfig, rope_tables
+from tests.backbones.dit_cases import ZIMAGE_TINY, max_diff, random_kv
+from tests.backbones.dit_cases import zimage_inputs as make_inputs
 
-TINY = dict(
-    all_patch_size=(2,),
-    all_f_patch_size=(1,),
-    in_channels=16,
-    dim=64,
-    n_layers=2,
-    n_refiner_layers=1,
-    n_heads=2,
-    n_kv_heads=2,
-    cap_feat_dim=24,
-    rope_theta=256.0,
-    axes_dims=[8, 12, 12],
-    axes_lens=[256, 64, 64],
-)
+TINY = ZIMAGE_TINY
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(zimage_dit_reference):
     """A tiny diffusers ZImageTransformer2DModel, every weight randomized, saved sharded in the official layout."""
-    from diffusers import ZImageTransformer2DModel
-
-    torch.manual_seed(0)
-    ref = ZImageTransformer2DModel(**TINY).eval()
-    with torch.no_grad():  # pad tokens and norms start at 0 / 1: move them so a wrong use shows
-        for name, p in ref.named_parameters():
-            if "norm" in name or name == "cap_embedder.0.weight":
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
-    folder = tmp_path_factory.mktemp("transformer")
-    ref.save_pretrained(folder, max_shard_size="30KB")
-    return ref, folder
-
-
-@pytest.fixture(scope="module")
-def model(reference):
-    return ZImageDiT.from_pretrained(reference[1])
-
-
-def make_inputs(caption_lengths=(7, 7), sizes=((8, 8), (8, 8)), seed=0, dtype=torch.float32):
-    """Latents ``[16, 1, H, W]`` and caption features per sample; 8x8 latents are 16 tokens, so both
-    segments get learned pad tokens (to 32); caption lengths 7 and 40 pad to 32 and 64 (a ragged batch)."""
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        x=[torch.randn(16, 1, h, w, generator=g).to(dtype) for h, w in sizes],
-        t=torch.rand(len(sizes), generator=g),
-        cap_feats=[torch.randn(n, TINY["cap_feat_dim"], generator=g).to(dtype) for n in caption_lengths],
-    )
+    return zimage_dit_reference
 
 
 def clone(inputs):
     return {k: [v.clone() for v in vs] if isinstance(vs, list) else vs.clone() for k, vs in inputs.items()}
 
 
-def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    assert [x.shape for x in a] == [y.shape for y in b]
-    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
-
-
-def random_kv(model: ZImageDiT, length: int, batch: int = 1, seed: int = 1, names=None):
-    g = torch.Generator().manual_seed(seed)
-    specs = model.kv_block_specs
-    return {
-        n: tuple(torch.randn(batch, length, specs[n].heads, specs[n].head_dim, generator=g) for _ in range(2))
-        for n in names or list(specs)
-    }
-
-
-def test_checkpoint_is_sharded(reference):
-    _, folder = reference
-    assert len(list(folder.glob("diffusion_pytorch_model-*.safetensors"))) > 1
-    assert (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+@pytest.fixture(scope="module")
+def model(reference):
+    return ZImageDiT.from_pretrained(reference[1])
 
 
 @pytest.mark.parametrize(
@@ -162,14 +110,6 @@ def test_bad_config_values_are_named():
         ZImageDiTConfig.from_diffusers(dict(TINY, siglip_feat_dim=1152))
 
 
-def test_save_pretrained_round_trip(model, tmp_path):
-    model.save_pretrained(tmp_path)
-    again = ZImageDiT.from_pretrained(tmp_path)
-    inputs = make_inputs()
-    with torch.no_grad():
-        assert max_diff(model(**inputs), again(**inputs)) == 0.0
-
-
 def test_bad_inputs_are_named(model):
     inputs = make_inputs()
     inputs["x"][1] = inputs["x"][1][:, :, :7]
@@ -186,30 +126,6 @@ def test_bad_inputs_are_named(model):
 
 
 # --- KV-cache laws --------------------------------------------------------------------------------
-
-
-def test_empty_cache_changes_nothing(model):
-    inputs = make_inputs((7, 40))
-    with torch.no_grad():
-        base = model(**inputs)
-        empty = model(**inputs, kv_cache=random_kv(model, 0))
-    assert max_diff(base, empty) == 0.0
-
-
-def test_cache_changes_output(model):
-    inputs = make_inputs()
-    with torch.no_grad():
-        base = model(**inputs)
-        with_kv = model(**inputs, kv_cache=random_kv(model, 4, names=["block_1"]))
-    assert max_diff(base, with_kv) > 1e-3
-
-
-def test_batch1_cache_broadcasts(model):
-    inputs = make_inputs((7, 40, 12), ((8, 8),) * 3)
-    kv1 = random_kv(model, 4, batch=1)
-    kv3 = {n: (k.repeat(3, 1, 1, 1), v.repeat(3, 1, 1, 1)) for n, (k, v) in kv1.items()}
-    with torch.no_grad():
-        assert max_diff(model(**inputs, kv_cache=kv1), model(**inputs, kv_cache=kv3)) <= 1e-6
 
 
 def _attention_reference(q, k, v, key_mask):
@@ -240,40 +156,3 @@ def test_block_cache_equals_handwritten_attention(model):
         out = _attention_reference(q, torch.cat([k, extra[0]], 1), torch.cat([v, extra[1]], 1), keys_visible)
         expected = attn.to_out[0](out)
     assert (ours - expected).abs().max().item() <= TOL
-
-
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_gradients_reach_cache_with_dit_frozen(model, checkpointing):
-    model.enable_gradient_checkpointing(checkpointing)
-    try:
-        kv = {n: (k.requires_grad_(), v.requires_grad_()) for n, (k, v) in random_kv(model, 3).items()}
-        out = model(**make_inputs((7, 40)), kv_cache=kv)
-        sum(o.square().mean() for o in out).backward()
-    finally:
-        model.enable_gradient_checkpointing(False)
-    assert all(p.grad is None for p in model.parameters())
-    for name, (k, v) in kv.items():
-        assert k.grad is not None and k.grad.abs().sum() > 0, name
-        assert v.grad is not None and v.grad.abs().sum() > 0, name
-
-
-# --- KV-cache validation (the same messages as FLUX.2: one shared validator) -----------------------
-
-
-def test_unknown_block_name_is_named(model):
-    kv = random_kv(model, 2, names=["block_0"])
-    kv["noise_refiner_0"] = kv["block_0"]  # refiners take no template tokens
-    with pytest.raises(KVCacheError, match="unknown block name 'noise_refiner_0'"):
-        model(**make_inputs(), kv_cache=kv)
-
-
-def test_wrong_head_dim_is_named(model):
-    k = torch.randn(1, 2, model.config.num_heads, model.config.head_dim + 1)
-    with pytest.raises(KVCacheError, match=r"block_1.*expects 2 x 32"):
-        model(**make_inputs(), kv_cache={"block_1": (k, k)})
-
-
-def test_wrong_cache_batch_is_named(model):
-    k = torch.randn(2, 2, model.config.num_heads, model.config.head_dim)
-    with pytest.raises(KVCacheError, match="block_0.*batch 2"):
-        model(**make_inputs((7, 7, 7), ((8, 8),) * 3), kv_cache={"block_0": (k, k)})
