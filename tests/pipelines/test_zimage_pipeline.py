@@ -4,12 +4,14 @@ The folder is written the way the official Z-Image repos are: transformer/ (ZIma
 sharded), vae/ (AutoencoderKL, 16 latent channels, scaling and shift factors, no quant convs),
 text_encoder/ (Qwen3ForCausalLM), tokenizer/ (tokenizer.json with Qwen's special tokens and a
 tokenizer_config.json carrying the chat template) and scheduler/ (static shift 3.0). Its name
-contains "turbo", so the pipeline picks the Turbo defaults.
+contains "turbo", so the pipeline picks the Turbo defaults (the folder is built by tests/tiny_zimage.py).
+
+What it shares with Flux2ImagePipeline (CFG batching, template KV, inpainting, img2img) is tested once
+for both in tests/pipelines/test_pipeline_families.py.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from diffsynth_templates.pipelines.zimage_pipeline import (
     chat_prompt,
     zimage_schedule,
 )
-from tests.pipelines.test_flux2_prompt import QWEN3_CHAT_TEMPLATE, tiny_qwen_tokenizer
+from tests.tiny_zimage import SCHEDULER
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
@@ -34,83 +36,11 @@ LATENT = H // 2
 PROMPT = "a photo of a cat sitting on a windowsill"
 NEGATIVE = "a red car parked in the street at night, blurry"  # a longer caption: a ragged CFG batch
 STEPS = 3
-SCHEDULER = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": False,
-}
-
-
-def _randomize(model, scale: float) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.add_(torch.randn_like(p) * scale)
-
-
-def build_tiny_zimage(root: Path) -> Path:
-    torch.manual_seed(0)
-    tok = tiny_qwen_tokenizer()
-    (root / "tokenizer").mkdir(parents=True)
-    tok.save(str(root / "tokenizer" / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "pad_token": "<|endoftext|>",
-        "eos_token": "<|im_end|>",
-        "bos_token": None,
-        "model_max_length": 131072,
-        "chat_template": QWEN3_CHAT_TEMPLATE,
-    }
-    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    text_encoder = transformers.Qwen3ForCausalLM(
-        transformers.Qwen3Config(
-            vocab_size=tok.get_vocab_size(),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=512,
-        )
-    ).eval()
-    _randomize(text_encoder, 0.2)
-    text_encoder.save_pretrained(root / "text_encoder", max_shard_size="20KB")
-    transformer = diffusers.ZImageTransformer2DModel(
-        dim=64,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        cap_feat_dim=32,
-        axes_dims=[8, 12, 12],
-        axes_lens=[256, 64, 64],
-    ).eval()
-    _randomize(transformer, 0.05)
-    transformer.save_pretrained(root / "transformer", max_shard_size="50KB")
-    diffusers.AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=16,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).save_pretrained(root / "vae")
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
-    return root
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return build_tiny_zimage(tmp_path_factory.mktemp("zimage") / "Tiny-Z-Image-Turbo")
+def root(tiny_zimage_root) -> Path:
+    return tiny_zimage_root
 
 
 @pytest.fixture(scope="module")
@@ -243,24 +173,6 @@ def test_variant_defaults(pipe, root):
     )
 
 
-def test_cfg_runs_both_sides_in_one_call(pipe):
-    calls = []
-    handle = pipe.dit.register_forward_hook(lambda m, i, o: calls.append(len(o)))
-    try:
-        run(pipe, cfg_scale=2.0)
-    finally:
-        handle.remove()
-    assert calls == [2] * STEPS
-
-
-def test_batched_cfg_equals_two_passes(pipe, monkeypatch):
-    import diffsynth_templates.pipelines.zimage_pipeline as mod
-
-    batched = run(pipe, cfg_scale=3.0)
-    monkeypatch.setattr(mod, "_batch_sides", lambda *args: None)
-    assert np.abs(batched - run(pipe, cfg_scale=3.0)).max() <= 1e-5
-
-
 def test_seed_reproducible_batch_and_pil(pipe):
     a = run(pipe, latents=None, seed=7)
     assert np.array_equal(a, run(pipe, latents=None, seed=7))
@@ -273,22 +185,6 @@ def test_seed_reproducible_batch_and_pil(pipe):
 
 
 # --- template inputs --------------------------------------------------------------------------------
-
-
-def test_kv_cache_and_extra_text_embedding_reach_the_dit(pipe):
-    base = run(pipe)
-    spec = pipe.dit.kv_block_specs["block_1"]
-    g = torch.Generator().manual_seed(0)
-    kv = {"block_1": (torch.randn(1, 5, spec.heads, spec.head_dim, generator=g),) * 2}
-    assert np.abs(run(pipe, kv_cache=kv) - base).max() > 1e-4
-    empty = {"block_1": (torch.zeros(1, 0, spec.heads, spec.head_dim),) * 2}
-    assert np.array_equal(run(pipe, kv_cache=empty), base)
-    extra = torch.randn(1, 3, pipe.dit.config.cap_feat_dim, generator=g)
-    assert np.abs(run(pipe, extra_text_embedding=extra) - base).max() > 1e-4
-    # the negative side's cache matters only with CFG; unbatchable caches fall back to two passes
-    with_cfg = run(pipe, cfg_scale=2.0)
-    assert np.abs(run(pipe, cfg_scale=2.0, negative_kv_cache=kv) - with_cfg).max() > 1e-4
-    assert np.array_equal(run(pipe, negative_kv_cache=kv), base)
 
 
 def test_runtime_lora_and_per_side_loras(pipe, monkeypatch):
@@ -312,17 +208,6 @@ def test_runtime_lora_and_per_side_loras(pipe, monkeypatch):
     assert np.abs(run(pipe, cfg_scale=2.0, lora=pos, negative_lora=neg) - batched).max() <= 1e-5
 
 
-def test_inpaint_keeps_pixels_outside_the_mask(pipe):
-    image = photo()
-    mask = np.zeros((H, W), dtype=np.uint8)
-    mask[8:24, 8:24] = 255
-    out = run(pipe, input_image=image, inpaint_mask=Image.fromarray(mask), cfg_scale=2.0)
-    pixels = np.asarray(image, dtype=np.float32) / 255  # the input's own pixels, not its VAE round trip
-    outside = mask == 0
-    assert np.abs(out[0][outside] - pixels[outside]).max() <= 1e-6
-    assert np.abs(out[0][~outside] - pixels[~outside]).mean() > 1e-3
-
-
 def test_inpaint_latents_land_on_the_input(pipe):
     image = photo()
     mask = np.zeros((H, W), dtype=np.uint8)
@@ -332,15 +217,6 @@ def test_inpaint_latents_land_on_the_input(pipe):
     half = LATENT // 2
     assert (final[..., :half] - clean[..., :half]).abs().max() <= 1e-5
     assert (final[..., half:] - clean[..., half:]).abs().max() > 1e-2
-
-
-def test_img2img_strength_controls_change(pipe):
-    image = photo()
-    ref = (pipe.decode_latents(pipe.encode_image(image, H, W)).float() / 2 + 0.5).clamp(0, 1)
-    ref = ref.permute(0, 2, 3, 1).numpy()
-    weak = run(pipe, input_image=image, denoising_strength=0.2)
-    strong = run(pipe, input_image=image, denoising_strength=1.0)
-    assert np.abs(weak - ref).mean() < np.abs(strong - ref).mean()
 
 
 @pytest.mark.parametrize(
@@ -377,27 +253,3 @@ def test_save_pretrained_round_trip_loads_in_diffusers(pipe, tmp_path):
             max_sequence_length=64,
         ).images
     assert np.abs(image - expected).max() <= 1e-3
-
-
-def test_cfg_sides_with_different_kv_stay_batched_and_exact(pipe, monkeypatch):
-    """Template KV on the positive side only, a shorter cache on the negative side of one block: one
-    batched DiT call per step (padding masked, on top of the ragged-caption mask), equal to two passes."""
-    import diffsynth_templates.pipelines.zimage_pipeline as mod
-
-    g = torch.Generator().manual_seed(0)
-    specs = pipe.dit.kv_block_specs
-    kv = {
-        n: tuple(torch.randn(1, 6, s.heads, s.head_dim, generator=g) for _ in range(2))
-        for n, s in specs.items()
-    }
-    first = next(iter(specs))
-    negative = {first: tuple(torch.randn(1, 2, specs[first].heads, specs[first].head_dim, generator=g) for _ in range(2))}  # fmt: skip
-    calls = []
-    handle = pipe.dit.register_forward_hook(lambda m, i, o: calls.append(len(o)))
-    try:
-        batched = run(pipe, cfg_scale=3.0, kv_cache=kv, negative_kv_cache=negative)
-    finally:
-        handle.remove()
-    assert calls == [2] * STEPS
-    monkeypatch.setattr(mod, "_batch_sides", lambda *args: None)
-    assert np.abs(batched - run(pipe, cfg_scale=3.0, kv_cache=kv, negative_kv_cache=negative)).max() <= 1e-5
