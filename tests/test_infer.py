@@ -103,7 +103,7 @@ def test_zimage_folder_selects_the_zimage_pipeline(tmp_path):
     from diffsynth_templates.pipelines.random_init import random_zimage_pipeline
     from diffsynth_templates.templates import save_template_folder
     from diffsynth_templates.templates.zoo import ValueKV, ValueKVConfig, template_spec
-    from tests.templates.test_zoo import perturb_zeros
+    from tests.templates.zoo_cases import perturb_zeros
 
     root = random_zimage_pipeline().save_pretrained(tmp_path / "tiny-z-image-turbo")
     torch.manual_seed(0)

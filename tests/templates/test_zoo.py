@@ -1,20 +1,18 @@
 """The built-in template zoo: caches that fit the DiT, declarative round trips through TemplatePipeline,
 full-size shapes and parameter counts on the meta device, learning on a frozen DiT, the published
-brightness layout, and errors."""
+brightness layout, and errors. What the zoo does the same on both backbones (every tiny architecture end to
+end, untrained LoRAs, force_inpaint) is tested once for both in tests/templates/test_zoo_families.py."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from diffsynth_templates.backbones.attention import apply_rope, rope_cos_sin
 from diffsynth_templates.backbones.flux2_dit import Flux2DiT, Flux2DiTConfig
-from diffsynth_templates.loading.write_safety import MARKER
 from diffsynth_templates.pipelines.flux2_pipeline import _grid_ids
 from diffsynth_templates.pipelines.lora import applied_lora, validate_lora
 from diffsynth_templates.pipelines.random_init import RandomPipelineSpec, random_flux2_pipeline
@@ -43,8 +41,7 @@ from diffsynth_templates.templates.zoo import (
     template_spec,
 )
 from diffsynth_templates.templates.zoo._common import grid_ids
-
-CALL = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, seed=0, max_sequence_length=16)
+from tests.templates.zoo_cases import CALL, half_mask, perturb_zeros, rgb
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -61,111 +58,11 @@ def pipe():
     return random_flux2_pipeline()
 
 
-def rgb(size: int = 32, seed: int = 0) -> Image.Image:
-    array = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    return Image.fromarray(array)
-
-
-def half_mask(size: int = 32) -> np.ndarray:
-    mask = np.zeros((size, size), np.float32)
-    mask[:, size // 2 :] = 1.0  # regenerate the right half
-    return mask
-
-
-def perturb_zeros(model: torch.nn.Module, seed: int = 0) -> None:
-    """Give the zero-initialized parts (V projections, LoRA B) random values, so the template acts."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-
-def check_cache(pipe, cache: dict) -> None:
-    if "kv_cache" in cache:
-        pipe.dit.validate_kv_cache(cache["kv_cache"], batch_size=1)
-    if "lora" in cache:
-        validate_lora(pipe.dit, cache["lora"])
-
-
-# --- every architecture at its tiny config ---------------------------------------------------------
-
-TINY = {
-    "brightness": (lambda: ValueKV(ValueKVConfig.tiny()), {"scale": 0.7}),
-    "color": (lambda: ValueKV(ValueKVConfig.tiny(values=("R", "G", "B"))), {"R": 0.9, "G": 0.1, "B": 0.4}),
-    "age": (lambda: ValueKV(ValueKVConfig.tiny(values=("age",), ranges=((0, 100),))), {"age": 42.0}),
-    "structure": (lambda: ImageKV(ImageKVConfig.tiny()), {"image": rgb()}),
-    "edit": (
-        lambda: ImageKV(ImageKVConfig.tiny(use_prompt=True)),
-        {"image": rgb(), "prompt": "a blue square"},
-    ),
-    "super_resolution": (lambda: ImageKV(ImageKVConfig.tiny(upscale=2.0)), {"image": rgb(16)}),
-    "inpaint": (lambda: Inpaint(InpaintConfig.tiny()), {"image": rgb(), "mask": half_mask()}),
-    "image_lora": (lambda: ImageLoRA(ImageLoRAConfig.tiny()), {"image": rgb()}),
-    "lora_bank": (
-        lambda: LoRABank(LoRABankConfig.tiny()),
-        {"lora_ids": [0, 2], "lora_scales": [0.5, -1.0], "merge_type": "mean"},
-    ),
-}
+# --- every architecture at its tiny config (end to end on both families: test_zoo_families.py) -----
 
 
 def test_registry_lists_the_zoo():
     assert {"value_kv", "image_kv", "inpaint", "image_lora", "lora_bank"} <= set(available_architectures())
-
-
-@pytest.mark.parametrize("task", sorted(TINY))
-def test_tiny_template_end_to_end(pipe, tmp_path, task):
-    build, inputs = TINY[task]
-    torch.manual_seed(0)
-    model = build()
-    perturb_zeros(model)
-    with torch.no_grad():
-        cache = model(pipe=pipe, **model.process_inputs(pipe=pipe, **inputs))
-    check_cache(pipe, cache)
-    assert set(cache) <= set(model.cache_keys)
-
-    folder = save_template_folder(tmp_path / task, model, template_spec(model, name=task))
-    assert sorted(p.name for p in folder.iterdir() if p.name != MARKER) == [
-        "README.md",
-        "model.safetensors",
-        "template.json",
-    ]
-    loaded = load_template_folder(folder)
-    assert loaded.model.config == model.config  # JSON round trip restores tuples, ranges, flags
-
-    tp = TemplatePipeline.from_pretrained([str(folder)], device="cpu", host_store=HostStore())
-    out = tp(pipe, template_inputs=[inputs], **CALL, output_type="np", progress=False)
-    base = pipe(**CALL, output_type="np", progress=False)
-    assert out.shape == base.shape == (1, 32, 32, 3)
-    assert np.abs(out - base).max() > 1e-3
-
-
-@pytest.mark.parametrize("task", ["image_lora", "lora_bank"])
-def test_untrained_lora_templates_are_no_ops(pipe, task):
-    build, inputs = TINY[task]
-    model = build()
-    with torch.no_grad():
-        cache = model(pipe=pipe, **model.process_inputs(pipe=pipe, **inputs))
-    base = pipe(**CALL, output_type="np", progress=False)
-    assert np.array_equal(pipe(**CALL, lora=cache["lora"], output_type="np", progress=False), base)
-
-
-def test_force_inpaint_keeps_the_unmasked_pixels(pipe, tmp_path):
-    torch.manual_seed(0)
-    model = Inpaint(InpaintConfig.tiny())
-    perturb_zeros(model)
-    folder = save_template_folder(tmp_path / "inpaint", model, template_spec(model))
-    tp = TemplatePipeline.from_pretrained([str(folder)], device="cpu", host_store=HostStore())
-    image, mask = rgb(), half_mask()
-    out = tp(pipe, template_inputs=[{"image": image, "mask": mask, "force_inpaint": True}], **CALL, output_type="np", progress=False)  # fmt: skip
-    constrained = pipe(**CALL, input_image=image, inpaint_mask=mask, output_type="np", progress=False)
-    keep = mask == 0
-    assert np.array_equal(out[0][keep], constrained[0][keep])  # outside: exactly the input's round trip
-    assert np.abs(out[0][~keep] - constrained[0][~keep]).max() > 1e-3  # inside: the template acts
-
-    with torch.no_grad():
-        free = model.process_inputs(pipe=pipe, image=image, mask=mask)
-    assert "inpaint_mask" not in model(pipe=pipe, **free)
 
 
 def test_super_resolution_encodes_at_the_target_size(pipe):

@@ -1,11 +1,11 @@
-"""The zoo on Z-Image: every architecture built for a Z-Image DiT fits it and steers its pipeline,
-full-size shapes on the meta device, and a template built for one backbone is refused on the other."""
+"""The zoo on Z-Image: patchified latents, full-size shapes on the meta device, and a template built for
+one backbone is refused on the other. Every architecture built for a Z-Image DiT fitting it and steering
+its pipeline, and force_inpaint, are tested for both backbones in tests/templates/test_zoo_families.py."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,35 +24,11 @@ from diffsynth_templates.templates.zoo import (
     ImageLoRAConfig,
     Inpaint,
     InpaintConfig,
-    LoRABank,
-    LoRABankConfig,
     ValueKV,
     ValueKVConfig,
     template_spec,
 )
-from tests.templates.test_zoo import half_mask, perturb_zeros, rgb
-
-CALL = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, seed=0, max_sequence_length=16)
-
-TINY = {
-    "brightness": (lambda: ValueKV(ValueKVConfig.tiny_zimage()), {"scale": 0.7}),
-    "color": (
-        lambda: ValueKV(ValueKVConfig.tiny_zimage(values=("R", "G", "B"))),
-        {"R": 0.9, "G": 0.1, "B": 0.4},
-    ),
-    "structure": (lambda: ImageKV(ImageKVConfig.tiny_zimage()), {"image": rgb()}),
-    "edit": (
-        lambda: ImageKV(ImageKVConfig.tiny_zimage(use_prompt=True)),
-        {"image": rgb(), "prompt": "a blue square"},
-    ),
-    "super_resolution": (lambda: ImageKV(ImageKVConfig.tiny_zimage(upscale=2.0)), {"image": rgb(16)}),
-    "inpaint": (lambda: Inpaint(InpaintConfig.tiny_zimage()), {"image": rgb(), "mask": half_mask()}),
-    "image_lora": (lambda: ImageLoRA(ImageLoRAConfig.tiny_zimage()), {"image": rgb()}),
-    "lora_bank": (
-        lambda: LoRABank(LoRABankConfig.tiny_zimage()),
-        {"lora_ids": [0, 2], "lora_scales": [0.5, -1.0], "merge_type": "mean"},
-    ),
-}
+from tests.templates.zoo_cases import CALL, half_mask, rgb
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,29 +44,6 @@ def pipe():
     return random_zimage_pipeline()
 
 
-@pytest.mark.parametrize("task", sorted(TINY))
-def test_tiny_zimage_template_end_to_end(pipe, tmp_path, task):
-    build, inputs = TINY[task]
-    torch.manual_seed(0)
-    model = build()
-    perturb_zeros(model)
-    with torch.no_grad():
-        cache = model(pipe=pipe, **model.process_inputs(pipe=pipe, **inputs))
-    if "kv_cache" in cache:
-        pipe.dit.validate_kv_cache(cache["kv_cache"], batch_size=1)
-        assert set(cache["kv_cache"]) == {"block_0", "block_1"}
-    if "lora" in cache:
-        validate_lora(pipe.dit, cache["lora"])
-
-    folder = save_template_folder(tmp_path / task, model, template_spec(model, name=task))
-    assert json.loads((folder / "template.json").read_text())["base_backbone"] == "zimage"
-    tp = TemplatePipeline.from_pretrained([str(folder)], device="cpu", host_store=HostStore())
-    out = tp(pipe, template_inputs=[inputs], **CALL, output_type="np", progress=False)
-    base = pipe(**CALL, output_type="np", progress=False)
-    assert out.shape == base.shape == (1, 32, 32, 3)
-    assert np.abs(out - base).max() > 1e-3
-
-
 def test_image_kv_patchifies_the_zimage_latents(pipe):
     """16-channel latents at 1/2 resolution (tiny VAE), 2x2 latent pixels per token, mask per latent pixel."""
     model = Inpaint(InpaintConfig.tiny_zimage())
@@ -103,20 +56,6 @@ def test_image_kv_patchifies_the_zimage_latents(pipe):
     assert model.init_from_dit(pipe.dit) == []  # FLUX.2 encoder blocks share no names with Z-Image's
     with pytest.raises(Exception, match=r"multiples of 2"):
         model(latents=torch.zeros(1, 17, 15, 16))
-
-
-def test_force_inpaint_keeps_the_unmasked_pixels_on_zimage(pipe, tmp_path):
-    torch.manual_seed(0)
-    model = Inpaint(InpaintConfig.tiny_zimage())
-    perturb_zeros(model)
-    folder = save_template_folder(tmp_path / "inpaint", model, template_spec(model))
-    tp = TemplatePipeline.from_pretrained([str(folder)], device="cpu", host_store=HostStore())
-    image, mask = rgb(), half_mask()
-    out = tp(pipe, template_inputs=[{"image": image, "mask": mask, "force_inpaint": True}], **CALL, output_type="np", progress=False)  # fmt: skip
-    constrained = pipe(**CALL, input_image=image, inpaint_mask=mask, output_type="np", progress=False)
-    keep = mask == 0
-    assert np.array_equal(out[0][keep], constrained[0][keep])
-    assert np.abs(out[0][~keep] - constrained[0][~keep]).max() > 1e-3
 
 
 def test_full_size_zimage_shapes():
