@@ -1,6 +1,7 @@
 """Training templates on a Z-Image base with the same commands as on FLUX.2 (issue 10's acceptance).
 
-The backbone is read from the model folder: nothing on the command line says "Z-Image".
+The backbone is read from the model folder: nothing on the command line says "Z-Image". Stage I + II ==
+full and ImageKV with an edge processor run on both backbones in tests/training/test_training_families.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline
 from diffsynth_templates.pipelines.random_init import random_zimage_pipeline
 from diffsynth_templates.pipelines.zimage_pipeline import ZImagePipeline
 from diffsynth_templates.templates import TemplateError, TemplatePipeline
-from diffsynth_templates.templates.zoo import ImageKVConfig, ValueKV, ValueKVConfig
+from diffsynth_templates.templates.zoo import ValueKV, ValueKVConfig
 from diffsynth_templates.training.backbones import UnsupportedFeatureError
 from diffsynth_templates.training.components import TemplateSetupError
 from diffsynth_templates.training.config import parse_args
@@ -156,31 +157,6 @@ def test_text_and_latents_are_never_shared_between_backbones(base_model, zimage_
     assert cached[0].latents.shape == (16, 16, 16)  # Z-Image VAE latents [16, h/2, w/2] (tiny VAE)
     assert cached[0].prompt_embeds.ndim == 2 and cached[0].prompt_embeds.shape[-1] == 32
     assert read_index(tmp_path / "zimage")["fingerprint"]["backbone"] == "zimage"
-
-
-def test_image_kv_with_an_edge_processor_trains_on_zimage(zimage_base, dataset, tmp_path):
-    image_kv = ["--architecture", "image_kv", "--architecture_config", json.dumps(asdict(ImageKVConfig.tiny_zimage())),
-                "--data_processor", "structure"]  # fmt: skip
-    common = ["--model", zimage_base, "--dataset_metadata_path", dataset, *SMALL, *image_kv, "--seed", 1]
-    training = ["--batch_size", 2, "--max_steps", 3, "--learning_rate", 1e-2]
-    run(config("--task", "data_process", "--cache_path", tmp_path / "cache", *common))
-    _, cached = open_cache(tmp_path / "cache")
-    assert cached[0].template["latents"].shape == (1, 16, 16, 16)  # the edge map through Z-Image's VAE
-    staged = run(config("--task", "train", "--cache_path", tmp_path / "cache", "--output_path", tmp_path / "a", *common, *training))  # fmt: skip
-    full = run(config("--task", "full", "--output_path", tmp_path / "b", *common, *training))
-    np.testing.assert_allclose(staged.losses, full.losses, rtol=0, atol=1e-5)
-    assert all(np.isfinite(staged.losses))
-
-    trained = load_file(str(staged.checkpoint / "model.safetensors"))
-    assert any(k.startswith("proj_v.") and v.abs().max() > 0 for k, v in trained.items())  # zero at start
-    pipe = ZImagePipeline.from_pretrained(zimage_base, device="cpu")
-    templates = TemplatePipeline.from_pretrained([staged.checkpoint], device="cpu")
-    edges = np.zeros((32, 32, 3), dtype=np.uint8)
-    edges[8:24, 15:17] = 255
-    from PIL import Image
-
-    image = templates(pipe, template_inputs=[{"image": Image.fromarray(edges)}], **CALL)
-    assert np.abs(image - pipe(**CALL)).max() > 1e-4
 
 
 def test_dit_and_dit_lora_train_on_zimage_and_validation_images(zimage_base, dataset, tmp_path):
