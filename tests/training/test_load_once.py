@@ -1,0 +1,114 @@
+"""Each run resolves each model source once (issue 21: "model folders are resolved four times per run").
+
+A hub id's resolution is what costs (network, allow-pattern downloads), so stage I, stage II,
+``--task full`` and ``infer.py`` resolve the model (and each component override, and each template)
+at their entry point and pass the local folders down. The counter wraps ``resolve_model_path``
+where every module of the package looks it up (its own module attribute), so a new caller that
+resolves again is counted too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import diffsynth_templates
+from diffsynth_templates.loading import resolve
+from diffsynth_templates.training.config import parse_args
+from diffsynth_templates.training.trainer import run
+from tests.training.helpers import write_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+TOY = REPO / "models" / "toy" / "base"
+TEMPLATE = REPO / "models" / "toy" / "templates" / "brightness"
+TINY = ["--max_pixels", "1024", "--max_sequence_length", "16", "--data_processor", "brightness"]
+
+
+def _package_modules() -> list:
+    """Every module of the package (imported now, so none binds the unwrapped function later)."""
+    modules = []
+    for info in pkgutil.walk_packages(diffsynth_templates.__path__, "diffsynth_templates."):
+        if ".toy" in info.name:
+            continue
+        modules.append(importlib.import_module(info.name))
+    return modules
+
+
+@pytest.fixture
+def resolutions(monkeypatch) -> Counter:
+    """``{source as given: calls}`` for every ``resolve_model_path`` call made through the package."""
+    calls: Counter = Counter()
+    real = resolve.resolve_model_path
+
+    def counting(source, **kwargs):
+        calls[str(source)] += 1
+        return real(source, **kwargs)
+
+    for module in [*_package_modules(), resolve]:
+        if getattr(module, "resolve_model_path", None) is real:
+            monkeypatch.setattr(module, "resolve_model_path", counting)
+    return calls
+
+
+@pytest.fixture
+def toy_copy(tmp_path_factory) -> Path:
+    """The bundled toy model, copied (training writes nothing into it, but a copy keeps that certain)."""
+    return Path(shutil.copytree(TOY, tmp_path_factory.mktemp("toy") / "base"))
+
+
+def _common(model: Path, data: Path) -> list[str]:
+    return ["--model", model, "--template", TEMPLATE, "--dataset_metadata_path", data, "--seed", 1, *TINY]
+
+
+def _config(*args):
+    return parse_args([str(a) for a in args])
+
+
+def test_stage_one_resolves_the_model_and_template_once(resolutions, toy_copy, tmp_path):
+    data = write_dataset(tmp_path / "data", prompts=["a red circle", "a blue square"])
+    run(_config("--task", "data_process", "--cache_path", tmp_path / "cache", *_common(toy_copy, data)))
+    assert resolutions == {str(toy_copy): 1, str(TEMPLATE): 1}
+
+
+def test_stage_two_resolves_the_model_and_template_once(resolutions, toy_copy, tmp_path):
+    data = write_dataset(tmp_path / "data", prompts=["a red circle", "a blue square"])
+    common = _common(toy_copy, data)
+    run(_config("--task", "data_process", "--cache_path", tmp_path / "cache", *common))
+    resolutions.clear()
+    run(_config("--task", "train", "--cache_path", tmp_path / "cache", "--output_path", tmp_path / "run",
+                "--max_steps", 1, *common))  # fmt: skip
+    assert resolutions == {str(toy_copy): 1, str(TEMPLATE): 1}
+
+
+def test_full_run_resolves_the_model_and_template_once(resolutions, toy_copy, tmp_path):
+    data = write_dataset(tmp_path / "data", prompts=["a red circle", "a blue square"])
+    run(_config("--task", "full", "--output_path", tmp_path / "run", "--max_steps", 1,
+                *_common(toy_copy, data)))  # fmt: skip
+    assert resolutions == {str(toy_copy): 1, str(TEMPLATE): 1}
+
+
+def test_component_override_is_resolved_once_too(resolutions, toy_copy, tmp_path):
+    """``--vae`` from another folder: the model once, the override once."""
+    vae = Path(shutil.copytree(toy_copy / "vae", tmp_path / "other" / "vae"))
+    data = write_dataset(tmp_path / "data", prompts=["a red circle"])
+    run(_config("--task", "full", "--output_path", tmp_path / "run", "--max_steps", 1, "--vae", vae.parent,
+                *_common(toy_copy, data)))  # fmt: skip
+    assert resolutions == {str(toy_copy): 1, str(vae.parent): 1, str(TEMPLATE): 1}
+
+
+def test_infer_with_a_template_resolves_each_source_once(resolutions, toy_copy, tmp_path):
+    sys.path.insert(0, str(REPO))
+    import infer
+
+    out = tmp_path / "out.png"
+    infer.main(["--model", str(toy_copy), "--template", str(TEMPLATE), "--template_input", "scale=0.7",
+                "--prompt", "a red circle", "--height", "32", "--width", "32", "--steps", "1",
+                "--max_sequence_length", "16", "--output", str(out), "--quiet", "--device", "cpu"])  # fmt: skip
+    assert out.is_file()
+    assert resolutions == {str(toy_copy): 1, str(TEMPLATE): 1}
