@@ -10,16 +10,20 @@ resolves again is counted too.
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 import shutil
 import sys
+import types
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 import diffsynth_templates
 from diffsynth_templates.loading import resolve
+from diffsynth_templates.templates.zoo import ValueKVConfig
 from diffsynth_templates.training.config import parse_args
 from diffsynth_templates.training.trainer import run
 from tests.training.helpers import write_dataset
@@ -112,3 +116,53 @@ def test_infer_with_a_template_resolves_each_source_once(resolutions, toy_copy, 
                 "--max_sequence_length", "16", "--output", str(out), "--quiet", "--device", "cpu"])  # fmt: skip
     assert out.is_file()
     assert resolutions == {str(toy_copy): 1, str(TEMPLATE): 1}
+
+
+def test_zimage_stage_one_and_infer_resolve_the_model_once(resolutions, zimage_base, tmp_path):
+    """Z-Image also reads its scheduler shift from the model folder: from the one resolution."""
+    import infer
+
+    data = write_dataset(tmp_path / "data", prompts=["a red circle"])
+    run(_config("--task", "data_process", "--cache_path", tmp_path / "cache", "--model", zimage_base,
+                "--dataset_metadata_path", data, "--max_pixels", 1024, "--max_sequence_length", 16, "--architecture",
+                "value_kv", "--architecture_config", json.dumps(asdict(ValueKVConfig.tiny_zimage())),
+                "--data_processor", "brightness"))  # fmt: skip
+    assert resolutions == {str(zimage_base): 1}
+    resolutions.clear()
+    infer.main(["--model", str(zimage_base), "--prompt", "a red circle", "--height", "32", "--width", "32",
+                "--steps", "1", "--max_sequence_length", "16", "--output", str(tmp_path / "z.png"), "--quiet",
+                "--device", "cpu"])  # fmt: skip
+    assert resolutions == {str(zimage_base): 1}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, toy_copy) -> list:
+    """A ``modelscope`` whose ``snapshot_download`` serves the toy model for any id and records each call."""
+    downloads: list = []
+
+    def snapshot_download(source, revision=None, cache_dir=None, allow_patterns=None, local_files_only=False):
+        downloads.append((source, sorted(allow_patterns or [])))
+        return str(toy_copy)
+
+    monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(snapshot_download=snapshot_download))
+    return downloads
+
+
+EVERYTHING = ["config.json", "generation_defaults.json", "model_index.json", "scheduler/*", "text_encoder/*",
+              "tokenizer/*", "transformer/*", "vae/*"]  # fmt: skip
+
+
+def test_a_hub_id_is_downloaded_once_per_run(fake_hub, tmp_path, monkeypatch):
+    """What the counting is for: one download per run, asking for every file the run reads."""
+    import infer
+
+    monkeypatch.chdir(tmp_path)  # the download cache (models/downloads) lands here
+    infer.main(["--model", "toy-owner/toy-base", "--prompt", "a red circle", "--height", "32", "--width", "32",
+                "--steps", "1", "--max_sequence_length", "16", "--output", str(tmp_path / "x.png"), "--quiet",
+                "--device", "cpu"])  # fmt: skip
+    assert fake_hub == [("toy-owner/toy-base", EVERYTHING)]
+    fake_hub.clear()
+    data = write_dataset(tmp_path / "data", prompts=["a red circle"])
+    run(_config("--task", "full", "--output_path", tmp_path / "run", "--max_steps", 1, "--model", "toy-owner/toy-base",
+                "--template", TEMPLATE, "--dataset_metadata_path", data, "--seed", 1, *TINY))  # fmt: skip
+    assert fake_hub == [("toy-owner/toy-base", EVERYTHING)]
