@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .common import COMPONENTS, ComponentFolders, component_folders
+from .common import COMPONENTS, ComponentFolders, PipelineInputError, component_folders
 from .families import FAMILIES, detect_family, family_of_folder, get_family
 
 BACKBONES = tuple(FAMILIES)
@@ -51,7 +51,7 @@ def resolve_model(
     what an entry point hands to ``from_pretrained`` and to ``backbone_of_folders``."""
     unknown = sorted(set(overrides) - set(COMPONENTS))
     if unknown:
-        raise TypeError(f"unknown component(s) {unknown}; components are {list(COMPONENTS)}")
+        raise PipelineInputError(f"unknown component(s) {unknown}; components are {list(COMPONENTS)}")
     return component_folders(source, overrides, revision, cache_dir, offline)
 
 

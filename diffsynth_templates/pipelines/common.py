@@ -19,7 +19,7 @@ from torch import Tensor
 from ..backbones.attention import KVCache
 from ..errors import DiffSynthTemplatesError
 from ..loading.finite import NonFiniteError, check_finite_number, check_finite_tensor, nonfinite_names
-from ..loading.resolve import resolve_model_path
+from ..loading.resolve import ModelNotFoundError, resolve_model_path
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, applied_lora
 
@@ -156,7 +156,7 @@ def component_folders(
     chosen = {name: overrides.get(name) or source for name in names}
     for name, where in chosen.items():
         if where is None:
-            raise FileNotFoundError(f"no {name} given: pass the model (or {name}=...)")
+            raise ModelNotFoundError(f"no {name} given: pass the model (or {name}=...)")
     roots: dict[str, Path] = {}
     for where in dict.fromkeys(str(w) for w in chosen.values()):
         patterns = [f"{name}/*" for name in names if str(chosen[name]) == where] + ["model_index.json"]
@@ -191,7 +191,7 @@ def _component_in(root: Path, source, name: str) -> Path:
     marker = "tokenizer.json" if name == "tokenizer" else "config.json"
     if (root / marker).is_file():
         return root
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{str(source)!r} has no {name}/ folder (and no {marker} of its own); pass {name}=... pointing at one"
     )
 

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError
 from ..loading.json_io import to_json_value
-from ..loading.resolve import resolve_model_path
+from ..loading.resolve import ModelNotFoundError, resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
 from ..pipelines.common import COMPONENTS, ComponentFolders, component_folders
 from ..pipelines.families import family_of_folder
@@ -75,12 +75,12 @@ def resolve_base(config: TrainConfig) -> ComponentFolders:
     entry points (stage I, stage II, full) call this and pass the folders down."""
     if config.model is None:
         if config.transformer is None:
-            raise FileNotFoundError(
+            raise ModelNotFoundError(
                 "no base model given: pass --model (or --transformer), it decides the backbone"
             )
         missing = [name for name in COMPONENTS if getattr(config, name) is None]
         if missing:
-            raise FileNotFoundError(f"no {missing[0]} given: pass --model (or --{missing[0]})")
+            raise ModelNotFoundError(f"no {missing[0]} given: pass --model (or --{missing[0]})")
     overrides = {name: getattr(config, name) for name in COMPONENTS}
     return component_folders(config.model, overrides, None, None, True if config.offline else None)
 

@@ -166,3 +166,18 @@ def test_a_hub_id_is_downloaded_once_per_run(fake_hub, tmp_path, monkeypatch):
     run(_config("--task", "full", "--output_path", tmp_path / "run", "--max_steps", 1, "--model", "toy-owner/toy-base",
                 "--template", TEMPLATE, "--dataset_metadata_path", data, "--seed", 1, *TINY))  # fmt: skip
     assert fake_hub == [("toy-owner/toy-base", EVERYTHING)]
+
+
+def test_a_missing_component_is_named_before_anything_loads(toy_copy, tmp_path, capsys):
+    """Resolving at the entry point checks every component first; the CLI prints our error, exit 2."""
+    import infer
+
+    shutil.rmtree(toy_copy / "vae")
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(
+            ["--model", str(toy_copy), "--prompt", "x", "--output", str(tmp_path / "x.png"), "--quiet"]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "has no vae/ folder" in err and "vae=" in err
+    assert not (tmp_path / "x.png").exists()
