@@ -219,8 +219,13 @@ def generate(argv: list[str]) -> list[Path]:
     import torch
     from PIL.PngImagePlugin import PngInfo
 
-    from diffsynth_templates.pipelines.auto import BACKBONE_TITLES, detect_backbone, pipeline_class
-    from diffsynth_templates.pipelines.defaults import recommended_defaults
+    from diffsynth_templates.pipelines.auto import (
+        BACKBONE_TITLES,
+        backbone_of_folders,
+        pipeline_class,
+        resolve_model,
+    )
+    from diffsynth_templates.pipelines.defaults import defaults_of_folder
 
     model = args.model or str(DEFAULT_TOY_MODEL)
     if args.model is None and not DEFAULT_TOY_MODEL.is_dir():
@@ -228,7 +233,9 @@ def generate(argv: list[str]) -> list[Path]:
             f"no --model given and the bundled toy model {DEFAULT_TOY_MODEL} is missing; pass --model"
         )
     offline = True if args.offline else None
-    backbone = detect_backbone(args.transformer or model, offline=offline)
+    overrides = {name: getattr(args, name) for name in ("transformer", "text_encoder", "vae", "tokenizer")}
+    folders = resolve_model(model, offline=offline, **overrides)  # each source once for the whole run
+    backbone = backbone_of_folders(folders)
     title = BACKBONE_TITLES[backbone]
     for flag, value, supported in (
         ("--variant", args.variant, backbone == "zimage"),
@@ -237,18 +244,19 @@ def generate(argv: list[str]) -> list[Path]:
     ):
         if value and not supported:
             raise InferError(f"{flag} is not supported by {title} pipelines ({model} is {title})")
-    _fill_defaults(args, recommended_defaults(model, variant=args.variant, offline=offline))
+    if folders.root is None:  # every component from elsewhere and no model folder: say what is wrong
+        from diffsynth_templates.pipelines.defaults import recommended_defaults
+
+        recommended_defaults(model, variant=args.variant, offline=offline)
+    _fill_defaults(args, defaults_of_folder(folders.root, model, variant=args.variant))
     check_size(args.height, args.width, args.max_size, args.max_pixels)  # before anything is allocated
 
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     pipe = pipeline_class(backbone).from_pretrained(
-        model,
+        folders,
         torch_dtype=dtype,
         device=args.device,
-        transformer=args.transformer,
-        text_encoder=args.text_encoder,
-        vae=args.vae,
-        tokenizer=args.tokenizer,
+        **overrides,
         offline=offline,
         **({"variant": args.variant} if backbone == "zimage" else {}),
     )

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .families import FAMILIES, detect_family, get_family
+from .common import COMPONENTS, ComponentFolders, PipelineInputError, component_folders
+from .families import FAMILIES, detect_family, family_of_folder, get_family
 
 BACKBONES = tuple(FAMILIES)
 BACKBONE_TITLES = {name: family.title for name, family in FAMILIES.items()}  # how messages spell them
@@ -30,6 +31,30 @@ def detect_backbone(
     return detect_family(source, revision=revision, cache_dir=cache_dir, offline=offline).name
 
 
+def backbone_of_folders(folders: ComponentFolders) -> str:
+    """``detect_backbone`` for folders resolved already: read where the DiT came from (its override's
+    folder, else the model's), as ``detect_backbone(transformer or model)`` does."""
+    transformer = folders.roots["transformer"]
+    source = folders.source if transformer == folders.root else transformer
+    return family_of_folder(transformer, source).name
+
+
+def resolve_model(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    offline: bool | None = None,
+    **overrides: str | os.PathLike | None,
+) -> ComponentFolders:
+    """The model's component folders, every source (``source``, each component override) resolved once:
+    what an entry point hands to ``from_pretrained`` and to ``backbone_of_folders``."""
+    unknown = sorted(set(overrides) - set(COMPONENTS))
+    if unknown:
+        raise PipelineInputError(f"unknown component(s) {unknown}; components are {list(COMPONENTS)}")
+    return component_folders(source, overrides, revision, cache_dir, offline)
+
+
 def pipeline_class(backbone: str) -> type:
     return get_family(backbone).pipeline_class()
 
@@ -41,7 +66,9 @@ def load_pipeline(
     **kwargs: Any,
 ):
     """``Flux2ImagePipeline`` or ``ZImagePipeline``, whichever ``source`` holds, loaded with ``kwargs``."""
-    where = {k: kwargs.get(k) for k in ("revision", "cache_dir", "offline")}
-    return pipeline_class(detect_backbone(source, **where)).from_pretrained(
-        source, torch_dtype, device, **kwargs
+    where = {k: kwargs.pop(k, None) for k in ("revision", "cache_dir", "offline")}
+    overrides = {k: kwargs.pop(k) for k in COMPONENTS if k in kwargs}
+    folders = resolve_model(source, **where, **overrides)  # once; from_pretrained reuses the folders
+    return pipeline_class(backbone_of_folders(folders)).from_pretrained(
+        folders, torch_dtype, device, **overrides, **where, **kwargs
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import Tensor
 from ..backbones.attention import KVCache
 from ..errors import DiffSynthTemplatesError
 from ..loading.finite import NonFiniteError, check_finite_number, check_finite_tensor, nonfinite_names
-from ..loading.resolve import resolve_model_path
+from ..loading.resolve import ModelNotFoundError, resolve_model_path
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, applied_lora
 
@@ -115,26 +115,83 @@ def as_device(device: str | torch.device) -> torch.device:
         raise PipelineInputError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
 
 
-def component_folders(source, overrides: dict[str, Any], revision, cache_dir, offline) -> dict[str, Path]:
-    """Each component's folder: from its override (a folder or repo id) when given, else from ``source``."""
-    return {
-        name: component_folder(overrides.get(name) or source, name, revision, cache_dir, offline)
-        for name in COMPONENTS
-    }
+# What else a model's own folder holds that loading reads: family detection, the Z-Image shift,
+# generation defaults. Downloaded with the model's components, so one resolution serves the run.
+ROOT_PATTERNS = ("model_index.json", "config.json", "scheduler/*", "generation_defaults.json")
+
+
+@dataclass(frozen=True)
+class ComponentFolders:
+    """A model's component folders, each source (the model, each override) resolved exactly once.
+
+    Entry points (``from_pretrained``, ``infer.py``, the trainer) resolve once with
+    ``component_folders`` and pass this down; ``folders["vae"]`` is a component's folder, ``root``
+    the model's own folder (``None`` when every component came from elsewhere and it is not there).
+    ``str(folders)`` is the model source as the user named it.
+    """
+
+    source: str
+    root: Path | None
+    components: Mapping[str, Path]
+    roots: Mapping[str, Path]  # each component's source, resolved (where its config files are)
+
+    def __getitem__(self, name: str) -> Path:
+        return self.components[name]
+
+    def __str__(self) -> str:
+        return self.source
+
+
+def component_folders(
+    source, overrides: Mapping[str, Any], revision, cache_dir, offline, names: tuple[str, ...] = COMPONENTS
+) -> ComponentFolders:
+    """Each component's folder: from its override (a folder or repo id) when given, else from ``source``.
+
+    Each distinct source is resolved once, with the allow-patterns of every component taken from it
+    (and, for ``source``, ``ROOT_PATTERNS``). A ``ComponentFolders`` passed as ``source`` is returned
+    as it is: it was resolved already.
+    """
+    if isinstance(source, ComponentFolders):
+        return source
+    chosen = {name: overrides.get(name) or source for name in names}
+    for name, where in chosen.items():
+        if where is None:
+            raise ModelNotFoundError(f"no {name} given: pass the model (or {name}=...)")
+    roots: dict[str, Path] = {}
+    for where in dict.fromkeys(str(w) for w in chosen.values()):
+        patterns = [f"{name}/*" for name in names if str(chosen[name]) == where] + ["model_index.json"]
+        if source is not None and where == str(source):
+            patterns += [p for p in ROOT_PATTERNS if p not in patterns]
+        roots[where] = resolve_model_path(
+            where, allow_patterns=patterns, revision=revision, cache_dir=cache_dir, offline=offline
+        )
+    root = None if source is None else roots.get(str(source))
+    if root is None and source is not None:  # every component came from elsewhere: root files only
+        try:
+            root = resolve_model_path(
+                source, allow_patterns=list(ROOT_PATTERNS), revision=revision, cache_dir=cache_dir,
+                offline=offline,
+            )  # fmt: skip
+        except FileNotFoundError:
+            root = None
+    components = {name: _component_in(roots[str(w)], w, name) for name, w in chosen.items()}
+    return ComponentFolders(
+        "" if source is None else str(source), root, components, {n: roots[str(w)] for n, w in chosen.items()}
+    )
 
 
 def component_folder(source, name: str, revision, cache_dir, offline) -> Path:
     """The folder of one component: ``{source}/{name}/``, or ``source`` itself when it is that component."""
-    patterns = [f"{name}/*", "model_index.json"]
-    root = resolve_model_path(
-        source, allow_patterns=patterns, revision=revision, cache_dir=cache_dir, offline=offline
-    )
+    return component_folders(source, {}, revision, cache_dir, offline, names=(name,))[name]
+
+
+def _component_in(root: Path, source, name: str) -> Path:
     if (root / name).is_dir():
         return root / name
     marker = "tokenizer.json" if name == "tokenizer" else "config.json"
     if (root / marker).is_file():
         return root
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{str(source)!r} has no {name}/ folder (and no {marker} of its own); pass {name}=... pointing at one"
     )
 

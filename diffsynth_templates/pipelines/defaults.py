@@ -78,7 +78,15 @@ def recommended_defaults(
         cache_dir=cache_dir,
         offline=offline,
     )
-    known = _recognised(root, str(model), variant)
+    return defaults_of_folder(root, model, variant)
+
+
+def defaults_of_folder(
+    root: Path, model: str | os.PathLike | None = None, variant: str | None = None
+) -> GenerationDefaults:
+    """``recommended_defaults`` for a model folder resolved already (``model``: its name as given,
+    which tells Z-Image's variants apart)."""
+    known = _recognised(root, str(root if model is None else model), variant)
     own = _read_defaults_file(root / DEFAULTS_FILE)
     if own:
         return replace(known, **own, source=f"{root / DEFAULTS_FILE}")

@@ -10,7 +10,7 @@ few hooks below (``_text``, ``_tokens``, ``_untokens``, ``_positions``, ``_hidde
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +22,7 @@ from ..backbones.attention import kv_cache_prevalidated
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..loading import write_json_atomic
 from .common import (
+    ComponentFolders,
     PipelineBase,
     as_prompt_list,
     at_step,
@@ -77,10 +78,11 @@ class FamilyPipeline(PipelineBase):
 
     @classmethod
     def load_components(
-        cls, folders: dict[str, Path], device, torch_dtype, dit: Any = "load"
+        cls, folders: ComponentFolders | Mapping[str, Path], device, torch_dtype, dit: Any = "load"
     ) -> dict[str, Any]:
-        """The constructor's components from their folders: what ``from_pretrained``, the trainer's
-        stage I (``dit=None``: no DiT weights) and stage II all load through."""
+        """The constructor's components from their folders, resolved already: what ``from_pretrained``
+        (so ``infer.py``), the trainer's stage I (``dit=None``: no DiT weights) and stage II all load
+        through."""
         if isinstance(dit, str):
             dit = cls.family.dit_class.from_pretrained(
                 folders["transformer"], torch_dtype=torch_dtype, device=device
@@ -98,7 +100,8 @@ class FamilyPipeline(PipelineBase):
     @staticmethod
     def _folders(source, torch_dtype, device, revision, cache_dir, offline, **overrides):
         """Each component's folder (``overrides``: a component's own folder or id), with the device
-        and dtype the call asked for or their defaults."""
+        and dtype the call asked for or their defaults. ``source`` may be a ``ComponentFolders``
+        resolved already (``infer.py`` does that): nothing is resolved again."""
         device, torch_dtype = default_device_and_dtype(device, torch_dtype)
         return component_folders(source, overrides, revision, cache_dir, offline), device, torch_dtype
 

@@ -38,6 +38,7 @@ from .families.zimage import (
     SamplingDefaults,
     check_shift,
     read_shift,
+    shift_of_folder,
     variant_of,
 )
 from .flow_match import NUM_TRAIN_TIMESTEPS, FlowMatchSchedule
@@ -288,7 +289,7 @@ class ZImagePipeline(FamilyPipeline):
             transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
         )  # fmt: skip
         variant = variant or variant_of(source)
-        shift = read_shift(source, revision, cache_dir, offline)
+        shift = shift_of_folder(folders.root)  # resolved once with the components
         logger.info("Z-Image %s defaults %s, shift %s", variant, VARIANTS.get(variant), shift)
         pipe = cls(**cls.load_components(folders, device, torch_dtype), variant=variant, shift=shift)
         pipe.name_or_path = str(transformer or source)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..loading import read_config
 from ..pipelines.families import FAMILIES, Family, UnsupportedFeatureError, detect_family, family_of_dit
-from ..pipelines.families.zimage import EDIT_IMAGES_UNSUPPORTED, read_shift
+from ..pipelines.families.zimage import EDIT_IMAGES_UNSUPPORTED, shift_of_folder
 from ..pipelines.flow_match import TRAINING_MU
 from ..pipelines.zimage_pipeline import variant_of
 from .config import TrainConfig
@@ -74,8 +74,9 @@ class TrainingBackbone:
     ):
         """Text encoder + VAE + tokenizer as a pipeline; ``dit`` may be None (stage I never runs it).
 
-        ``folders`` holds every component folder (``transformer`` included, for its config). The
-        components load exactly as ``from_pretrained`` loads them (``load_components``).
+        ``folders`` (``pipelines.common.ComponentFolders``, resolved once per run) holds every
+        component folder (``transformer`` included, for its config). The components load exactly as
+        ``from_pretrained`` loads them (``load_components``).
         """
         cls = self.family.pipeline_class()
         return cls(**cls.load_components(folders, device, dtype, dit=dit))
@@ -109,7 +110,8 @@ class ZImageBackbone(TrainingBackbone):
             with torch.device("meta"):
                 dit = self.family.dit_class(dit_config)
         source = config.model or config.transformer
-        shift = read_shift(source, None, None, True if config.offline else None)
+        # the scheduler's shift lives in the model's folder, resolved already with the components
+        shift = shift_of_folder(folders.root if config.model else folders.roots["transformer"])
         cls = self.family.pipeline_class()
         return cls(
             **cls.load_components(folders, device, dtype, dit=dit), variant=variant_of(source), shift=shift

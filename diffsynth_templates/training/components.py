@@ -1,8 +1,9 @@
 """What a training run is made of: base-model parts, the template, its data processor, and their fingerprints.
 
 Stage I needs the text encoder, VAE and tokenizer; stage II needs only the DiT (the text encoder and
-VAE join only when validation images are requested); ``--task full`` needs everything. Each part is
-resolved and loaded here so the trainer never repeats the rules.
+VAE join only when validation images are requested); ``--task full`` needs everything. The model and
+each component override are resolved once per run (``resolve_base``) and every loader here takes
+those folders, so the trainer never repeats the rules (nor a hub download).
 
 Fingerprints say which inputs produced a feature cache. A component folder's fingerprint hashes its
 JSON files (configs, tokenizer), every safetensors header (names, dtypes, shapes) and a strided
@@ -26,14 +27,15 @@ from torch import nn
 from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError
 from ..loading.json_io import to_json_value
-from ..loading.resolve import resolve_model_path
+from ..loading.resolve import ModelNotFoundError, resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
-from ..pipelines.common import COMPONENTS, component_folder
+from ..pipelines.common import COMPONENTS, ComponentFolders, component_folders
+from ..pipelines.families import family_of_folder
 from ..templates import TemplateSpec, build_architecture, load_template_folder
 from ..templates.folder import fingerprint_callable
 from ..templates.processors import get_processor
 from ..templates.zoo._common import backbone_of_names
-from .backbones import TrainingBackbone, detect_training_backbone
+from .backbones import TrainingBackbone, get_backbone
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -68,15 +70,19 @@ def model_dtype(config: TrainConfig) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 
 
-def component_folders(config: TrainConfig, names: tuple[str, ...]) -> dict[str, Path]:
-    offline = True if config.offline else None
-    folders = {}
-    for name in names:
-        source = getattr(config, name) or config.model
-        if source is None:
-            raise FileNotFoundError(f"no {name} given: pass --model (or --{name})")
-        folders[name] = component_folder(source, name, None, None, offline)
-    return folders
+def resolve_base(config: TrainConfig) -> ComponentFolders:
+    """``--model`` and each ``--{component}`` override, each resolved once for the whole run: the
+    entry points (stage I, stage II, full) call this and pass the folders down."""
+    if config.model is None:
+        if config.transformer is None:
+            raise ModelNotFoundError(
+                "no base model given: pass --model (or --transformer), it decides the backbone"
+            )
+        missing = [name for name in COMPONENTS if getattr(config, name) is None]
+        if missing:
+            raise ModelNotFoundError(f"no {missing[0]} given: pass --model (or --{missing[0]})")
+    overrides = {name: getattr(config, name) for name in COMPONENTS}
+    return component_folders(config.model, overrides, None, None, True if config.offline else None)
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -112,33 +118,31 @@ def _safetensors_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def base_model_fingerprint(config: TrainConfig) -> dict[str, str]:
+def base_model_fingerprint(config: TrainConfig, folders: ComponentFolders | None = None) -> dict[str, str]:
     """Fingerprints of the parts stage-I features depend on (the DiT is not one of them)."""
-    return {
-        name: folder_fingerprint(folder)
-        for name, folder in component_folders(config, FEATURE_COMPONENTS).items()
-    }
+    folders = folders or resolve_base(config)
+    return {name: folder_fingerprint(folders[name]) for name in FEATURE_COMPONENTS}
 
 
-def training_backbone(config: TrainConfig) -> TrainingBackbone:
+def training_backbone(config: TrainConfig, folders: ComponentFolders | None = None) -> TrainingBackbone:
     """FLUX.2-klein or Z-Image: read from the DiT's folder (``--transformer``, else ``--model``)."""
-    if config.model is None and config.transformer is None:
-        raise FileNotFoundError(
-            "no base model given: pass --model (or --transformer), it decides the backbone"
-        )
-    folder = component_folders(config, ("transformer",))["transformer"]
+    folders = folders or resolve_base(config)
     try:
-        return detect_training_backbone(folder, config.offline)
+        return get_backbone(family_of_folder(folders["transformer"]).name)
     except ValueError as e:
         raise TemplateSetupError(f"cannot train on {config.transformer or config.model}: {e}") from e
 
 
 def load_dit(
-    config: TrainConfig, device: torch.device, dtype: torch.dtype, backbone: TrainingBackbone | None = None
+    config: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    backbone: TrainingBackbone | None = None,
+    folders: ComponentFolders | None = None,
 ) -> nn.Module:
-    backbone = backbone or training_backbone(config)
-    folder = component_folders(config, ("transformer",))["transformer"]
-    return backbone.load_dit(folder, device, dtype)
+    folders = folders or resolve_base(config)
+    backbone = backbone or training_backbone(config, folders)
+    return backbone.load_dit(folders["transformer"], device, dtype)
 
 
 def load_pipeline(
@@ -147,10 +151,12 @@ def load_pipeline(
     dtype: torch.dtype,
     dit: nn.Module | None = None,
     backbone: TrainingBackbone | None = None,
+    folders: ComponentFolders | None = None,
 ):
     """Text encoder + VAE + tokenizer as the backbone's pipeline; ``dit`` may be None (stage I never runs it)."""
-    backbone = backbone or training_backbone(config)
-    return backbone.load_pipeline(config, component_folders(config, COMPONENTS), device, dtype, dit)
+    folders = folders or resolve_base(config)
+    backbone = backbone or training_backbone(config, folders)
+    return backbone.load_pipeline(config, folders, device, dtype, dit)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from .components import (
     load_dit,
     load_pipeline,
     model_dtype,
+    resolve_base,
     training_backbone,
 )
 from .config import ConfigError, TrainConfig
@@ -226,11 +227,12 @@ def process_dataset(config: TrainConfig) -> DataProcessResult:
     root = Path(config.cache_path)
     store_root = Path(config.shared_feature_cache) if config.shared_feature_cache else root / "store"
 
-    backbone = training_backbone(config)
+    folders = resolve_base(config)  # once for the run: a hub id downloads here, nowhere else
+    backbone = training_backbone(config, folders)
     report, dataset = _dataset(config)
     backbone.check_samples(report.samples)
     template = build_template(config, config.seed, backbone.name) if config.uses_template else None
-    base = base_model_fingerprint(config)
+    base = base_model_fingerprint(config, folders)
     fingerprint = feature_fingerprint(config, base, template, dataset_fingerprint(config), backbone.name)
     fingerprint["processing_seed"] = config.seed
 
@@ -259,7 +261,7 @@ def process_dataset(config: TrainConfig) -> DataProcessResult:
     )  # fmt: skip
 
     if mine:
-        pipe = load_pipeline(config, device, dtype, backbone=backbone)
+        pipe = load_pipeline(config, device, dtype, backbone=backbone, folders=folders)
         model = None
         if template is not None:
             model = template.model.to(device).eval()
@@ -356,9 +358,10 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
     if main:
         output_path.mkdir(parents=True, exist_ok=True)
 
-    backbone = training_backbone(config)
+    folders = resolve_base(config)  # once for the run: a hub id downloads here, nowhere else
+    backbone = training_backbone(config, folders)
     template = build_template(config, config.seed, backbone.name) if config.uses_template else None
-    base = base_model_fingerprint(config)
+    base = base_model_fingerprint(config, folders)
     if config.task == "train":  # check the cache before loading anything big
         index, items = open_cache(config.cache_path)
         _check_cache(index, config, base, template, backbone.name)
@@ -373,11 +376,11 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
             config.validation_inputs
         )  # a bad image fails now, not at the first validation
     train_dit = "dit" in config.trainable_models
-    dit = load_dit(config, device, torch.float32 if train_dit else dtype, backbone)
+    dit = load_dit(config, device, torch.float32 if train_dit else dtype, backbone, folders)
     extractor, pipe = None, None
     if config.task == "full" or (config.validation_steps and main):
         # text encoder + VAE (features, validation images)
-        pipe = load_pipeline(config, device, dtype, backbone=backbone)
+        pipe = load_pipeline(config, device, dtype, backbone=backbone, folders=folders)
     if config.task == "full":
         extractor = FeatureExtractor(
             pipe, base, config.max_sequence_length, config.max_pixels,

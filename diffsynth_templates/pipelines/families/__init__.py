@@ -26,6 +26,7 @@ __all__ = [
     "detect_family",
     "family_of_config",
     "family_of_dit",
+    "family_of_folder",
     "get_family",
 ]
 
@@ -80,6 +81,12 @@ def detect_family(
         cache_dir=cache_dir,
         offline=offline,
     )
+    return family_of_folder(root, source)
+
+
+def family_of_folder(root: Path, source: str | os.PathLike | None = None) -> Family:
+    """``detect_family`` for a folder resolved already (``source``: what the user named, for messages)."""
+    source = root if source is None else source
     by_class = {name: family for family in FAMILIES.values() for name in family.class_names}
     found = []
     for path in (root / "model_index.json", root / "transformer" / "config.json", root / "config.json"):

@@ -126,6 +126,13 @@ def read_shift(source, revision=None, cache_dir=None, offline=None) -> float:
         )
     except FileNotFoundError:
         return DEFAULT_SHIFT
+    return shift_of_folder(root)
+
+
+def shift_of_folder(root: Path | None) -> float:
+    """``read_shift`` for a model folder resolved already (``None``: none, so 3.0)."""
+    if root is None:
+        return DEFAULT_SHIFT
     path = root / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return DEFAULT_SHIFT
