@@ -20,7 +20,6 @@ from diffsynth_templates.pipelines.families import (
 )
 from diffsynth_templates.pipelines.families.flux2 import FLUX2
 from diffsynth_templates.pipelines.families.zimage import ZIMAGE
-from diffsynth_templates.pipelines.random_init import random_flux2_pipeline, random_zimage_pipeline
 from diffsynth_templates.templates.pipeline import TemplatePipeline
 from diffsynth_templates.templates.zoo._common import backbone_of_names, base_layout, kv_block_names
 
@@ -30,17 +29,7 @@ NOT_CACHE_KEYS = {"self", "prompt", "negative_prompt", "output_type", "progress"
                   "max_pixels", "resize_mask"}  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipes():
-    return {"flux2": random_flux2_pipeline(), "zimage": random_zimage_pipeline()}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_registry_names_titles_and_pipeline_classes():

@@ -32,12 +32,7 @@ CALL = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, s
 TOY = "models/toy/base"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -43,14 +43,7 @@ from diffsynth_templates.templates.zoo import (
 from diffsynth_templates.templates.zoo._common import grid_ids
 from tests.templates.zoo_cases import CALL, half_mask, perturb_zeros, rgb
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models run several times faster on one thread, and the test machine is shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import torch
 
 from diffsynth_templates.loading.write_safety import MARKER
 from diffsynth_templates.pipelines.families import FAMILIES
-from diffsynth_templates.pipelines.random_init import random_flux2_pipeline, random_zimage_pipeline
 from diffsynth_templates.templates import TemplatePipeline, load_template_folder, save_template_folder
 from diffsynth_templates.templates.residency import HostStore
 from diffsynth_templates.templates.zoo import Inpaint, InpaintConfig, template_spec
@@ -35,17 +34,7 @@ TINY_BLOCKS = {"flux2": {"double_0", "single_0", "single_1"}, "zimage": {"block_
 TINY_INPAINT = {"flux2": InpaintConfig.tiny, "zimage": InpaintConfig.tiny_zimage}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipes():
-    return {"flux2": random_flux2_pipeline(), "zimage": random_zimage_pipeline()}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_every_family_has_its_tiny_zoo():

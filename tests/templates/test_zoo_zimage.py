@@ -30,13 +30,7 @@ from diffsynth_templates.templates.zoo import (
 )
 from tests.templates.zoo_cases import CALL, half_mask, rgb
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
