@@ -495,7 +495,10 @@ def worker_main(args) -> None:
     else:
         out = diffsynth_worker(spec, args.worker_stage, cache, output, Path(args.worker_script))
     out["process_seconds"] = time.perf_counter() - start
-    out["peak_rss_mib"] = peak_rss_mib()
+    # VmHWM is max(the kernel's lazily updated high-water mark, the current RSS) at the moment it is
+    # read, so a later read can be a little lower than an earlier one: the process peak includes the
+    # steps' reading
+    out["peak_rss_mib"] = max(peak_rss_mib(), out.get("peak_rss_steps_mib", 0.0))
     out["threads"] = torch.get_num_threads()
     out["dit"] = spec["dit"]
     Path(args.worker_result).write_text(json.dumps(out))
