@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -260,6 +260,11 @@ class ZImagePipeline(FamilyPipeline):
         """The variant's (Turbo: 1.0, base: 5.0)."""
         return self.defaults.cfg_scale
 
+    @property
+    def default_num_inference_steps(self) -> int:
+        """The variant's (Turbo: 8, base: 50)."""
+        return self.defaults.num_inference_steps
+
     # -- construction -----------------------------------------------------------------------------
 
     @classmethod
@@ -328,53 +333,6 @@ class ZImagePipeline(FamilyPipeline):
         """DiT latents ``[B, 16, h, w]`` to images in [-1, 1] (unclamped)."""
         with self._on_device(self.vae):
             return self.vae.decode_from_dit(latents.to(self.device, self.vae.dtype))
-
-    # -- generation -------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] = "",
-        height: int = 1024,
-        width: int = 1024,
-        num_inference_steps: int | None = None,
-        cfg_scale: float | None = None,
-        seed: int | None = None,
-        latents: Tensor | None = None,
-        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-        input_image: ImageLike | None = None,
-        denoising_strength: float = 1.0,
-        inpaint_mask: ImageLike | None = None,
-        resize_mask: bool = False,
-        kv_cache: KVCache | ScheduledKVCache | None = None,
-        negative_kv_cache: KVCache | ScheduledKVCache | None = None,
-        lora: LoRACache | None = None,
-        negative_lora: LoRACache | None = None,
-        extra_text_embedding: Tensor | None = None,
-        negative_extra_text_embedding: Tensor | None = None,
-        output_type: str = "pil",
-        progress: bool = True,
-        max_pixels: int | None = None,
-        callback_on_step_end: Callable[[ZImagePipeline, int, Tensor, dict], dict | None] | None = None,
-    ):
-        """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
-        (``output_type="np"``) or the sampled DiT latents ``[B, 16, H/8, W/8]`` (``"latent"``, as
-        diffusers returns them; ``decode_latents`` turns them into images).
-
-        ``num_inference_steps`` and ``cfg_scale`` default to the variant's (Turbo: 8 and 1.0, base: 50
-        and 5.0). ``inpaint_mask`` must have ``input_image``'s size (``resize_mask=True`` stretches it
-        to that size first); both are placed onto ``height x width`` alike. ``max_pixels`` bounds
-        ``height * width`` (default 4096 x 4096).
-        """
-        steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
-        cfg_scale = self.defaults.cfg_scale if cfg_scale is None else cfg_scale
-        return self._sample(
-            prompt, negative_prompt, height, width, steps, cfg_scale, seed, latents, max_sequence_length,
-            input_image, denoising_strength, inpaint_mask, resize_mask, kv_cache, negative_kv_cache, lora,
-            negative_lora, extra_text_embedding, negative_extra_text_embedding, output_type, progress,
-            max_pixels, callback_on_step_end,
-        )  # fmt: skip
 
     # -- the loop's hooks -------------------------------------------------------------------------
 
