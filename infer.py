@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from diffsynth_templates.errors import DiffSynthTemplatesError
+from diffsynth_templates.pipelines.step_cache import PRESETS as STEP_CACHE_PRESETS
 
 DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DEFAULT_TOY_MODEL = Path(__file__).resolve().parent / "models" / "toy" / "base"
@@ -134,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--edit_image", action="append", default=None, help="reference image for editing (repeatable)"
+    )
+    g.add_argument(
+        "--step_cache",
+        default=None,
+        choices=tuple(STEP_CACHE_PRESETS),
+        help="forecast the DiT's block work on some denoising steps instead of computing it: quality "
+        "(~4x fewer block computations), balanced (~5x), fast (~7x), measured on the toy world at 50 "
+        "steps (default: off, every step computed)",
     )
 
     g = p.add_argument_group("limits", "refused before anything is allocated; raise them deliberately")
@@ -284,6 +293,8 @@ def generate(argv: list[str]) -> list[Path]:
         call["max_sequence_length"] = args.max_sequence_length
     if edit_images:
         call["edit_image"] = edit_images
+    if args.step_cache is not None:
+        call["step_cache"] = args.step_cache
     run = pipe
     if templates:
         from diffsynth_templates.templates import TemplatePipeline
@@ -353,6 +364,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InferError(
             "--inpaint_mask needs --input_image: the mask marks which of its pixels to regenerate"
         )
+    if args.step_cache is not None and args.step_cache not in STEP_CACHE_PRESETS:  # a job file's value
+        raise InferError(f"--step_cache {args.step_cache!r} is not one of {sorted(STEP_CACHE_PRESETS)}")
     if args.height is not None or args.width is not None:  # the rest once the model's defaults are known
         check_size(args.height, args.width, args.max_size, args.max_pixels)
 

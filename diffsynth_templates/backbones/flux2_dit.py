@@ -340,6 +340,11 @@ class Flux2DiT(PretrainedModule, nn.Module):
         """Recompute each block in the backward pass instead of storing its activations."""
         self.gradient_checkpointing = enabled
 
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks one forward runs (what a step cache counts)."""
+        return self.config.num_double_blocks + self.config.num_single_blocks
+
     # -- forward ----------------------------------------------------------------------------------
 
     def forward(
@@ -375,7 +380,20 @@ class Flux2DiT(PretrainedModule, nn.Module):
         # text tokens come first in the joint sequence, so their positions do too
         rope = rope_cos_sin(_joint_ids(txt_ids, img_ids), self.config.axes_dims_rope, self.config.rope_theta)
 
-        for i, block in enumerate(self.transformer_blocks):
+        # a step cache (pipelines/step_cache.py) sees the image tokens after its probe blocks and may
+        # forecast the rest of the stack instead of running it; None (the default) changes nothing
+        cache = getattr(self, "block_cache", None)
+        probe = 0 if cache is None else min(cache.probe_blocks, len(self.transformer_blocks))
+        doubles = list(enumerate(self.transformer_blocks))
+        for i, block in doubles[:probe]:
+            img, txt = self._run(block, img, txt, mod_img, mod_txt, rope, kv_cache.get(f"double_{i}"))
+        if cache is not None:
+            signal = img if probe else modulate(_layer_norm(img, self.config.eps), *mod_img[0][:2])
+            reused = cache.reuse(img, signal, self.num_blocks - probe)
+            if reused is not None:
+                return self.proj_out(self.norm_out(reused, temb))
+
+        for i, block in doubles[probe:]:
             img, txt = self._run(block, img, txt, mod_img, mod_txt, rope, kv_cache.get(f"double_{i}"))
 
         x = torch.cat([txt, img], dim=1)
@@ -383,6 +401,8 @@ class Flux2DiT(PretrainedModule, nn.Module):
             x = self._run(block, x, mod_single, rope, kv_cache.get(f"single_{i}"))
 
         img = x[:, txt.shape[1] :]
+        if cache is not None:
+            cache.record(img)
         return self.proj_out(self.norm_out(img, temb))
 
     def _run(self, block: nn.Module, *args):

@@ -220,6 +220,12 @@ class ZImageBlock(nn.Module):
         h = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_ffn))
         return x + gate_ffn.tanh() * self.ffn_norm2(h)
 
+    def modulated_input(self, x: Tensor, temb: Tensor) -> Tensor:
+        """What the attention reads: the normed input scaled by the timestep (a step cache's change
+        signal, as TeaCache measures it)."""
+        scale_attn = self.adaLN_modulation(temb).unsqueeze(1).chunk(4, dim=-1)[0]
+        return self.attention_norm1(x) * (1.0 + scale_attn)
+
 
 class FinalLayer(nn.Module):
     """LayerNorm scaled by the timestep (no shift), then the projection back to patch channels."""
@@ -336,6 +342,11 @@ class ZImageDiT(PretrainedModule, nn.Module):
         """Recompute each block in the backward pass instead of storing its activations."""
         self.gradient_checkpointing = enabled
 
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks one forward runs, refiners included (what a step cache counts)."""
+        return 2 * self.config.num_refiner_layers + self.config.num_layers
+
     # -- forward ----------------------------------------------------------------------------------
 
     def forward(
@@ -374,7 +385,21 @@ class ZImageDiT(PretrainedModule, nn.Module):
         img_ropes = [self._rope(self._image_ids(lay)) for lay in layouts]
         img, img_mask = _batch(img_rows)
         img_rope = _batch_rope(img_ropes)
-        for block in self.noise_refiner:
+        # a step cache (pipelines/step_cache.py) sees the image tokens after its probe blocks and may
+        # forecast the rest of the stack instead of running it; None (the default) changes nothing
+        cache = getattr(self, "block_cache", None)
+        probe = 0 if cache is None else min(cache.probe_blocks, len(self.noise_refiner))
+        for block in self.noise_refiner[:probe]:
+            img = self._run(block, img, img_rope, img_mask, temb)
+        if cache is not None:
+            first = next(iter(self.noise_refiner[probe:] or self.layers), None)
+            signal = img if probe or first is None else first.modulated_input(img, temb)
+            reused = cache.reuse(img, signal, self.num_blocks - probe)
+            if reused is not None:
+                return self._images(
+                    self.all_final_layer[key](reused, temb), layouts, patch_size, f_patch_size
+                )
+        for block in self.noise_refiner[probe:]:
             img = self._run(block, img, img_rope, img_mask, temb)
 
         # caption tokens, padded the same way with their own pad token, refined without the timestep
@@ -396,7 +421,13 @@ class ZImageDiT(PretrainedModule, nn.Module):
         for i, block in enumerate(self.layers):
             seq = self._run(block, seq, rope, mask, temb, kv_cache.get(f"block_{i}"))
 
-        out = self.all_final_layer[key](seq, temb)
+        if cache is not None:  # the image tokens, laid out as ``img`` was
+            cache.record(_batch([seq[i, : lay.image_len] for i, lay in enumerate(layouts)])[0])
+        return self._images(self.all_final_layer[key](seq, temb), layouts, patch_size, f_patch_size)
+
+    @staticmethod
+    def _images(out: Tensor, layouts: list[_Layout], patch_size: int, f_patch_size: int) -> list[Tensor]:
+        """Each sample's output tokens (image first in its row) folded back into latents."""
         return [
             _unpatchify(out[i, : lay.image_tokens], lay.grid, patch_size, f_patch_size)
             for i, lay in enumerate(layouts)

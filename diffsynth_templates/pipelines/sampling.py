@@ -9,6 +9,7 @@ few hooks below (``_text``, ``_tokens``, ``_untokens``, ``_positions``, ``_hidde
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,6 +42,7 @@ from .flux2_prompt import load_tokenizer, read_tokenizer_settings
 from .image_io import ImageLike, image_to_tensor, inpaint_pair, paste_unmasked, place_mask, tensor_to_output
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, validate_lora
+from .step_cache import StepCacheConfig, StepCacheSession, StepCacheStats, resolve_step_cache
 
 
 class FamilyPipeline(PipelineBase):
@@ -57,6 +59,9 @@ class FamilyPipeline(PipelineBase):
     cfg_batching: bool = True
     # KV caches are validated once per call, before the loop; True (debugging) re-checks at every step
     check_kv_each_step: bool = False
+    # what the last call's step cache did (None: the call ran without one)
+    step_cache_stats: StepCacheStats | None = None
+    _step_cache: StepCacheSession | None = None
 
     # -- the template -> pipeline contract ---------------------------------------------------------
 
@@ -164,6 +169,7 @@ class FamilyPipeline(PipelineBase):
         progress: bool = True,
         max_pixels: int | None = None,
         callback_on_step_end: Callable[[FamilyPipeline, int, Tensor, dict], dict | None] | None = None,
+        step_cache: str | StepCacheConfig | None = None,
     ):
         """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
         (``output_type="np"``) or latents (``output_type="latent"``: FLUX.2 the VAE's ``[B, 32, H/8,
@@ -175,6 +181,9 @@ class FamilyPipeline(PipelineBase):
         ``inpaint_mask`` must have ``input_image``'s size (``resize_mask=True`` stretches it to that
         size first); both are placed onto ``height x width`` alike (resized to cover, center-cropped).
         ``max_pixels`` bounds ``height * width`` (default 4096 x 4096).
+        ``step_cache`` (``"quality"``, ``"balanced"``, ``"fast"`` or a ``StepCacheConfig``) forecasts
+        the DiT's block work on some steps instead of computing it (``pipelines/step_cache.py``; what
+        it skipped is in ``pipe.step_cache_stats``); None, the default, computes every step.
         """
         steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
         cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
@@ -182,7 +191,7 @@ class FamilyPipeline(PipelineBase):
             prompt, negative_prompt, height, width, steps, cfg_scale, seed, latents, max_sequence_length,
             input_image, denoising_strength, inpaint_mask, resize_mask, kv_cache, negative_kv_cache, lora,
             negative_lora, extra_text_embedding, negative_extra_text_embedding, output_type, progress,
-            max_pixels, callback_on_step_end, edit_image=edit_image,
+            max_pixels, callback_on_step_end, edit_image=edit_image, step_cache=step_cache,
         )  # fmt: skip
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -213,6 +222,7 @@ class FamilyPipeline(PipelineBase):
         max_pixels: int | None,
         callback_on_step_end: Callable | None,
         edit_image=None,
+        step_cache: str | StepCacheConfig | None = None,
     ):
         """Every argument checked once, both CFG sides' conditioning built and validated once, then
         Euler steps of the family's velocity (inpainting: steered onto the input outside the mask)."""
@@ -237,6 +247,7 @@ class FamilyPipeline(PipelineBase):
             callback_on_step_end,
         )
         seed = check_seed(seed)
+        step_cache = resolve_step_cache(step_cache)
         if edit_image is not None and not self.family.supports_edit_images:
             raise PipelineInputError(
                 f"{type(self).__name__} takes no edit_image: {self.family.edit_images_unsupported}"
@@ -272,9 +283,12 @@ class FamilyPipeline(PipelineBase):
             mask = self._tokens(place_mask(pair[1], height, width, grid=(h, w)).to(self.device))
 
         self._batch_memo = {}
+        self._step_cache = None if step_cache is None else StepCacheSession(step_cache, schedule.sigmas)
         n_steps = len(schedule)
         with self._on_device(self.dit), kv_cache_prevalidated(self.dit, not self.check_kv_each_step):
             for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
+                if self._step_cache is not None:
+                    self._step_cache.step = i
                 cond_i = at_step(cond, i, n_steps)
                 uncond_i = None if uncond is None else at_step(uncond, i, n_steps)
                 velocity = self._velocity(x, t, cond_i, uncond_i, cfg_scale, positions)
@@ -286,6 +300,8 @@ class FamilyPipeline(PipelineBase):
                     out = callback_on_step_end(self, i, t, {"latents": x})
                     x = (out or {}).get("latents", x)
 
+        self.step_cache_stats = None if self._step_cache is None else self._step_cache.stats
+        self._step_cache = None
         check_finite_output(x, "latents after denoising")
         latents_out = self._untokens(x, h, w)
         if output_type == "latent":
@@ -314,7 +330,8 @@ class FamilyPipeline(PipelineBase):
         hidden = self._hidden(x, positions)
         timestep = self._timestep(t, x.shape[0])
         if uncond is None:
-            return adapter.to_velocity(self._model(hidden, timestep, cond, positions))
+            with self._cache_stream("cond", cond):
+                return adapter.to_velocity(self._model(hidden, timestep, cond, positions))
         key = (id(cond.kv_cache), id(uncond.kv_cache))
         if key not in self._batch_memo:  # concatenating the sides' caches once per call, not per step
             batched = (
@@ -323,14 +340,24 @@ class FamilyPipeline(PipelineBase):
             self._batch_memo[key] = batched
         batched = self._batch_memo[key]
         if batched is not None:
-            both = self._model(
-                torch.cat([hidden, hidden]), torch.cat([timestep, timestep]), batched, positions
-            )
+            with self._cache_stream("both", batched):
+                both = self._model(
+                    torch.cat([hidden, hidden]), torch.cat([timestep, timestep]), batched, positions
+                )
             pos, neg = both.chunk(2)
         else:
-            pos = self._model(hidden, timestep, cond, positions)
-            neg = self._model(hidden, timestep, uncond, positions)
+            with self._cache_stream("cond", cond):
+                pos = self._model(hidden, timestep, cond, positions)
+            with self._cache_stream("uncond", uncond):
+                neg = self._model(hidden, timestep, uncond, positions)
         return adapter.guide(pos, neg, cfg_scale)
+
+    def _cache_stream(self, name: str, c):
+        """The step cache of one stream of DiT calls (a CFG side, or both batched), if the call has
+        one; its history restarts when the side's KV tokens change (a step window opened or closed)."""
+        if self._step_cache is None:
+            return contextlib.nullcontext()
+        return self._step_cache.stream(self.dit, name, id(c.kv_cache))
 
     # -- hooks ------------------------------------------------------------------------------------
 
