@@ -53,6 +53,7 @@ CACHE_DIT_CONFIGS = (  # (residual_diff_threshold, max_continuous_cached_steps),
     (0.08, 3),
     (0.16, 5),
     (0.32, 8),
+    (0.64, 12),
 )
 logger = logging.getLogger("step_cache")
 

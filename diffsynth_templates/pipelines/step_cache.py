@@ -8,8 +8,9 @@ blocks (``backbones/flux2_dit.py``, ``backbones/zimage_dit.py``):
 - it measures how far the probe signal (the first blocks' output, or with ``probe_blocks=0`` the
   first block's timestep-modulated input, TeaCache's signal) has moved since the last computed
   step, relative to its size; below ``threshold`` the rest of the stack is skipped (first-block /
-  DBCache style), with at most ``max_skips`` skipped steps in a row and the first ``warmup_steps``
-  and the last ``final_steps`` steps always computed;
+  DBCache style), with at most ``max_skips`` skipped steps in a row (and at most
+  ``max_skip_fraction`` of the call's steps) and the first ``warmup_steps`` and the last
+  ``final_steps`` steps always computed;
 - a skipped step's residual is forecast from the last computed ones by a Taylor series in sigma
   (TaylorSeer style; ``order=0`` reuses the last residual as First-Block-Cache does), added to the
   fresh probe output; the DiT's output head then runs as usual, on this step's timestep.
@@ -51,6 +52,9 @@ class StepCacheConfig:
     threshold: float = 0.25  # relative change of the probe signal since the last computed step
     probe_blocks: int = 0  # leading blocks run on every step; 0: probe the modulated input (free)
     max_skips: int = 6  # skipped steps in a row, at most
+    # ... and at most this fraction of the call's steps (rounded down), so that a short schedule,
+    # whose every step moves further, skips proportionally fewer in a row (20 steps: 2)
+    max_skip_fraction: float = 0.12
     order: int = 1  # Taylor order of the residual forecast (0: reuse the last residual)
     warmup_steps: int = 1  # the first steps, always computed
     final_steps: int = 1  # the last steps, always computed
@@ -60,6 +64,9 @@ class StepCacheConfig:
             raise StepCacheError(f"StepCacheConfig.threshold must be a number >= 0, got {self.threshold!r}")
         if not math.isfinite(self.threshold) or self.threshold < 0:
             raise StepCacheError(f"StepCacheConfig.threshold must be finite and >= 0, got {self.threshold}")
+        fraction = self.max_skip_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise StepCacheError(f"StepCacheConfig.max_skip_fraction must be in [0, 1], got {fraction!r}")
         bounds = {"probe_blocks": 0, "max_skips": 0, "order": 0, "warmup_steps": 1, "final_steps": 0}
         for name, low in bounds.items():
             value = getattr(self, name)
@@ -74,9 +81,9 @@ class StepCacheConfig:
 
 # measured on the toy world (benchmarks/step_cache.py; 50 steps, cfg 1; README, "Step caching")
 PRESETS: dict[str, StepCacheConfig] = {
-    "quality": StepCacheConfig(threshold=0.15, max_skips=4),
-    "balanced": StepCacheConfig(threshold=0.25, max_skips=6),
-    "fast": StepCacheConfig(threshold=0.4, max_skips=8),
+    "quality": StepCacheConfig(threshold=0.15, max_skips=4, max_skip_fraction=0.08),
+    "balanced": StepCacheConfig(threshold=0.25, max_skips=6, max_skip_fraction=0.12),
+    "fast": StepCacheConfig(threshold=0.4, max_skips=8, max_skip_fraction=0.16),
 }
 
 
@@ -157,6 +164,7 @@ class BlockCache:
         self.skips = 0  # skipped steps since the last computed one
         self.condition_key: object = None
         self.step, self.num_steps, self.sigma = 0, 1, 1.0
+        self.max_skips = config.max_skips
         self._probe: Tensor | None = None
         self._skippable = 0
 
@@ -166,13 +174,16 @@ class BlockCache:
             self.history, self.reference, self.skips = [], None, 0
             self.condition_key = condition_key
         self.step, self.num_steps, self.sigma = step, num_steps, sigma
+        self.max_skips = min(
+            self.config.max_skips, math.floor(self.config.max_skip_fraction * num_steps + 1e-9)
+        )
 
     def must_compute(self) -> bool:
         cfg = self.config
         return (
             self.step < cfg.warmup_steps
             or self.step >= self.num_steps - cfg.final_steps
-            or self.skips >= cfg.max_skips
+            or self.skips >= self.max_skips
             or self.reference is None
             or not self.history
         )

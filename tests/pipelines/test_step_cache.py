@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 SIZE = {"flux2": 64, "zimage": 32}
 LORA_MODULE = {"flux2": "single_transformer_blocks.0.attn.to_out", "zimage": "layers.0.attention.to_out.0"}
 # never measures a change too big to skip: what is skipped is decided by max_skips and the ends alone
-ALWAYS_SKIP = dict(threshold=1e9, warmup_steps=1, final_steps=1)
+ALWAYS_SKIP = dict(threshold=1e9, warmup_steps=1, final_steps=1, max_skip_fraction=1.0)
 NEVER_SKIP = StepCacheConfig(threshold=0.0)
 
 
@@ -114,6 +114,15 @@ def test_skipped_blocks_are_counted(pipes, family, probe_blocks):
     assert list(stats.streams) == ["cond"]
 
 
+def test_skip_runs_shrink_with_the_step_count(pipes, family):
+    """At most max_skip_fraction of the steps in a row: 20 steps at 0.1 allow 2, 50 steps allow 5."""
+    pipe = pipes[family]
+    config = StepCacheConfig(threshold=1e9, max_skips=6, max_skip_fraction=0.1, warmup_steps=1, final_steps=0)
+    for steps, computed in ((20, 7), (50, 9), (8, 8)):  # every 3rd / 6th step; 8 steps: no skip allowed
+        run(pipe, family, steps=steps, step_cache=config)
+        assert pipe.step_cache_stats.computed_steps == computed, steps
+
+
 def test_presets_skip_and_stay_close(pipes, family):
     pipe = pipes[family]
     base = run(pipe, family, steps=20)
@@ -185,7 +194,9 @@ def test_batch_rows_keep_their_own_state(pipes, family):
 def test_a_step_window_opening_restarts_the_history(pipes, family):
     """A KV template that starts halfway changes the conditioning: that step is computed afresh."""
     pipe = pipes[family]
-    forever = StepCacheConfig(threshold=1e9, max_skips=100, warmup_steps=1, final_steps=0)
+    forever = StepCacheConfig(
+        threshold=1e9, max_skips=100, max_skip_fraction=1.0, warmup_steps=1, final_steps=0
+    )
     run(pipe, family, steps=10, step_cache=forever)
     assert pipe.step_cache_stats.computed_steps == 1
     late = ScheduledKVCache([(random_kv(pipe.dit, 3, 2), 0.5, 1.0)])
@@ -215,6 +226,7 @@ def test_taylor_forecast_is_exact_on_polynomials_of_its_order(order):
         (dict(threshold=float("nan")), "threshold must be finite"),
         (dict(threshold="0.1"), "threshold must be a number"),
         (dict(max_skips=-1), "max_skips must be an integer >= 0"),
+        (dict(max_skip_fraction=1.5), r"max_skip_fraction must be in \[0, 1\], got 1.5"),
         (dict(probe_blocks=1.5), "probe_blocks must be an integer"),
         (dict(warmup_steps=0), "warmup_steps must be an integer >= 1"),
         (dict(order=4), "order must be 0..3"),
