@@ -300,7 +300,7 @@ class FamilyPipeline(PipelineBase):
                     out = callback_on_step_end(self, i, t, {"latents": x})
                     x = (out or {}).get("latents", x)
 
-        self.step_cache_stats = None if self._step_cache is None else self._step_cache.stats
+        self.step_cache_stats = None if self._step_cache is None else self._step_cache.finish()
         self._step_cache = None
         check_finite_output(x, "latents after denoising")
         latents_out = self._untokens(x, h, w)

@@ -224,6 +224,15 @@ class StepCacheSession:
         self.stats = StepCacheStats()
         self.caches: dict[str, BlockCache] = {}
 
+    def finish(self) -> StepCacheStats:
+        """The call's statistics, logged once."""
+        s = self.stats
+        logger.info(
+            "step cache: %d of %d block computations skipped (%.2fx fewer), %d of %d DiT calls forecast",
+            s.skipped_blocks, s.total_blocks, s.reduction, s.skipped_steps, s.computed_steps + s.skipped_steps,
+        )  # fmt: skip
+        return s
+
     @contextlib.contextmanager
     def stream(self, model: torch.nn.Module, name: str, condition_key: object) -> Iterator[None]:
         """Inside, ``model``'s forward consults the cache of stream ``name`` at the current step."""
