@@ -16,7 +16,7 @@ from diffsynth_templates.pipelines.families import FAMILIES
 from diffsynth_templates.pipelines.kv_schedule import merge_kv_caches, with_log_strength
 from diffsynth_templates.pipelines.lora import applied_lora
 from diffsynth_templates.templates import TemplateCacheError, TemplateInputError, TemplatePipeline
-from diffsynth_templates.templates.cache import scale_lora
+from diffsynth_templates.templates.cache import TemplateOutput, apply_strength, scale_lora
 from diffsynth_templates.templates.residency import HostStore
 from diffsynth_templates.templates.schema import InputField
 from tests.templates.helpers import (
@@ -267,3 +267,23 @@ def test_cli_parses_strength(tiny_klein_root, tmp_path, capsys):
             infer.main([*common, "--template_input", f"strength={bad}", "--output", str(tmp_path / "x.png")])
         assert exit_info.value.code == 2
         assert "template_input[0]: strength must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_call_settings_are_kept_at_any_positive_strength():
+    """An inpainting template's mask and image are not a matter of degree: its KV is scaled, they stay."""
+    k, mask = torch.randn(1, 2, 2, 4), torch.ones(1, 1, 4, 4)
+    out = TemplateOutput("inpaint", {"kv_cache": {"b": (k, k)}, "inpaint_mask": mask}, strength=0.5)
+    scaled = apply_strength(out)
+    assert scaled.cache["inpaint_mask"] is mask and out.cache["kv_cache"]["b"] == (k, k)  # input untouched
+    torch.testing.assert_close(scaled.cache["kv_cache"]["b"][2], torch.full((1, 2), math.log(0.5)))
+    assert apply_strength(TemplateOutput("inpaint", out.cache, strength=0.0)) is None
+    assert apply_strength(TemplateOutput("inpaint", out.cache)).cache is out.cache
+
+
+def test_a_strength_sweep_runs_the_template_once(tmp_path, pipes):
+    pipe = pipes["flux2"]
+    folder, item = one(tmp_path, pipe, "kv")
+    tp = templates([folder])
+    images = [run(tp, pipe, [{**item, "strength": s}]) for s in (0.0, 0.5, 1.0, 1.5)]
+    assert tp.memo.misses == 1 and tp.memo.hits == 3  # strength is applied at merge time
+    assert len({im.tobytes() for im in images}) == 4
