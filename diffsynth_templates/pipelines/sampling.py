@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.attention import KVCache, kv_cache_prevalidated
 from ..backbones.qwen3 import Qwen3TextEncoder
-from ..loading import write_json_atomic
+from ..loading import read_config, write_json_atomic
 from .common import (
     ComponentFolders,
     PipelineBase,
@@ -97,6 +97,43 @@ class FamilyPipeline(PipelineBase):
             dit=dit, vae=vae, text_encoder=te, tokenizer=tok, device=device, torch_dtype=torch_dtype,
             prompt_encoder=prompt_encoder,
         )  # fmt: skip
+
+    @classmethod
+    def from_folders(
+        cls, folders: ComponentFolders, device, torch_dtype, dit: Any = "load", name: str | None = None
+    ) -> FamilyPipeline:
+        """The pipeline from component folders resolved already: ``from_pretrained`` (so ``infer.py``)
+        and both training stages build through here. ``dit=None`` (stage I, which never runs the DiT)
+        puts a weightless skeleton in its place; ``name`` is the model as the user named it (some
+        families read their variant from it; default: the folders' source)."""
+        if dit is None:
+            config = cls.family.dit_config_class.from_diffusers(read_config(folders["transformer"]))
+            with torch.device("meta"):
+                dit = cls.family.dit_class(config)
+        components = cls.load_components(folders, device, torch_dtype, dit)
+        return cls(**components, **cls._folder_settings(folders, name or str(folders)))
+
+    @classmethod
+    def _folder_settings(cls, folders: ComponentFolders, name: str) -> dict[str, Any]:
+        """Constructor arguments a family reads from its model folder besides the components."""
+        return {}
+
+    def _settings(self) -> dict[str, Any]:
+        """The constructor arguments besides the components that ``with_dit`` carries over."""
+        return {}
+
+    def with_dit(self, dit: torch.nn.Module) -> FamilyPipeline:
+        """A pipeline around ``dit`` (in its dtype) sharing this one's text encoder, VAE and settings
+        (the trainer's validation images come from the DiT being trained)."""
+        dtype = next(dit.parameters()).dtype
+        return type(self)(
+            dit, self.vae, self.text_encoder, self.tokenizer, self.device, dtype, self.prompt_encoder,
+            **self._settings(),
+        )  # fmt: skip
+
+    def prompt_features(self, prompt: str, max_sequence_length: int) -> Tensor:
+        """One prompt's text features ``[L, D]``, as the trainer's stage I stores them."""
+        raise NotImplementedError
 
     @staticmethod
     def _folders(source, torch_dtype, device, revision, cache_dir, offline, **overrides):
