@@ -4,11 +4,13 @@ between and above scale the effect; bad values are refused."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from diffsynth_templates.backbones.attention import attention
@@ -267,6 +269,42 @@ def test_cli_parses_strength(tiny_klein_root, tmp_path, capsys):
             infer.main([*common, "--template_input", f"strength={bad}", "--output", str(tmp_path / "x.png")])
         assert exit_info.value.code == 2
         assert "template_input[0]: strength must be a finite number >= 0" in capsys.readouterr().err
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"template_inputs": [{"model_id": 0, "strength": -0.1}]}))
+    with pytest.raises(SystemExit):
+        infer.main([*common, "--job", str(job), "--output", str(tmp_path / "x.png")])
+    error = capsys.readouterr().err
+    assert "template_input[0]: strength must be a finite number >= 0" in error and "got -0.1" in error
+
+
+def test_cli_strength_zero_is_the_plain_image(tiny_klein_root, tmp_path):
+    import infer
+    from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline
+
+    folder = kv_template(tmp_path, Flux2ImagePipeline.from_pretrained(tiny_klein_root, device="cpu"), "kv", 0)
+    common = ["--model", str(tiny_klein_root), "--height", "32", "--width", "32", "--steps", "2",
+              "--max_sequence_length", "16", "--quiet", "--device", "cpu"]  # fmt: skip
+    plain = infer.main([*common, "--output", str(tmp_path / "plain.png")])[0]
+    runs = {
+        s: infer.main(
+            [
+                *common,
+                "--template",
+                str(folder),
+                "--template_input",
+                f"scale=0.8 strength={s}",
+                "--output",
+                str(tmp_path / f"s{s}.png"),
+            ]
+        )[0]  # fmt: skip
+        for s in ("0", "0.5", "1")
+    }
+    pixels = {s: np.asarray(Image.open(p)).astype(int) for s, p in {"plain": plain, **runs}.items()}
+    assert np.array_equal(pixels["0"], pixels["plain"])
+    assert np.abs(pixels["1"] - pixels["plain"]).max() > 0 and np.abs(pixels["0.5"] - pixels["1"]).max() > 0
+    assert json.loads(Image.open(runs["0.5"]).text["parameters"])["template_inputs"] == [
+        {"scale": 0.8, "strength": 0.5}
+    ]
 
 
 def test_call_settings_are_kept_at_any_positive_strength():
