@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from diffsynth_templates.backbones.attention import attention
+from diffsynth_templates.backbones.attention import KVCacheError, attention
 from diffsynth_templates.pipelines.families import FAMILIES
 from diffsynth_templates.pipelines.kv_schedule import merge_kv_caches, with_log_strength
 from diffsynth_templates.pipelines.lora import applied_lora
@@ -325,3 +325,14 @@ def test_a_strength_sweep_runs_the_template_once(tmp_path, pipes):
     images = [run(tp, pipe, [{**item, "strength": s}]) for s in (0.0, 0.5, 1.0, 1.5)]
     assert tp.memo.misses == 1 and tp.memo.hits == 3  # strength is applied at merge time
     assert len({im.tobytes() for im in images}) == 4
+
+
+def test_a_bias_of_the_wrong_shape_is_named(pipes):
+    dit = pipes["flux2"].dit
+    spec = dit.kv_block_specs["single_0"]
+    k = torch.randn(1, 3, spec.heads, spec.head_dim)
+    dit.validate_kv_cache({"single_0": (k, k, torch.zeros(1, 3))})
+    with pytest.raises(
+        KVCacheError, match=r"\['single_0'\] third entry must be .* float logit bias \[1 or batch, 3\]"
+    ):
+        dit.validate_kv_cache({"single_0": (k, k, torch.zeros(1, 4))})
