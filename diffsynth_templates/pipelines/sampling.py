@@ -40,9 +40,10 @@ from .flux2_prompt import load_tokenizer, read_tokenizer_settings
 from .image_io import image_to_tensor, inpaint_pair, paste_unmasked, place_mask, tensor_to_output
 from .kv_schedule import ScheduledKVCache
 from .lora import validate_lora
+from .lora_adapters import LoRAAdaptersMixin
 
 
-class FamilyPipeline(PipelineBase):
+class FamilyPipeline(LoRAAdaptersMixin, PipelineBase):
     """What both pipelines share; subclasses set the class attributes and fill the hooks."""
 
     family: ClassVar[Family]
@@ -213,7 +214,11 @@ class FamilyPipeline(PipelineBase):
 
         self._batch_memo = {}
         n_steps = len(schedule)
-        with self._on_device(self.dit), kv_cache_prevalidated(self.dit, not self.check_kv_each_step):
+        with (
+            self._on_device(self.dit),
+            kv_cache_prevalidated(self.dit, not self.check_kv_each_step),
+            self.loaded_loras_applied(),
+        ):
             for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
                 cond_i = at_step(cond, i, n_steps)
                 uncond_i = None if uncond is None else at_step(uncond, i, n_steps)
