@@ -41,6 +41,7 @@ from .image_io import image_to_tensor, inpaint_pair, paste_unmasked, place_mask,
 from .kv_schedule import ScheduledKVCache
 from .lora import validate_lora
 from .lora_adapters import LoRAAdaptersMixin
+from .single_file import load_family_dit
 
 
 class FamilyPipeline(LoRAAdaptersMixin, PipelineBase):
@@ -84,10 +85,8 @@ class FamilyPipeline(LoRAAdaptersMixin, PipelineBase):
         """The constructor's components from their folders, resolved already: what ``from_pretrained``
         (so ``infer.py``), the trainer's stage I (``dit=None``: no DiT weights) and stage II all load
         through."""
-        if isinstance(dit, str):
-            dit = cls.family.dit_class.from_pretrained(
-                folders["transformer"], torch_dtype=torch_dtype, device=device
-            )
+        if isinstance(dit, str):  # its folder, or the one file --transformer named
+            dit = load_family_dit(cls.family, folders, torch_dtype, device)
         te = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=torch_dtype, device=device)
         vae = cls.vae_class.from_pretrained(folders["vae"], torch_dtype=torch_dtype, device=device)
         tok = load_tokenizer(folders["tokenizer"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -38,6 +39,8 @@ class CheckpointLayout:
     pattern: str  # a regex found in a key (after the prefix) only in this layout: how messages name it
     slot: Callable[[str], Slot | None]  # our module path -> its native slot (None: not in the layout)
     export_prefix: str = "diffusion_model."  # what exported LoRA keys start with (ComfyUI reads it)
+    # {native key: shape} of a single file -> the DiT config it was saved from (None: needs config.json)
+    infer_config: Callable[[dict[str, tuple[int, ...]]], Any] | None = None
 
     def strip(self, key: str) -> str:
         for prefix in self.prefixes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from ...backbones.flux2_dit import Flux2DiTConfig
 from .checkpoint_layout import CheckpointLayout, Slot
 
 _NORM = (("weight", "scale"),)
@@ -69,10 +70,35 @@ def bfl_slot(name: str) -> Slot | None:
     return Slot(f"double_blocks.{i}.{_DOUBLE_NORMS[rest]}", params=_NORM) if rest in _DOUBLE_NORMS else None
 
 
+def infer_config(shapes: dict[str, tuple[int, ...]]) -> Flux2DiTConfig:
+    """A klein config from a BFL file's shapes; the RoPE axes split the head evenly in four (klein's
+    128 = 4 x 32), rope theta and eps are klein's."""
+
+    def count(prefix: str) -> int:
+        return len({k.split(".")[1] for k in shapes if k.startswith(prefix)})
+
+    hidden, in_channels = shapes["img_in.weight"]
+    head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    return Flux2DiTConfig(
+        in_channels=in_channels,
+        out_channels=shapes["final_layer.linear.weight"][0],
+        num_double_blocks=count("double_blocks."),
+        num_single_blocks=count("single_blocks."),
+        num_heads=hidden // head_dim,
+        head_dim=head_dim,
+        text_dim=shapes["txt_in.weight"][1],
+        mlp_ratio=shapes["double_blocks.0.img_mlp.0.weight"][0] / 2 / hidden,
+        axes_dims_rope=(head_dim // 4,) * 4,
+        timestep_channels=shapes["time_in.in_layer.weight"][1],
+        guidance_embeds="guidance_in.in_layer.weight" in shapes,
+    )
+
+
 BFL = CheckpointLayout(
     name="bfl",
     title="BFL / ComfyUI / ai-toolkit (double_blocks.N.img_attn.qkv, single_blocks.N.linear1)",
     prefixes=("model.diffusion_model.", "diffusion_model.", "transformer."),
     pattern=r"^(double_blocks|single_blocks|img_in|txt_in|time_in|guidance_in|final_layer)\.|_modulation\w*\.lin\b",
     slot=bfl_slot,
+    infer_config=infer_config,
 )
