@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .common import check_finite_cache
 from .lora import LoRAError, applied_lora, split_lora, validate_lora
-from .lora_files import convert_lora, read_lora_file, resolve_lora_source
+from .lora_files import convert_lora, read_lora_file, resolve_lora_source, save_lora_file
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,17 @@ class LoRAAdaptersMixin:
             modules[module].weight.copy_(original)
         for adapter in self.lora_adapters.values():
             adapter.fused = False
+
+    def save_lora(
+        self, lora: Mapping[str, Tensor] | str, path: str | os.PathLike, fmt: str = "comfyui"
+    ) -> Path:
+        """Write a LoRA cache (a template's ``lora`` output, a trained ``dit_lora``) or a loaded
+        adapter (by name, its scale folded in) as a file ComfyUI (``"comfyui"``) or diffusers
+        (``"diffusers"``) loads."""
+        if isinstance(lora, str):
+            adapter = self._adapter(lora)
+            lora = {k: v * adapter.scale if ".lora_B." in k else v for k, v in adapter.lora.items()}
+        return save_lora_file(lora, path, self.family, fmt)
 
     @contextlib.contextmanager
     def loaded_loras_applied(self) -> Iterator[None]:
