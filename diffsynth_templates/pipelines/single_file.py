@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..loading.model_loading import load_module_from_state_dict, read_config
 from ..loading.safetensors_io import CheckpointError, load_safetensors
 from .families import Family
-from .families.checkpoint_layout import parameter_modules
+from .families.checkpoint_layout import join, parameter_modules
 from .lora_files import swap_halves
 
 logger = logging.getLogger(__name__)
@@ -77,21 +77,21 @@ def to_our_names(
     plain = {k.removeprefix("transformer."): v for k, v in state.items()}
     if set(plain) == ours or layout is None:
         return plain
-    stripped = {layout.strip(k): v for k, v in state.items()}
+    stripped = {layout.strip(k): v for k, v in state.items() if layout.strip(k) not in layout.unused_keys}
     out, missing, used = {}, [], set()
     for name in parameter_modules(model):
         slot = layout.slot(name)
         renames = dict(slot.params) if slot else {}
         for param, _ in model.get_submodule(name).named_parameters(recurse=False):
-            key = f"{slot.module}.{renames.get(param, param)}" if slot else None
+            key = join(slot.module, renames.get(param, param)) if slot else None
             if key not in stripped:
-                missing.append(key or f"{name}.{param}")
+                missing.append(key or join(name, param))
                 continue
             used.add(key)
             value = swap_halves(stripped[key]) if slot.swap_halves else stripped[key]
             if slot.chunks > 1:
                 value = value.chunk(slot.chunks)[slot.index]
-            out[f"{name}.{param}"] = value.contiguous()
+            out[join(name, param)] = value.contiguous()
     unexpected = sorted(set(stripped) - used)
     if missing or unexpected:
         native = sum(layout.is_native(k) for k in state)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from diffsynth_templates.backbones.flux2_dit import Flux2DiT
 from diffsynth_templates.loading.safetensors_io import CheckpointError
 from diffsynth_templates.pipelines.families import FAMILIES
-from diffsynth_templates.pipelines.families.checkpoint_layout import parameter_modules
+from diffsynth_templates.pipelines.families.checkpoint_layout import join, parameter_modules
 from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline
 from diffsynth_templates.pipelines.lora_files import swap_halves
 from diffsynth_templates.pipelines.single_file import SingleFileError, load_single_file_dit
@@ -23,18 +23,17 @@ PROMPTS = ["a photo of a cat sitting on a windowsill", "a red car", "a bowl of f
 FLUX2 = FAMILIES["flux2"]
 
 
-def to_bfl(dit: Flux2DiT) -> dict[str, torch.Tensor]:
-    """Our weights in the BFL naming (fused qkv, swapped output AdaLN, norm scales)."""
-    layout = FLUX2.checkpoint_layout
+def to_bfl(dit: Flux2DiT, layout=FLUX2.checkpoint_layout) -> dict[str, torch.Tensor]:
+    """Our weights in the BFL naming (fused qkv, swapped output AdaLN, norm scales), or another
+    family's native ``layout``."""
     state = dit.state_dict()
     out: dict[str, list] = {}
     for name in parameter_modules(dit):
         slot = layout.slot(name)
         renames = dict(slot.params)
         for param, _ in dit.get_submodule(name).named_parameters(recurse=False):
-            out.setdefault(f"{slot.module}.{renames.get(param, param)}", []).append(
-                (slot, state[f"{name}.{param}"])
-            )
+            key = join(slot.module, renames.get(param, param))
+            out.setdefault(key, []).append((slot, state[join(name, param)]))
     bfl = {}
     for key, parts in out.items():
         value = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0].index)])

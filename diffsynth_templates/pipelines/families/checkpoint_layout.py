@@ -41,6 +41,7 @@ class CheckpointLayout:
     export_prefix: str = "diffusion_model."  # what exported LoRA keys start with (ComfyUI reads it)
     # {native key: shape} of a single file -> the DiT config it was saved from (None: needs config.json)
     infer_config: Callable[[dict[str, tuple[int, ...]]], Any] | None = None
+    unused_keys: tuple[str, ...] = ()  # native single-file keys the model does not use (dropped on load)
 
     def strip(self, key: str) -> str:
         for prefix in self.prefixes:
@@ -61,6 +62,11 @@ class CheckpointLayout:
         for name, s in self.slots(modules).items():
             groups.setdefault(s.module, []).append((name, s))
         return {k: sorted(v, key=lambda e: e[1].index) for k, v in groups.items()}
+
+
+def join(module: str, leaf: str) -> str:
+    """``module.leaf``, or ``leaf`` for the root module (``""``)."""
+    return f"{module}.{leaf}" if module else leaf
 
 
 def parameter_modules(model: nn.Module) -> list[str]:

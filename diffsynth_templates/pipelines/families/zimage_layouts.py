@@ -40,4 +40,5 @@ OFFICIAL = CheckpointLayout(
     prefixes=("model.diffusion_model.", "diffusion_model.", "transformer."),
     pattern=r"^(x_embedder|final_layer)\.|\.attention\.(qkv|out|q_norm|k_norm)\.",
     slot=official_slot,
+    unused_keys=("norm_final.weight",),  # in the official files, read by no layer
 )
