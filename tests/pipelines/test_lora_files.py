@@ -194,3 +194,27 @@ def test_unmatched_and_foreign_loras_are_named(pipe, pipes):
     with pytest.raises(LoRAError, match="DoRA"):
         pipe.load_lora(dora)
     assert not pipe.lora_adapters
+
+
+def test_output_adaln_lora_follows_the_bfl_weight_order(pipe, tiny_klein_root, tmp_path):
+    """A BFL LoRA on ``final_layer.adaLN_modulation.1`` (rows: shift, scale) lands on our
+    ``norm_out.linear`` (rows: scale, shift) exactly as the same delta added to the BFL single file's
+    weight does (ComfyUI's reading; diffusers' LoRA converter does not swap these rows)."""
+    from diffsynth_templates.pipelines.single_file import load_single_file_dit
+    from tests.pipelines.test_single_file import to_bfl
+
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(RANK, pipe.dit.norm_out.linear.in_features, generator=g) * 0.3
+    b = torch.randn(pipe.dit.norm_out.linear.out_features, RANK, generator=g) * 0.3
+    key = "final_layer.adaLN_modulation.1"
+    pipe.load_lora({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}, adapter_name="head")
+    pipe.fuse_lora()
+    fused = pipe.dit.norm_out.linear.weight.clone()
+    pipe.unfuse_lora()
+    pipe.unload_lora()
+    bfl = to_bfl(pipe.dit)
+    bfl[f"{key}.weight"] = bfl[f"{key}.weight"] + b @ a
+    path = tmp_path / "head.safetensors"
+    save_file(bfl, str(path))
+    dit = load_single_file_dit(FAMILIES["flux2"], path, tiny_klein_root / "transformer")
+    assert torch.allclose(dit.norm_out.linear.weight, fused, atol=1e-6)

@@ -41,14 +41,16 @@ def to_bfl(dit: Flux2DiT, layout=FLUX2.checkpoint_layout) -> dict[str, torch.Ten
     return {k: v.contiguous() for k, v in bfl.items()}
 
 
-def fp8_scaled(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's fp8_scaled: each Linear weight in e4m3 with a per-tensor ``scale_weight``."""
+def fp8_scaled(bfl: dict[str, torch.Tensor], name="scale_weight", per_row=False) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8_scaled: each Linear weight in e4m3 with a per-tensor ``scale_weight`` (newer
+    files: ``weight_scale``, possibly one per output row)."""
     out = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     for key, value in bfl.items():
         if value.ndim == 2:
-            scale = value.abs().max().float() / 448
+            amax = value.abs().amax(dim=1, keepdim=True) if per_row else value.abs().max()
+            scale = amax.float().clamp_min(1e-12) / 448
             out[key] = (value.float() / scale).to(torch.float8_e4m3fn)
-            out[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+            out[key.removesuffix(".weight") + f".{name}"] = scale.reshape(-1) if per_row else scale.reshape(1)
         else:
             out[key] = value
     return out
@@ -105,9 +107,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([10 * np.log10(1 / np.mean((x - y) ** 2)) for x, y in zip(a, b, strict=True)]))
 
 
-def test_fp8_scaled_single_file_within_psnr(folder_pipe, tiny_klein_root, tmp_path):
+@pytest.mark.parametrize(("name", "per_row"), [("scale_weight", False), ("weight_scale", True)])
+def test_fp8_scaled_single_file_within_psnr(folder_pipe, tiny_klein_root, tmp_path, name, per_row):
     path = tmp_path / "klein_fp8_scaled.safetensors"
-    save_file(fp8_scaled(to_bfl(folder_pipe.dit)), str(path))
+    save_file(fp8_scaled(to_bfl(folder_pipe.dit), name, per_row), str(path))
     pipe = Flux2ImagePipeline.from_pretrained(
         tiny_klein_root, torch_dtype=torch.float32, device="cpu", transformer=str(path)
     )
