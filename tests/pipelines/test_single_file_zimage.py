@@ -41,3 +41,19 @@ def test_official_single_file_equals_the_folder_model(tiny_zimage_root, tmp_path
     assert all(torch.equal(v, state[k]) and v.dtype == dtype for k, v in dit.state_dict().items())
     with pytest.raises(SingleFileError, match="transformer/config.json"):
         load_single_file_dit(ZIMAGE, path)  # Z-Image's config is not read from shapes
+
+
+def test_transformer_file_through_from_pretrained(tiny_zimage_root, tmp_path):
+    import numpy as np
+
+    from diffsynth_templates.pipelines.zimage_pipeline import ZImagePipeline
+    from tests.pipelines.test_zimage_pipeline import run
+
+    folder = ZImagePipeline.from_pretrained(tiny_zimage_root, torch_dtype=torch.float32, device="cpu")
+    path = tmp_path / "z_image.safetensors"
+    save_file(to_official(folder.dit), str(path))
+    single = ZImagePipeline.from_pretrained(
+        tiny_zimage_root, torch_dtype=torch.float32, device="cpu", transformer=str(path)
+    )
+    assert single.variant == folder.variant and single.shift == folder.shift
+    assert np.array_equal(run(single, cfg_scale=3.0), run(folder, cfg_scale=3.0))
