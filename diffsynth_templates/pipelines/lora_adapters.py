@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -35,11 +36,7 @@ class LoadedLoRA:
 
 
 def _check_scale(scale: object, name: str) -> float:
-    if (
-        isinstance(scale, bool)
-        or not isinstance(scale, (int, float))
-        or not torch.isfinite(torch.tensor(scale))
-    ):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise LoRAError(f"the scale of LoRA {name!r} must be a finite number, got {scale!r}")
     return float(scale)
 

@@ -218,3 +218,24 @@ def test_output_adaln_lora_follows_the_bfl_weight_order(pipe, tiny_klein_root, t
     save_file(bfl, str(path))
     dit = load_single_file_dit(FAMILIES["flux2"], path, tiny_klein_root / "transformer")
     assert torch.allclose(dit.norm_out.linear.weight, fused, atol=1e-6)
+
+
+def test_adapter_misuse_is_named(pipe, tmp_path):
+    lora = as_layout(bfl_lora(pipe.dit), "bfl")
+    name = pipe.load_lora(lora, adapter_name="x")
+    try:
+        with pytest.raises(LoRAError, match="loaded already"):
+            pipe.load_lora(lora, adapter_name="x")
+        with pytest.raises(LoRAError, match="finite number"):
+            pipe.set_lora_scale(name, float("nan"))
+        with pytest.raises(LoRAError, match=r"no LoRA named 'y'.*\['x'\]"):
+            pipe.set_lora_scale("y", 1.0)
+    finally:
+        pipe.unload_lora()
+    (tmp_path / "lora.ckpt").write_bytes(b"not read")
+    with pytest.raises(LoRAError, match="safetensors"):
+        pipe.load_lora(tmp_path / "lora.ckpt")
+    unpaired = {k: v for k, v in lora.items() if not k.endswith("img_attn.proj.lora_B.weight")}
+    with pytest.raises(LoRAError, match=r"img_attn\.proj' has no lora_B"):
+        pipe.load_lora(unpaired)
+    assert not pipe.lora_adapters
