@@ -69,14 +69,16 @@ def test_off_is_the_default_and_leaves_no_stats(pipes, family):
 
 @pytest.mark.parametrize("probe_blocks", [0, 1])
 def test_every_step_computed_is_bit_identical_to_off(pipes, family, probe_blocks):
-    """With templates (KV on both CFG sides, a LoRA, a step window) and CFG batched or not: a cache
+    """With templates (KV on both CFG sides, a strength bias, a LoRA, a step window) and CFG batched or not: a cache
     that computes every step gives exactly the uncached image, so computed steps are untouched."""
     pipe = pipes[family]
     kv, negative_kv = random_kv(pipe.dit, 4, 0), random_kv(pipe.dit, 4, 1)
     late = ScheduledKVCache([(random_kv(pipe.dit, 3, 2), 0.5, 1.0)])
     config = StepCacheConfig(threshold=0.0, probe_blocks=probe_blocks)
+    # a template at strength 0.5: its KV tokens carry a log-strength logit bias (DESIGN.md 4.7)
+    weakened = {name: (k, v, torch.full((1, k.shape[1]), -0.69)) for name, (k, v) in kv.items()}
     calls = [
-        dict(kv_cache=kv, lora=random_lora(pipe.dit, family, 0)),
+        dict(kv_cache=weakened, lora=random_lora(pipe.dit, family, 0)),
         dict(kv_cache=late, cfg_scale=3.0, negative_kv_cache=negative_kv, negative_prompt="blurry"),
     ]
     for batching in (True, False):
