@@ -53,6 +53,13 @@ from ..loading.write_safety import (
 from ..templates.folder import TemplateSpec, save_template_folder
 from .components import TemplateHandle
 from .config import TrainConfig
+from .distributed import (
+    gather_optimizer_state,
+    gather_tensors,
+    is_fsdp,
+    shard_optimizer_state,
+    shard_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,13 +229,13 @@ def _saved_tensors(full: dict[str, Tensor], config: TrainConfig, template) -> di
     return {k: v for k, v in full.items() if k.startswith(tuple(prefixes))}
 
 
-def _check_finite_before_saving(final: Path, weights: dict[str, Tensor], optimizer_state) -> None:
+def _check_finite_before_saving(
+    final: Path, weights: dict[str, Tensor], optimizer_tensors: dict[str, Tensor] | None
+) -> None:
     try:
         check_finite_state(weights, f"refusing to write {final}: the trained weights")
-        if optimizer_state is not None:
-            check_finite_state(
-                flatten_optimizer_state(optimizer_state)[0], f"refusing to write {final}: the optimizer state"
-            )
+        if optimizer_tensors is not None:
+            check_finite_state(optimizer_tensors, f"refusing to write {final}: the optimizer state")
     except NonFiniteError as e:
         raise NonFiniteError(
             f"{e}. Training diverged: lower --learning_rate (or raise --warmup_steps) and resume from the last "
@@ -255,10 +262,10 @@ def save_checkpoint(
     from accelerate.utils import broadcast_object_list
 
     final = output_path / f"checkpoint-{state.step}"
-    full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state_dict otherwise
-    optimizer_state = optimizer.state_dict() if save_optimizer else None
     check_checkpoint_targets(output_path, [state.step])
-    _check_finite_before_saving(final, _saved_tensors(full, config, template), optimizer_state)
+    full, optimizer_state = _trained_state(
+        accelerator, model, optimizer, save_optimizer, config, template, final
+    )
     main = accelerator.is_main_process
     staging = [None]
     if main:
@@ -306,6 +313,30 @@ def save_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _trained_state(accelerator, model, optimizer, save_optimizer: bool, config, template, final: Path):
+    """The module's state dict and the optimizer's, whole and checked finite on every rank.
+
+    Under FSDP2 only the trained tensors are gathered, one at a time, and only rank 0 keeps them (the
+    other ranks get empty dicts after checking every tensor too).
+    """
+    if not is_fsdp(accelerator):
+        full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state_dict otherwise
+        optimizer_state = optimizer.state_dict() if save_optimizer else None
+        flat = None if optimizer_state is None else flatten_optimizer_state(optimizer_state)[0]
+        _check_finite_before_saving(final, _saved_tensors(full, config, template), flat)
+        return full, optimizer_state
+    main = accelerator.is_main_process
+    trained = _saved_tensors(accelerator.unwrap_model(model).state_dict(), config, template)
+    full = gather_tensors(
+        trained.items(), main, lambda k, v: _check_finite_before_saving(final, {k: v}, None)
+    )
+    optimizer_state = None
+    if save_optimizer:
+        check = lambda k, v: _check_finite_before_saving(final, {}, {k: v})  # noqa: E731
+        optimizer_state = gather_optimizer_state(optimizer.state_dict(), main, check) or None
+    return full, optimizer_state
 
 
 def copy_spec(template: TemplateHandle) -> TemplateSpec:
@@ -505,11 +536,15 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, config: TrainCo
             rng[int(index)] = (_read_tensors(json_path.with_suffix(".safetensors")), _read_json(json_path))
 
     unwrapped = accelerator.unwrap_model(model)
+    sharded = is_fsdp(accelerator)  # whole tensors are cut into this rank's shards
     with torch.no_grad():
         for name, (tensors, path) in loaded.items():
-            _load_into(getattr(unwrapped, name), tensors, path)
+            module = getattr(unwrapped, name)
+            _load_into(module, shard_state_dict(module, tensors) if sharded else tensors, path)
     try:
-        optimizer.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(
+            shard_optimizer_state(optimizer, optimizer_state) if sharded else optimizer_state
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise DamagedCheckpointError(f"{str(optimizer_path)!r} does not fit the optimizer: {e}") from e
     state = TrainingState(**{k: saved[k] for k in ("step", "epoch", "batch_in_epoch", "num_processes")})

@@ -11,8 +11,12 @@
 The base model's backbone (FLUX.2-klein or Z-Image) is read from its folder (``backbones``); it picks
 the loaders, the text encoding and the objective, and is part of the cache fingerprint.
 
-Multi-process runs go through ``accelerate`` (DDP; DeepSpeed when the accelerate config selects it,
-in which case accelerate imports ``deepspeed``, nothing here does).
+Multi-process runs go through ``accelerate``: DDP, FSDP2 (``distributed``: sharded weights, gradients and
+optimizer state, checkpoints gathered to rank 0) or DeepSpeed when the accelerate config selects it (then
+accelerate imports ``deepspeed``, nothing here does). With ``W`` processes and ``A`` accumulation steps,
+rank ``r``'s micro-batch ``m`` draws its noise as micro-batch ``m * W + r`` of a one-process run with
+``W * A`` accumulation steps, which sees the same samples in the same order: every mode trains the same
+model as one process.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from .components import (
 )
 from .config import ConfigError, TrainConfig
 from .dataset import BucketBatchSampler, DatasetConfig, DatasetError, TemplateDataset, read_metadata
+from .distributed import check_fsdp, enable_cpu_fsdp, is_fsdp, local_norm, mark_shard_groups
 from .dit_lora import DiTLoRA
 from .feature_cache import (
     ContentStore,
@@ -147,11 +152,15 @@ def make_accelerator(config: TrainConfig):
     handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(hours=4))]
     if config.find_unused_parameters:
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=handlers,
     )
+    enable_cpu_fsdp(accelerator)  # CPU runs launched with an FSDP config: accelerate's FSDP2 path, on gloo
+    if is_fsdp(accelerator):
+        check_fsdp(accelerator)
+    return accelerator
 
 
 def _is_deepspeed(accelerator) -> bool:
@@ -351,7 +360,7 @@ def _total_steps(config: TrainConfig, sizes: list, world: int) -> int:
 
 def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> TrainResult:
     accelerator = make_accelerator(config)
-    main, world = accelerator.is_main_process, accelerator.num_processes
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     device, dtype = accelerator.device, model_dtype(config)
     _seed_everything(config.seed)
     output_path = Path(config.output_path)
@@ -392,6 +401,8 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
         on_model_built(model, optimizer)
     if _is_deepspeed(accelerator):
         _fill_deepspeed_config(accelerator, config)
+    if is_fsdp(accelerator):
+        mark_shard_groups(model, dit)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -429,14 +440,19 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
             epoch, batch_index, batch_items = next(stream)
             batch = _features(batch_items, extractor)
             micro_ids.append((epoch, batch_index, [f.id for f in batch]))
-            seeds = [noise_seed(config.seed, state.step, micro, f.id) for f in batch]
+            # micro-batch ``micro * world + rank`` of the equivalent one-process run (see the module doc)
+            seeds = [noise_seed(config.seed, state.step, micro * world + rank, f.id) for f in batch]
             with accelerator.accumulate(model):
                 loss = model(batch, seeds)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    grad_norm = checked_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = checked_norm = local_norm(
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    )
                 elif accelerator.sync_gradients and not _is_deepspeed(accelerator):
-                    checked_norm = _gradient_norm(params)  # only checked, not logged: clipping is off
+                    checked_norm = local_norm(
+                        _gradient_norm(params)
+                    )  # only checked, not logged: clipping is off
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(loss.detach().float())
