@@ -18,9 +18,10 @@ accelerate only enables FSDP on accelerators; on CPU (the tests: gloo) it falls 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -177,3 +178,14 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) ->
 def local_norm(norm: Tensor | None) -> Tensor | None:
     """A gradient norm as a plain tensor (FSDP2's is a replicated ``DTensor``)."""
     return None if norm is None else _full(norm)
+
+
+@contextlib.contextmanager
+def unsharded_root(model: nn.Module) -> Iterator[None]:
+    """The root group's parameters whole (embedders, template, LoRA), so the DiT can be called outside the
+    training module's forward (validation); each block still gathers itself in its own forward."""
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

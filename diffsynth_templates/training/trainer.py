@@ -21,6 +21,7 @@ model as one process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -64,7 +65,7 @@ from .components import (
 )
 from .config import ConfigError, TrainConfig
 from .dataset import BucketBatchSampler, DatasetConfig, DatasetError, TemplateDataset, read_metadata
-from .distributed import check_fsdp, enable_cpu_fsdp, is_fsdp, local_norm, mark_shard_groups
+from .distributed import check_fsdp, enable_cpu_fsdp, is_fsdp, local_norm, mark_shard_groups, unsharded_root
 from .dit_lora import DiTLoRA
 from .feature_cache import (
     ContentStore,
@@ -387,7 +388,7 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
     train_dit = "dit" in config.trainable_models
     dit = load_dit(config, device, torch.float32 if train_dit else dtype, backbone, folders)
     extractor, pipe = None, None
-    if config.task == "full" or (config.validation_steps and main):
+    if config.task == "full" or (config.validation_steps and (main or is_fsdp(accelerator))):
         # text encoder + VAE (features, validation images)
         pipe = load_pipeline(config, device, dtype, backbone=backbone, folders=folders)
     if config.task == "full":
@@ -621,7 +622,8 @@ def _features(items: list, extractor: FeatureExtractor | None) -> list[SampleFea
 def _validate(
     accelerator, model, pipe, backbone: TrainingBackbone, config: TrainConfig, step: int, output_path: Path
 ) -> None:
-    if accelerator.is_main_process:
+    sharded = is_fsdp(accelerator)  # the sharded DiT runs on every rank together; rank 0 writes the grid
+    if accelerator.is_main_process or sharded:
         unwrapped = accelerator.unwrap_model(model)
         dit, template = unwrapped.dit, unwrapped.template
         runner = backbone.runner(dit, pipe)
@@ -630,10 +632,12 @@ def _validate(
         for m in modules:
             m.eval()
         try:
-            images = render_validation(runner, config.validation_inputs, template, unwrapped.dit_lora)
+            with unsharded_root(model) if sharded else contextlib.nullcontext():
+                images = render_validation(runner, config.validation_inputs, template, unwrapped.dit_lora)
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)
-        path = save_grid(images, output_path / "validation" / f"step-{step}.png")
-        logger.info("validation images: %s", path)
+        if accelerator.is_main_process:
+            path = save_grid(images, output_path / "validation" / f"step-{step}.png")
+            logger.info("validation images: %s", path)
     accelerator.wait_for_everyone()
