@@ -57,6 +57,8 @@ from .distributed import (
     gather_optimizer_state,
     gather_tensors,
     is_fsdp,
+    is_zero3,
+    main_process_error,
     shard_optimizer_state,
     shard_state_dict,
 )
@@ -325,8 +327,17 @@ def _trained_state(accelerator, model, optimizer, save_optimizer: bool, config, 
         full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state_dict otherwise
         optimizer_state = optimizer.state_dict() if save_optimizer else None
         flat = None if optimizer_state is None else flatten_optimizer_state(optimizer_state)[0]
-        _check_finite_before_saving(final, _saved_tensors(full, config, template), flat)
-        return full, optimizer_state
+        error = None
+        try:
+            if full is not None:
+                _check_finite_before_saving(final, _saved_tensors(full, config, template), flat)
+        except NonFiniteError as e:
+            error = e
+        if is_zero3(accelerator):  # the weights were gathered on rank 0 only: its verdict is every rank's
+            error = main_process_error(accelerator, error)
+        if error is not None:
+            raise error
+        return full or {}, optimizer_state
     main = accelerator.is_main_process
     trained = _saved_tensors(accelerator.unwrap_model(model).state_dict(), config, template)
     full = gather_tensors(

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..loading.finite import NonFiniteError
 from .backbones import UnsupportedFeatureError
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,16 @@ TensorCheck = Callable[[str, Tensor], None]
 def fsdp_requested() -> bool:
     """``accelerate launch`` with an FSDP config sets this for the training processes."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def process_group_backend() -> str | None:
+    """gloo for DeepSpeed on its CPU accelerator (``DS_ACCELERATOR=cpu``); otherwise accelerate's choice.
+
+    Without it accelerate finds no device backend on CPU and takes the run for a single process
+    (every rank would be rank 0 of 1) while DeepSpeed itself starts all of them.
+    """
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return "gloo" if deepspeed and os.environ.get("DS_ACCELERATOR") == "cpu" else None
 
 
 def enable_cpu_fsdp(accelerator) -> None:
@@ -63,6 +74,21 @@ def enable_cpu_fsdp(accelerator) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     state.fsdp_plugin = plugin
     logger.info("FSDP2 on CPU (gloo): %d processes", state.num_processes)
+
+
+def is_zero3(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def main_process_error(accelerator, error: NonFiniteError | None) -> NonFiniteError | None:
+    """Rank 0's verdict on every rank (where only rank 0 could check): all raise alike, none waits forever."""
+    from accelerate.utils import broadcast_object_list
+
+    message = broadcast_object_list([None if error is None else str(error)])[0]
+    if message is None or error is not None:
+        return error
+    return NonFiniteError(message)
 
 
 def is_fsdp(accelerator) -> bool:

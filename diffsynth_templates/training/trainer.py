@@ -65,7 +65,15 @@ from .components import (
 )
 from .config import ConfigError, TrainConfig
 from .dataset import BucketBatchSampler, DatasetConfig, DatasetError, TemplateDataset, read_metadata
-from .distributed import check_fsdp, enable_cpu_fsdp, is_fsdp, local_norm, mark_shard_groups, unsharded_root
+from .distributed import (
+    check_fsdp,
+    enable_cpu_fsdp,
+    is_fsdp,
+    local_norm,
+    mark_shard_groups,
+    process_group_backend,
+    unsharded_root,
+)
 from .dit_lora import DiTLoRA
 from .feature_cache import (
     ContentStore,
@@ -150,7 +158,9 @@ def make_accelerator(config: TrainConfig):
     GradientState._reset_state()
 
     # stage-I ranks may finish far apart; the default 30-minute collective timeout is too short
-    handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(hours=4))]
+    handlers: list[Any] = [
+        InitProcessGroupKwargs(timeout=timedelta(hours=4), backend=process_group_backend())
+    ]
     if config.find_unused_parameters:
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(
