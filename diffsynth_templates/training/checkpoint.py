@@ -56,6 +56,7 @@ from .config import TrainConfig
 from .distributed import (
     gather_optimizer_state,
     gather_tensors,
+    is_deepspeed,
     is_fsdp,
     is_zero3,
     main_process_error,
@@ -325,7 +326,14 @@ def _trained_state(accelerator, model, optimizer, save_optimizer: bool, config, 
     """
     if not is_fsdp(accelerator):
         full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state_dict otherwise
-        optimizer_state = optimizer.state_dict() if save_optimizer else None
+        optimizer_state = optimizer.state_dict() if save_optimizer and not is_deepspeed(accelerator) else None
+        if save_optimizer and is_deepspeed(accelerator):  # gathered whole, in one process's layout
+            from .zero_state import gather_zero_optimizer_state, trainable
+
+            params = trainable(accelerator.unwrap_model(model))
+            keep = accelerator.is_main_process
+            check = lambda k, v: _check_finite_before_saving(final, {}, {k: v})  # noqa: E731  every rank
+            optimizer_state = gather_zero_optimizer_state(optimizer, params, keep, check) or None
         flat = None if optimizer_state is None else flatten_optimizer_state(optimizer_state)[0]
         error = None
         try:
@@ -509,6 +517,44 @@ def _load_into(module, tensors: dict[str, Tensor], path: Path) -> None:
         raise DamagedCheckpointError(f"{str(path)!r} does not fit the model being trained: {e}") from e
 
 
+def _load_module_and_optimizer(
+    accelerator, optimizer, unwrapped, loaded, optimizer_state, optimizer_path
+) -> None:
+    sharded = is_fsdp(accelerator)  # whole tensors are cut into this rank's shards
+    with torch.no_grad():
+        for name, (tensors, path) in loaded.items():
+            module = getattr(unwrapped, name)
+            _load_into(module, shard_state_dict(module, tensors) if sharded else tensors, path)
+    try:
+        optimizer.load_state_dict(
+            shard_optimizer_state(optimizer, optimizer_state) if sharded else optimizer_state
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise DamagedCheckpointError(f"{str(optimizer_path)!r} does not fit the optimizer: {e}") from e
+
+
+def _load_zero(accelerator, optimizer, unwrapped, loaded, optimizer_state, optimizer_path) -> None:
+    """ZeRO: the names checked like ``load_state_dict`` would, then written into this rank's partitions."""
+    from .zero_state import load_zero_state, trainable
+
+    weights = {}
+    for name, (tensors, path) in loaded.items():
+        expected = set(getattr(unwrapped, name).state_dict())
+        if set(tensors) != expected:
+            missing, unexpected = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
+            raise DamagedCheckpointError(
+                f"{str(path)!r} does not fit the model being trained: missing {missing}, unexpected {unexpected}"
+            )
+        weights.update({f"{name}.{k}": v for k, v in tensors.items()})
+    count = len(trainable(unwrapped))
+    if sorted(optimizer_state["state"]) != list(range(count)):
+        raise DamagedCheckpointError(
+            f"{str(optimizer_path)!r} holds state for {len(optimizer_state['state'])} parameters; "
+            f"{count} are trained"
+        )
+    load_zero_state(optimizer, unwrapped, weights, optimizer_state)
+
+
 def load_checkpoint(folder: Path, accelerator, model, optimizer, config: TrainConfig) -> TrainingState:
     """Restore weights, optimizer, data position and this rank's RNG from ``folder``.
 
@@ -547,17 +593,10 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, config: TrainCo
             rng[int(index)] = (_read_tensors(json_path.with_suffix(".safetensors")), _read_json(json_path))
 
     unwrapped = accelerator.unwrap_model(model)
-    sharded = is_fsdp(accelerator)  # whole tensors are cut into this rank's shards
-    with torch.no_grad():
-        for name, (tensors, path) in loaded.items():
-            module = getattr(unwrapped, name)
-            _load_into(module, shard_state_dict(module, tensors) if sharded else tensors, path)
-    try:
-        optimizer.load_state_dict(
-            shard_optimizer_state(optimizer, optimizer_state) if sharded else optimizer_state
-        )
-    except (ValueError, KeyError, TypeError) as e:
-        raise DamagedCheckpointError(f"{str(optimizer_path)!r} does not fit the optimizer: {e}") from e
+    if is_deepspeed(accelerator):
+        _load_zero(accelerator, optimizer, unwrapped, loaded, optimizer_state, optimizer_path)
+    else:
+        _load_module_and_optimizer(accelerator, optimizer, unwrapped, loaded, optimizer_state, optimizer_path)
     state = TrainingState(**{k: saved[k] for k in ("step", "epoch", "batch_in_epoch", "num_processes")})
     if state.num_processes != accelerator.num_processes:
         logger.warning(

@@ -76,6 +76,10 @@ def enable_cpu_fsdp(accelerator) -> None:
     logger.info("FSDP2 on CPU (gloo): %d processes", state.num_processes)
 
 
+def is_deepspeed(accelerator) -> bool:
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
 def is_zero3(accelerator) -> bool:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3

@@ -68,6 +68,7 @@ from .dataset import BucketBatchSampler, DatasetConfig, DatasetError, TemplateDa
 from .distributed import (
     check_fsdp,
     enable_cpu_fsdp,
+    is_deepspeed,
     is_fsdp,
     local_norm,
     mark_shard_groups,
@@ -172,10 +173,6 @@ def make_accelerator(config: TrainConfig):
     if is_fsdp(accelerator):
         check_fsdp(accelerator)
     return accelerator
-
-
-def _is_deepspeed(accelerator) -> bool:
-    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
 
 def _dataset(config: TrainConfig):
@@ -410,7 +407,7 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
     model, optimizer = _build_training_module(config, dit, template, device)
     if on_model_built is not None:
         on_model_built(model, optimizer)
-    if _is_deepspeed(accelerator):
+    if is_deepspeed(accelerator):
         _fill_deepspeed_config(accelerator, config)
     if is_fsdp(accelerator):
         mark_shard_groups(model, dit)
@@ -460,7 +457,7 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
                     grad_norm = checked_norm = local_norm(
                         accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     )
-                elif accelerator.sync_gradients and not _is_deepspeed(accelerator):
+                elif accelerator.sync_gradients and not is_deepspeed(accelerator):
                     checked_norm = local_norm(
                         _gradient_norm(params)
                     )  # only checked, not logged: clipping is off
@@ -483,7 +480,7 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
         if config.save_steps and state.step % config.save_steps == 0 or state.step == total_steps:
             checkpoint = save_checkpoint(
                 accelerator, model, optimizer, output_path, state, config, template,
-                dit.config.to_diffusers(), save_optimizer=not _is_deepspeed(accelerator),
+                dit.config.to_diffusers(),
             )  # fmt: skip
         if config.validation_steps and state.step % config.validation_steps == 0:
             _validate(accelerator, model, pipe, backbone, config, state.step, output_path)
@@ -543,10 +540,6 @@ def _fill_deepspeed_config(accelerator, config: TrainConfig) -> None:
         ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
     if ds_config.get("gradient_clipping", "auto") == "auto":  # DeepSpeed clips inside its own step
         ds_config["gradient_clipping"] = config.max_grad_norm or 0.0
-    logger.warning(
-        "DeepSpeed: checkpoints hold the trained weights but no exact-resume state (the optimizer is "
-        "sharded); this path is not covered by the test suite"
-    )
 
 
 def _check_cache(
