@@ -464,6 +464,10 @@ def reject_trust_keys(data: Any, where: str) -> None:
             reject_trust_keys(value, where)
 
 
+# flags that run code (like trust_remote_code): a config file may not set them
+COMMAND_LINE_ONLY = ("import_modules",)
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     data = read_data_file(path, "--config")
     if data is None:
@@ -475,7 +479,14 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise ConfigError(f"--config {path}: keys must be flag names, got {bad}")
-    return {k.lstrip("-").replace("-", "_"): v for k, v in data.items()}
+    values = {k.lstrip("-").replace("-", "_"): v for k, v in data.items()}
+    for key in COMMAND_LINE_ONLY:
+        if key in values:
+            raise ConfigError(
+                f"--config {path} sets {key!r}: importing modules runs their code, so --{key} is accepted only "
+                "on the command line, never from a file; remove the key and pass the flag"
+            )
+    return values
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
