@@ -137,6 +137,30 @@ def mark_shard_groups(model: nn.Module, dit: nn.Module) -> None:
     logger.info("FSDP2: one shard group per %s", ", ".join(names))
 
 
+def local_bytes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{"frozen"|"trained": (bytes on this rank, bytes of the whole tensors)}`` of the parameters."""
+    from torch.distributed.tensor import DTensor
+
+    out = {"frozen": [0, 0], "trained": [0, 0]}
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        entry = out["trained" if p.requires_grad else "frozen"]
+        entry[0] += local.numel() * local.element_size()
+        entry[1] += p.numel() * p.element_size()
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def log_shares(model: nn.Module, rank: int) -> None:
+    shares = local_bytes(model)
+    logger.info(
+        "FSDP2 rank %d holds %s",
+        rank,
+        ", ".join(
+            f"{k} {mine / 2**20:.3f} of {whole / 2**20:.3f} MiB" for k, (mine, whole) in shares.items()
+        ),
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # gathering for checkpoints, sharding for resume
 # --------------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ from .distributed import (
     is_deepspeed,
     is_fsdp,
     local_norm,
+    log_shares,
     mark_shard_groups,
     process_group_backend,
     unsharded_root,
@@ -412,6 +413,8 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
     if is_fsdp(accelerator):
         mark_shard_groups(model, dit)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if is_fsdp(accelerator):
+        log_shares(model, rank)
     params = [p for p in model.parameters() if p.requires_grad]
 
     sampler = BucketBatchSampler(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,13 @@ def assert_same_training(run_dir: Path, reference_dir: Path) -> dict[str, float]
     return gaps
 
 
+def _share(log: str, rank: int, kind: str) -> tuple[float, float]:
+    """(MiB on this rank, MiB whole) from the trainer's "FSDP2 rank R holds ..." line."""
+    match = re.search(rf"FSDP2 rank {rank} holds .*?{kind} ([0-9.]+) of ([0-9.]+) MiB", log)
+    assert match, log[-3000:]
+    return float(match.group(1)), float(match.group(2))
+
+
 def _checked(result: subprocess.CompletedProcess, returncode: int = 0) -> subprocess.CompletedProcess:
     assert result.returncode == returncode, result.stderr[-6000:]
     return result
@@ -132,6 +140,9 @@ def test_fsdp2_killed_and_resumed_equals_one_process(base_model, caches, referen
     assert killed.returncode != 0 and "exiting abruptly" in killed.stderr
     assert "FSDP2 on CPU (gloo): 2 processes" in killed.stderr
     assert "one shard group per DoubleStreamBlock, SingleStreamBlock" in killed.stderr
+    # the frozen DiT is sharded too: rank 0 holds about half of it (shards are whole rows; rank 0 logs)
+    mine, whole = _share(killed.stderr, 0, "frozen")
+    assert whole > 0 and 0.4 < mine / whole < 0.6, (mine, whole)
     assert not (output / "checkpoint-3").exists()
     resumed = _checked(run_cli(args, env, _launch("scripts/accelerate_fsdp2.yaml")))
     assert "resumed from" in resumed.stderr and "checkpoint-2 at step 2" in resumed.stderr

@@ -25,6 +25,8 @@ def test_json_config_file_cannot_import_modules(tmp_path):
 
 def test_command_line_import_modules_with_a_config_file(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("task: train\nmax_steps: 2\ntrainable_models: dit\nmodel: m\ncache_path: c\noutput_path: o\n")
+    path.write_text(
+        "task: train\nmax_steps: 2\ntrainable_models: dit\nmodel: m\ncache_path: c\noutput_path: o\n"
+    )
     config = parse_args(["--config", str(path), "--import_modules", "tests.training.archs"])
     assert config.import_modules == ["tests.training.archs"] and config.max_steps == 2
