@@ -63,6 +63,7 @@ from .distributed import (
     shard_optimizer_state,
     shard_state_dict,
 )
+from .dit_lora import export_dit_lora
 
 logger = logging.getLogger(__name__)
 
@@ -296,6 +297,7 @@ def save_checkpoint(
                 save_safetensors_atomic(
                     lora, staging / "dit_lora.safetensors", metadata={"format": "lora-cache"}
                 )
+                export_dit_lora(lora, dit_config, config.lora_export_format, staging)
             extra: dict[str, Any] = {}
             if optimizer_state is not None:
                 opt_tensors, extra = flatten_optimizer_state(optimizer_state)
