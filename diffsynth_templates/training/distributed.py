@@ -116,6 +116,20 @@ def check_fsdp(accelerator) -> None:
         )
 
 
+def prepare_distributed(
+    accelerator, model: nn.Module, dit: nn.Module, batch_size: int, max_grad_norm: float | None
+) -> None:
+    """What accelerate needs before ``prepare``: FSDP2's shard groups, DeepSpeed's ``"auto"`` entries."""
+    if is_fsdp(accelerator):
+        mark_shard_groups(model, dit)
+    if is_deepspeed(accelerator):  # entries accelerate cannot fill without a prepared DataLoader
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds_config["train_micro_batch_size_per_gpu"] = batch_size
+        if ds_config.get("gradient_clipping", "auto") == "auto":  # DeepSpeed clips inside its own step
+            ds_config["gradient_clipping"] = max_grad_norm or 0.0
+
+
 def block_class_names(dit: nn.Module) -> list[str]:
     """The classes of the DiT's blocks (the modules in its top-level ``ModuleList``s): one shard group each."""
     names: list[str] = []

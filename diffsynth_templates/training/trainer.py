@@ -72,7 +72,7 @@ from .distributed import (
     is_fsdp,
     local_norm,
     log_shares,
-    mark_shard_groups,
+    prepare_distributed,
     process_group_backend,
     unsharded_root,
 )
@@ -408,10 +408,7 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
     model, optimizer = _build_training_module(config, dit, template, device)
     if on_model_built is not None:
         on_model_built(model, optimizer)
-    if is_deepspeed(accelerator):
-        _fill_deepspeed_config(accelerator, config)
-    if is_fsdp(accelerator):
-        mark_shard_groups(model, dit)
+    prepare_distributed(accelerator, model, dit, config.batch_size, config.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_fsdp(accelerator):
         log_shares(model, rank)
@@ -534,15 +531,6 @@ def _check_finite_step(
         f"training stopped: {what}. No checkpoint was written for this step. Check those samples' "
         "features, lower --learning_rate or keep --max_grad_norm on, and resume from the last checkpoint"
     )
-
-
-def _fill_deepspeed_config(accelerator, config: TrainConfig) -> None:
-    """Our arguments for the ``"auto"`` entries accelerate cannot fill without a prepared DataLoader."""
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
-    if ds_config.get("gradient_clipping", "auto") == "auto":  # DeepSpeed clips inside its own step
-        ds_config["gradient_clipping"] = config.max_grad_norm or 0.0
 
 
 def _check_cache(
