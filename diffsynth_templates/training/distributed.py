@@ -19,6 +19,7 @@ accelerate only enables FSDP on accelerators; on CPU (the tests: gloo) it falls 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -122,6 +123,12 @@ def prepare_distributed(
     """What accelerate needs before ``prepare``: FSDP2's shard groups, DeepSpeed's ``"auto"`` entries."""
     if is_fsdp(accelerator):
         mark_shard_groups(model, dit)
+        plugin = accelerator.state.fsdp_plugin
+        policy = plugin.mixed_precision_policy
+        if policy is not None and getattr(policy, "reduce_dtype", None) not in (None, torch.float32):
+            # bf16 compute, but gradients averaged in fp32 like DDP (accelerate would reduce in bf16)
+            plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
+            logger.info("FSDP2: compute in %s, gradients reduced in torch.float32", policy.param_dtype)
     if is_deepspeed(accelerator):  # entries accelerate cannot fill without a prepared DataLoader
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":

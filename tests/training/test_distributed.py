@@ -178,7 +178,8 @@ def test_fsdp2_mixed_precision_with_validation_images(base_model, dataset, tmp_p
                              "--output_path", output, "--max_steps", 2, "--mixed_precision", "bf16",
                              "--use_gradient_checkpointing", "--validation_steps", 2, "--validation_inputs",
                              validation, *SMALL, *TEMPLATE]]  # fmt: skip
-    _checked(run_cli(args, {"ACCELERATE_USE_CPU": "1"}, _launch("scripts/accelerate_fsdp2.yaml")))
+    result = _checked(run_cli(args, {"ACCELERATE_USE_CPU": "1"}, _launch("scripts/accelerate_fsdp2.yaml")))
+    assert "FSDP2: compute in torch.bfloat16, gradients reduced in torch.float32" in result.stderr
     assert (output / "validation" / "step-2.png").is_file()
     weights = load_file(str(output / "checkpoint-2" / "model.safetensors"))
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
