@@ -40,9 +40,10 @@ from .flux2_prompt import load_tokenizer, read_tokenizer_settings
 from .image_io import image_to_tensor, inpaint_pair, paste_unmasked, place_mask, tensor_to_output
 from .kv_schedule import ScheduledKVCache
 from .lora import validate_lora
+from .memory import LowMemoryMixin, load_stored
 
 
-class FamilyPipeline(PipelineBase):
+class FamilyPipeline(LowMemoryMixin, PipelineBase):
     """What both pipelines share; subclasses set the class attributes and fill the hooks."""
 
     family: ClassVar[Family]
@@ -78,16 +79,20 @@ class FamilyPipeline(PipelineBase):
 
     @classmethod
     def load_components(
-        cls, folders: ComponentFolders | Mapping[str, Path], device, torch_dtype, dit: Any = "load"
+        cls,
+        folders: ComponentFolders | Mapping[str, Path],
+        device,
+        torch_dtype,
+        dit: Any = "load",
+        weight_dtype: torch.dtype | str | None = None,
     ) -> dict[str, Any]:
         """The constructor's components from their folders, resolved already: what ``from_pretrained``
         (so ``infer.py``), the trainer's stage I (``dit=None``: no DiT weights) and stage II all load
-        through."""
+        through. ``weight_dtype`` (e.g. ``torch.float8_e4m3fn``) stores the DiT's and the text
+        encoder's large Linear weights compactly (``loading.quantize``), converted on the host."""
         if isinstance(dit, str):
-            dit = cls.family.dit_class.from_pretrained(
-                folders["transformer"], torch_dtype=torch_dtype, device=device
-            )
-        te = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=torch_dtype, device=device)
+            dit = load_stored(cls.family.dit_class, folders["transformer"], torch_dtype, device, weight_dtype)
+        te = load_stored(Qwen3TextEncoder, folders["text_encoder"], torch_dtype, device, weight_dtype)
         vae = cls.vae_class.from_pretrained(folders["vae"], torch_dtype=torch_dtype, device=device)
         tok = load_tokenizer(folders["tokenizer"])
         pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])

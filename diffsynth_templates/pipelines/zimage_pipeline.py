@@ -277,6 +277,7 @@ class ZImagePipeline(FamilyPipeline):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         offline: bool | None = None,
+        weight_dtype: torch.dtype | str | None = None,
     ) -> ZImagePipeline:
         """Load the official layout (``transformer/``, ``text_encoder/``, ``vae/``, ``tokenizer/``,
         ``scheduler/``) from a local folder or a ModelScope id (e.g. ``Tongyi-MAI/Z-Image-Turbo``).
@@ -291,7 +292,11 @@ class ZImagePipeline(FamilyPipeline):
         variant = variant or variant_of(source)
         shift = shift_of_folder(folders.root)  # resolved once with the components
         logger.info("Z-Image %s defaults %s, shift %s", variant, VARIANTS.get(variant), shift)
-        pipe = cls(**cls.load_components(folders, device, torch_dtype), variant=variant, shift=shift)
+        pipe = cls(
+            **cls.load_components(folders, device, torch_dtype, weight_dtype=weight_dtype),
+            variant=variant,
+            shift=shift,
+        )
         pipe.name_or_path = str(transformer or source)
         config_path = Path(folders["tokenizer"]) / "tokenizer_config.json"
         if config_path.is_file():  # kept for save_pretrained (chat template, special tokens)
