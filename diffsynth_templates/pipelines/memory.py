@@ -104,7 +104,7 @@ class LowMemoryMixin:
         limit = check_vram_limit(vram_limit_gb)
         device = torch.device(device) if device is not None else self.device
         self.disable_block_offload()
-        self._block_offload = BlockOffload(self.dit, device, int(limit * GiB), prefetch, blocks_per_group)
+        self._block_offload = BlockOffload(self.dit, device, round(limit * GiB), prefetch, blocks_per_group)
         for module in (self.text_encoder, self.vae):
             module.to("cpu")
         self.offload_device = self.device = device
@@ -129,7 +129,10 @@ class LowMemoryMixin:
     @contextlib.contextmanager
     def _on_device(self, module: nn.Module) -> Iterator[nn.Module]:
         if self._block_offload is not None and module is self.dit:
-            yield module  # resident part on the device already; the blocks stream themselves
+            try:
+                yield module  # resident part on the device already; the blocks stream themselves
+            finally:  # the denoising phase is over: the VAE's phase gets the streamed groups' room
+                self._block_offload.release_all()
             return
         with super()._on_device(module):
             yield module

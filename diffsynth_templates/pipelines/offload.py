@@ -257,6 +257,12 @@ class BlockOffload:
 
         return hook
 
+    def release_all(self) -> None:
+        """Drop every streamed group from the device (a prefetch for a next call that does not come)."""
+        for group in self.groups:
+            if group.loaded:
+                self._release(group)
+
     def loaded_bytes(self) -> int:
         """Streamed bytes on the device now."""
         return sum(g.nbytes for g in self.groups if g.loaded)
