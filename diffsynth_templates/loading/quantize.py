@@ -66,9 +66,15 @@ def storage_format(value: str | torch.dtype) -> str:
 
 
 class FP8Linear(nn.Linear):
-    """A Linear whose ``weight`` is FP8 and ``weight_scale`` float32 ``[out, 1]`` (or ``[1, 1]``)."""
+    """A Linear whose ``weight`` is FP8 and ``weight_scale`` float32 ``[out, 1]`` (or ``[1, 1]``).
+
+    Its ``state_dict`` holds the dequantized ``weight`` (in the dtype it had before), so saving, copying
+    weights into another module (``init_from_dit``) and fingerprints see an ordinary Linear; loading
+    a wide ``weight`` into it quantizes that weight again.
+    """
 
     weight_scale: Tensor
+    source_dtype: torch.dtype = torch.float32
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -77,6 +83,20 @@ class FP8Linear(nn.Linear):
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         """The weight in ``dtype``: FP8 values are exact in bf16/fp16/fp32, then the scale applies."""
         return self.weight.to(dtype) * self.weight_scale.to(dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.dequantized_weight(self.source_dtype).detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        wide = state_dict.get(prefix + "weight")
+        if wide is not None and wide.dtype != self.weight.dtype:
+            q, scale = fp8_quantize(
+                wide, str(self.weight.dtype).removeprefix("torch."), self.weight_scale.shape[0] > 1
+            )
+            state_dict = {**state_dict, prefix + "weight": q, prefix + "weight_scale": scale}
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def fp8_quantize(weight: Tensor, fmt: str, per_channel: bool = True) -> tuple[Tensor, Tensor]:
@@ -136,8 +156,10 @@ def store_weights(
 
 def _to_fp8(layer: nn.Linear, fmt: str, per_channel: bool) -> None:
     q, scale = fp8_quantize(layer.weight, fmt, per_channel)
+    source = layer.weight.dtype
     layer.weight = nn.Parameter(q, requires_grad=False)
     layer.__class__ = FP8Linear
+    layer.source_dtype = source
     layer.register_buffer("weight_scale", scale)
 
 

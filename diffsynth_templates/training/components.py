@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError
 from ..loading.json_io import to_json_value
+from ..loading.quantize import store_weights
 from ..loading.resolve import ModelNotFoundError, resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
 from ..pipelines.common import COMPONENTS, ComponentFolders, component_folders
@@ -142,7 +143,12 @@ def load_dit(
 ) -> nn.Module:
     folders = folders or resolve_base(config)
     backbone = backbone or training_backbone(config, folders)
-    return backbone.load_dit(folders["transformer"], device, dtype)
+    if config.base_weight_dtype is None:
+        return backbone.load_dit(folders["transformer"], device, dtype)
+    # converted on the host, so the device never holds the wide copy of the frozen DiT
+    dit = backbone.load_dit(folders["transformer"], torch.device("cpu"), dtype)
+    store_weights(dit, config.base_weight_dtype)
+    return dit.to(device)
 
 
 def load_pipeline(

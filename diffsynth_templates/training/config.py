@@ -21,6 +21,7 @@ TASKS = ("data_process", "train", "full")
 TRAINABLE = ("template", "dit", "dit_lora")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16")
+BASE_WEIGHT_DTYPES = ("float8_e4m3fn", "float8_e5m2")  # --base_weight_dtype (loading.quantize.FP8_FORMATS)
 CONDITION_SIZES = ("target", "original")
 TEMPLATE_INITS = ("dit", "random")
 # Linear layers of the FLUX.2 DiT that get a LoRA by default (suffixes of module paths); the same set
@@ -62,6 +63,7 @@ class TrainConfig:
     vae: str | None = None
     tokenizer: str | None = None
     offline: bool = False
+    base_weight_dtype: str | None = None  # stage II's frozen DiT stored in FP8 (loading.quantize)
 
     # template
     template: str | None = None  # a declarative template folder (or ModelScope id) to start from
@@ -151,6 +153,7 @@ class TrainConfig:
             raise ConfigError(f"--max_grad_norm must be > 0, or 0 for no clipping; got {self.max_grad_norm}")
 
         self._validate_models()
+        self._validate_base_weight_dtype()
         needs_dataset = self.task in ("data_process", "full")
         if needs_dataset and not self.dataset_metadata_path:
             raise ConfigError(
@@ -195,6 +198,17 @@ class TrainConfig:
                 raise ConfigError(f"--{f.name} must be an integer, got {value!r} ({type(value).__name__})")
             elif kind in ("str", "bool") and not isinstance(value, {"str": str, "bool": bool}[kind]):
                 raise ConfigError(f"--{f.name} must be a {kind}, got {value!r} ({type(value).__name__})")
+
+    def _validate_base_weight_dtype(self) -> None:
+        if self.base_weight_dtype is None:
+            return
+        _choice("base_weight_dtype", self.base_weight_dtype, BASE_WEIGHT_DTYPES)
+        if "dit" in self.trainable_models:
+            raise ConfigError(
+                f"--base_weight_dtype {self.base_weight_dtype} stores the frozen DiT compactly, but "
+                "--trainable_models has dit (full fine-tuning trains those weights): drop one of them "
+                "(dit_lora works with it)"
+            )
 
     def _validate_models(self) -> None:
         models = self.trainable_models
@@ -347,6 +361,8 @@ _HELP = {
     "vae": "take the VAE from this folder or id instead",
     "tokenizer": "take the tokenizer from this folder or id instead",
     "offline": "never touch the network; use only cached downloads",
+    "base_weight_dtype": "store the frozen DiT's large Linear weights in this format (float8_e4m3fn: about "
+    "half the bf16 bytes) while the template (and a dit_lora) train in full precision",
     "template": "declarative template folder (or ModelScope id) to start from",
     "architecture": "build a fresh template of this registered architecture instead",
     "architecture_config": "JSON object (inline or a .json file) configuring --architecture",
@@ -412,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{f.name}",
             type=str if f.name == "seed" else types.get(kind, str),  # seed: checked with its range later
             default=None,
-            choices={"task": TASKS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS}.get(f.name),
+            choices={"task": TASKS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS,
+                     "base_weight_dtype": BASE_WEIGHT_DTYPES}.get(f.name),  # fmt: skip
             help=f"{help_text} (default: {shown})" if shown not in (None, "", {}) else help_text,
         )
     return parser
