@@ -401,6 +401,10 @@ _HELP = {
 _FLAGS = {"offline", "use_gradient_checkpointing", "gradient_checkpointing_offload", "find_unused_parameters"}
 
 
+CHOICES = {"task": TASKS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS,
+           "base_weight_dtype": BASE_WEIGHT_DTYPES}  # fmt: skip
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises ``ConfigError`` (train.py reports it like any other bad argument)."""
 
@@ -428,8 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{f.name}",
             type=str if f.name == "seed" else types.get(kind, str),  # seed: checked with its range later
             default=None,
-            choices={"task": TASKS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS,
-                     "base_weight_dtype": BASE_WEIGHT_DTYPES}.get(f.name),  # fmt: skip
+            choices=CHOICES.get(f.name),
             help=f"{help_text} (default: {shown})" if shown not in (None, "", {}) else help_text,
         )
     return parser

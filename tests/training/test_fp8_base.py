@@ -52,31 +52,12 @@ def test_a_template_trains_through_an_fp8_base_dit(base_model, dataset, tmp_path
 
 
 def test_base_weight_dtype_is_refused_with_full_dit_training_and_checked():
+    base = ["--model", "m", "--cache_path", "c", "--output_path", "o", "--max_steps", 1]
     with pytest.raises(ConfigError, match="--trainable_models has dit"):
-        config(
-            "--model",
-            "m",
-            "--cache_path",
-            "c",
-            "--base_weight_dtype",
-            "float8_e4m3fn",
-            "--trainable_models",
-            "dit",
-        )
+        config(*base, "--base_weight_dtype", "float8_e4m3fn", "--trainable_models", "dit")
     with pytest.raises(ConfigError, match="base_weight_dtype"):
-        config(
-            "--model",
-            "m",
-            "--cache_path",
-            "c",
-            "--base_weight_dtype",
-            "int4",
-            "--trainable_models",
-            "dit_lora",
-        )
-    assert (
-        config(
-            "--model", "m", "--cache_path", "c", "--output_path", "o", "--trainable_models", "dit"
-        ).base_weight_dtype
-        is None
-    )
+        config(*base, "--base_weight_dtype", "int4", "--trainable_models", "dit_lora")
+    assert config(*base, "--trainable_models", "dit").base_weight_dtype is None
+    assert config(
+        *base, "--base_weight_dtype", "float8_e4m3fn", "--trainable_models", "dit_lora"
+    ).base_weight_dtype
