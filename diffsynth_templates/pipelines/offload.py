@@ -25,6 +25,7 @@ Inference only: a forward that needs gradients is refused (its saved weights wou
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -117,7 +118,7 @@ def plan_offload(
         plan = OffloadPlan(limit, fixed, tuple(n for n, _ in blocks), total, (), 0, 0)
         return plan, []
     if fixed + window > limit:
-        need = (fixed + window) / GiB
+        need = _round_up((fixed + window) / GiB)
         raise OffloadError(
             f"vram_limit_gb={limit / GiB:.3g} is too small: {type(module).__name__} keeps "
             f"{fixed / GiB:.3g} GiB outside its blocks on the device and streams {prefetch + 1} group(s) "
@@ -135,6 +136,13 @@ def plan_offload(
         tuple(tuple(n for n, _ in g) for g in streamed), max(sizes[keep:]), (prefetch + 1) * max(sizes[keep:]),
     )  # fmt: skip
     return plan, streamed
+
+
+def _round_up(gib: float) -> float:
+    """``gib`` to 3 significant digits, never below it (the limit the message suggests must work)."""
+    shown = float(f"{gib:.3g}")
+    step = 10 ** (math.floor(math.log10(gib)) - 2)
+    return shown if shown >= gib else float(f"{shown + step:.3g}")
 
 
 class BlockOffload:
