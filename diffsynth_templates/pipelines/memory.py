@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..loading.quantize import (
+    FP8Linear,
     QuantizationError,
     StorageReport,
     cast_unquantized,
@@ -48,13 +49,13 @@ def check_vram_limit(vram_limit_gb: object) -> float:
     return float(vram_limit_gb)
 
 
-def load_stored(module_class, folder, torch_dtype, device, weight_dtype=None):
-    """``module_class.from_pretrained``; with ``weight_dtype``, loaded on the host, its large Linears
-    stored in that format there, then moved: the device never holds the wide copy."""
+def load_stored(load: Callable[[torch.device | str], nn.Module], device, weight_dtype=None) -> nn.Module:
+    """``load(device)``; with ``weight_dtype``, ``load("cpu")``, its large Linears stored in that format
+    on the host, then moved: the device never holds the wide copy."""
     if weight_dtype is None:
-        return module_class.from_pretrained(folder, torch_dtype=torch_dtype, device=device)
+        return load(device)
     fmt = storage_format(weight_dtype)  # refused before anything is read
-    module = module_class.from_pretrained(folder, torch_dtype=torch_dtype, device="cpu")
+    module = load("cpu")
     store_weights(module, fmt)
     return module.to(device)
 
@@ -120,6 +121,24 @@ class LowMemoryMixin:
             module.to(self.device)
         self.offload_device = None
         return self
+
+    def fuse_lora(self, *args, **kwargs):
+        """Refused on FP8-stored or streamed layers (it would write into them); else as without."""
+        self._check_weights_writable("fuse_lora")
+        return super().fuse_lora(*args, **kwargs)
+
+    def unfuse_lora(self, *args, **kwargs):
+        self._check_weights_writable("unfuse_lora")
+        return super().unfuse_lora(*args, **kwargs)
+
+    def _check_weights_writable(self, what: str) -> None:
+        if self._block_offload is not None:
+            raise OffloadError(f"{what} before enable_block_offload: streamed weights are not on hand")
+        if any(isinstance(m, FP8Linear) for m in self.dit.modules()):
+            raise QuantizationError(
+                f"{what} cannot write into FP8-stored weights: keep LoRAs as runtime branches (the "
+                "default, exact on FP8 layers), or fuse/unfuse before enable_layerwise_casting"
+            )
 
     @property
     def block_offload(self) -> BlockOffload | None:

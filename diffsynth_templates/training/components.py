@@ -27,11 +27,12 @@ from torch import nn
 from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError
 from ..loading.json_io import to_json_value
-from ..loading.quantize import store_weights
 from ..loading.resolve import ModelNotFoundError, resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
 from ..pipelines.common import COMPONENTS, ComponentFolders, component_folders
 from ..pipelines.families import family_of_folder
+from ..pipelines.memory import load_stored
+from ..pipelines.single_file import load_family_dit
 from ..templates import TemplateSpec, build_architecture, load_template_folder
 from ..templates.folder import fingerprint_callable
 from ..templates.processors import get_processor
@@ -143,12 +144,14 @@ def load_dit(
 ) -> nn.Module:
     folders = folders or resolve_base(config)
     backbone = backbone or training_backbone(config, folders)
-    if config.base_weight_dtype is None:
-        return backbone.load_dit(folders["transformer"], device, dtype)
-    # converted on the host, so the device never holds the wide copy of the frozen DiT
-    dit = backbone.load_dit(folders["transformer"], torch.device("cpu"), dtype)
-    store_weights(dit, config.base_weight_dtype)
-    return dit.to(device)
+
+    def load(at: torch.device) -> nn.Module:
+        if folders.single_files.get("transformer"):  # --transformer FILE.safetensors
+            return load_family_dit(backbone.family, folders, dtype, at)
+        return backbone.load_dit(folders["transformer"], at, dtype)
+
+    # --base_weight_dtype: converted on the host, so the device never holds the frozen DiT's wide copy
+    return load_stored(load, device, config.base_weight_dtype)
 
 
 def load_pipeline(
