@@ -156,3 +156,17 @@ def test_torchao_weight_only_formats_when_installed(fmt):
     assert isinstance(model[0], nn.Linear)
     error = (model(x) - reference).abs().mean() / reference.abs().mean()
     assert error < (0.02 if fmt == "int8" else 0.2)
+
+
+def test_fusing_a_lora_into_fp8_or_streamed_weights_is_refused():
+    from diffsynth_templates.pipelines.offload import OffloadError
+
+    pipe = load_pipeline(TOY, device="cpu")
+    pipe.fuse_lora()  # nothing loaded: nothing to fuse, no error
+    pipe.enable_block_offload(vram_limit_gb=1.0)
+    with pytest.raises(OffloadError, match="before enable_block_offload"):
+        pipe.fuse_lora()
+    pipe.disable_block_offload().enable_layerwise_casting(torch.float8_e4m3fn)
+    for what in (pipe.fuse_lora, pipe.unfuse_lora):
+        with pytest.raises(QuantizationError, match="runtime branches"):
+            what()
