@@ -200,7 +200,13 @@ def table(rows: list[tuple], device: torch.device, args) -> str:
         "there at once: resident part + two streamed blocks). Templates: image-sized KV caches on every block."
     )
     if not gpu:
-        note += f" Peak RSS of the benchmark process: {peak_rss() / GiB:.2f} GiB."
+        note += (
+            " CPU: weight bytes are the full model's, exact (built on the meta device); the timed blocks "
+            "of the offload rows stream through host copies one at a time (prefetch 0: no side stream on "
+            "a CPU), and a single run on a shared machine makes the timings noisy. FP8 on a CPU pays "
+            "torch's scalar fp8 -> bf16 cast at every call; on a GPU that cast is memory-bound."
+            f" Peak RSS of the benchmark process: {peak_rss() / GiB:.2f} GiB."
+        )
     return note + "\n\n" + "\n".join(lines) + "\n"
 
 
