@@ -5,8 +5,8 @@ blocks, a text encoder's layers). Everything else (embedders, modulation, heads)
 the budget allows stay on the device; the other blocks, in groups, live in host memory (pinned on
 CUDA) and are copied in just before use. While group ``j`` runs, the next ``prefetch`` groups are
 copied on a side CUDA stream; when ``j`` ends, its device copies are dropped. The order of groups is
-learnt as they run (the last group of a call is followed by the first of the next), so any forward
-order works and every step after the first is prefetched.
+learnt as they run (the last group of a call is followed by the first of the next; registration order
+until then), so any forward order works and is prefetched.
 
 CUDA correctness, by construction:
 - copies are issued on ``self.stream`` from pinned host tensors (``non_blocking``) and followed by an
@@ -181,6 +181,9 @@ class BlockOffload:
             # every member makes sure its group is there (members may run apart); the last releases it
             self._handles += [m.register_forward_pre_hook(self._pre_hook(group)) for m in modules]
             self._handles.append(modules[-1].register_forward_hook(self._post_hook(group)))
+        # until a call shows the real order, guess registration order (right for FLUX.2 and Z-Image), so
+        # the first call is prefetched too; a wrong guess only costs a copy (evicted, loaded again)
+        self.next_of = {i: (i + 1) % len(self.groups) for i in range(len(self.groups))}
         module.to(self.device)  # the resident part; streamed tensors are device placeholders already
         logger.info(
             "block offload: %.2f GiB resident (%d blocks), %d group(s) streamed, window %.2f GiB, limit %.2f GiB",

@@ -102,9 +102,9 @@ def test_toy_model_prefetches_and_never_exceeds_the_window(prefetch):
     assert offload.max_loaded == prefetch + 1
     assert max(seen) <= offload.plan.window
     assert offload.plan.resident_bytes + max(seen) <= limit * GiB
-    # the order is learnt on the first call (the last group is followed by the first): each group
-    # is copied once per DiT call, the later ones ahead of their use; after the last step the first
-    # ``prefetch`` groups were fetched for a step that never came (and released with the phase)
+    # the order (registration order until a call shows it; the last group is followed by the first):
+    # each group is copied once per DiT call, the later ones ahead of their use; after the last step
+    # the first ``prefetch`` groups were fetched for a step that never came (released with the phase)
     assert len(offload.next_of) == len(offload.groups)
     assert offload.loads == len(offload.groups) * args["num_inference_steps"] + prefetch
     assert offload.loaded_bytes() == 0
@@ -164,3 +164,32 @@ def test_find_blocks_takes_the_outermost_module_lists_only(pipes):
     assert not any(".to_out." in n for n in names)  # a ModuleList inside a block is not a block list
     with pytest.raises(OffloadError, match="no nn.ModuleList"):
         plan_offload(nn.Linear(4, 4), 1)
+
+
+class Reversed(nn.Module):
+    """Blocks that run in the reverse of their registration order (the offload's first guess)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+
+    def forward(self, x):
+        for block in reversed(self.blocks):
+            x = torch.tanh(block(x))
+        return x
+
+
+def test_any_execution_order_is_learnt_and_stays_exact():
+    model = Reversed().requires_grad_(False)
+    x = torch.randn(3, 16)
+    reference = model(x)
+    block = 16 * 16 * 4 + 16 * 4
+    offload = BlockOffload(model, "cpu", limit_bytes=2 * block, prefetch=1)
+    assert len(offload.groups) == 6
+    for _ in range(3):
+        assert torch.equal(model(x), reference)
+        assert offload.max_loaded <= 2
+    assert offload.next_of == {i: (i - 1) % 6 for i in range(6)}  # learnt: 5 -> 4 -> ... -> 0 -> 5
+    offload.remove()
+    assert torch.equal(model(x), reference)
