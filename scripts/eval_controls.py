@@ -330,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=TEMPLATES,
         help="measure only these templates (and the compositions among them)",
     )
+    p.add_argument(
+        "--weight_dtype",
+        default=None,
+        choices=("float8_e4m3fn", "float8_e5m2", "int8", "nf4"),
+        help="store the base model's and the templates' large Linear weights in this format",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
@@ -337,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         world = ToyWorld.load(args.model, args.templates, args.steps)
+        if args.weight_dtype:
+            from diffsynth_templates.templates.storage import store_template_weights
+
+            world.pipe.enable_layerwise_casting(args.weight_dtype)
+            store_template_weights(world.templates, args.weight_dtype)
         scenes = [Scene(prompt, spec) for prompt, spec in toy_world.fixed_eval_prompts(args.num_prompts)]
         seeds = list(range(args.num_seeds))
         start = time.time()
@@ -346,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {"prompts": len(scenes), "seeds": len(seeds), "steps": args.steps, "cfg_scale": 1.0,
                 "size": world.size, "seconds": round(time.time() - start)}  # fmt: skip
+    if args.weight_dtype:
+        settings["weight_dtype"] = args.weight_dtype
     table = markdown(rows, settings)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

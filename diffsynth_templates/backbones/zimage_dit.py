@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.checkpoint import checkpoint
 
 from ..loading.model_loading import PretrainedModule
 from .attention import (
@@ -35,6 +34,7 @@ from .attention import (
     check_rope_axes,
     validate_kv_cache,
 )
+from .checkpointing import RecomputeContext, run_block
 from .flux2_dit import timestep_embedding
 
 SEQ_MULTIPLE = 32  # captions and images are each padded to a multiple of this many tokens
@@ -220,12 +220,6 @@ class ZImageBlock(nn.Module):
         h = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_ffn))
         return x + gate_ffn.tanh() * self.ffn_norm2(h)
 
-    def modulated_input(self, x: Tensor, temb: Tensor) -> Tensor:
-        """What the attention reads: the normed input scaled by the timestep (a step cache's change
-        signal, as TeaCache measures it)."""
-        scale_attn = self.adaLN_modulation(temb).unsqueeze(1).chunk(4, dim=-1)[0]
-        return self.attention_norm1(x) * (1.0 + scale_attn)
-
 
 class FinalLayer(nn.Module):
     """LayerNorm scaled by the timestep (no shift), then the projection back to patch channels."""
@@ -236,8 +230,13 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.adaln_dim, cfg.dim))
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        return self.linear(self.modulated(x, temb))
+
+    def modulated(self, x: Tensor, temb: Tensor) -> Tensor:
+        """The normed tokens scaled by the timestep (also a step cache's change signal: outside the
+        blocks, so it runs while their weights are offloaded)."""
         scale = 1.0 + self.adaLN_modulation(temb).unsqueeze(1)
-        return self.linear(F.layer_norm(x, x.shape[-1:], eps=1e-6) * scale)
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6) * scale
 
 
 def rope_tables(ids: Tensor, axes_dims: Sequence[int], theta: float) -> tuple[Tensor, Tensor]:
@@ -326,6 +325,8 @@ class ZImageDiT(PretrainedModule, nn.Module):
         self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
         self.layers = nn.ModuleList(ZImageBlock(cfg, modulation=True) for _ in range(cfg.num_layers))
         self.gradient_checkpointing = False
+        # entered around each checkpointed block's recomputation (backbones/checkpointing.py)
+        self.recompute_context: RecomputeContext | None = None
 
     # -- the KV door ------------------------------------------------------------------------------
 
@@ -392,8 +393,7 @@ class ZImageDiT(PretrainedModule, nn.Module):
         for block in self.noise_refiner[:probe]:
             img = self._run(block, img, img_rope, img_mask, temb)
         if cache is not None:
-            first = next(iter(self.noise_refiner[probe:] or self.layers), None)
-            signal = img if probe or first is None else first.modulated_input(img, temb)
+            signal = img if probe else self.all_final_layer[key].modulated(img, temb)
             reused = cache.reuse(img, signal, self.num_blocks - probe)
             if reused is not None:
                 return self._images(
@@ -434,9 +434,9 @@ class ZImageDiT(PretrainedModule, nn.Module):
         ]
 
     def _run(self, block: nn.Module, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(
+            block, *args, enabled=self.gradient_checkpointing, recompute_context=self.recompute_context
+        )
 
     # -- sequence layout --------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ TASKS = ("data_process", "train", "full")
 TRAINABLE = ("template", "dit", "dit_lora")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16")
+BASE_WEIGHT_DTYPES = ("float8_e4m3fn", "float8_e5m2")  # --base_weight_dtype (loading.quantize.FP8_FORMATS)
 CONDITION_SIZES = ("target", "original")
 TEMPLATE_INITS = ("dit", "random")
 LORA_EXPORT_FORMATS = ("comfyui", "diffusers")  # pipelines.lora_files.EXPORT_FORMATS
@@ -63,6 +64,7 @@ class TrainConfig:
     vae: str | None = None
     tokenizer: str | None = None
     offline: bool = False
+    base_weight_dtype: str | None = None  # stage II's frozen DiT stored in FP8 (loading.quantize)
 
     # template
     template: str | None = None  # a declarative template folder (or ModelScope id) to start from
@@ -159,6 +161,7 @@ class TrainConfig:
             raise ConfigError(f"--max_grad_norm must be > 0, or 0 for no clipping; got {self.max_grad_norm}")
 
         self._validate_models()
+        self._validate_base_weight_dtype()
         needs_dataset = self.task in ("data_process", "full")
         if needs_dataset and not self.dataset_metadata_path:
             raise ConfigError(
@@ -203,6 +206,17 @@ class TrainConfig:
                 raise ConfigError(f"--{f.name} must be an integer, got {value!r} ({type(value).__name__})")
             elif kind in ("str", "bool") and not isinstance(value, {"str": str, "bool": bool}[kind]):
                 raise ConfigError(f"--{f.name} must be a {kind}, got {value!r} ({type(value).__name__})")
+
+    def _validate_base_weight_dtype(self) -> None:
+        if self.base_weight_dtype is None:
+            return
+        _choice("base_weight_dtype", self.base_weight_dtype, BASE_WEIGHT_DTYPES)
+        if "dit" in self.trainable_models:
+            raise ConfigError(
+                f"--base_weight_dtype {self.base_weight_dtype} stores the frozen DiT compactly, but "
+                "--trainable_models has dit (full fine-tuning trains those weights): drop one of them "
+                "(dit_lora works with it)"
+            )
 
     def _validate_models(self) -> None:
         models = self.trainable_models
@@ -356,6 +370,8 @@ _HELP = {
     "vae": "take the VAE from this folder or id instead",
     "tokenizer": "take the tokenizer from this folder or id instead",
     "offline": "never touch the network; use only cached downloads",
+    "base_weight_dtype": "store the frozen DiT's large Linear weights in this format (float8_e4m3fn: about "
+    "half the bf16 bytes) while the template (and a dit_lora) train in full precision",
     "template": "declarative template folder (or ModelScope id) to start from",
     "architecture": "build a fresh template of this registered architecture instead",
     "architecture_config": "JSON object (inline or a .json file) configuring --architecture",
@@ -396,6 +412,10 @@ _HELP = {
 _FLAGS = {"offline", "use_gradient_checkpointing", "gradient_checkpointing_offload", "find_unused_parameters"}
 
 
+CHOICES = {"task": TASKS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS,
+           "lora_export_format": LORA_EXPORT_FORMATS, "base_weight_dtype": BASE_WEIGHT_DTYPES}  # fmt: skip
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises ``ConfigError`` (train.py reports it like any other bad argument)."""
 
@@ -423,12 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{f.name}",
             type=str if f.name == "seed" else types.get(kind, str),  # seed: checked with its range later
             default=None,
-            choices={
-                "task": TASKS,
-                "lr_scheduler": SCHEDULERS,
-                "mixed_precision": PRECISIONS,
-                "lora_export_format": LORA_EXPORT_FORMATS,
-            }.get(f.name),  # fmt: skip
+            choices=CHOICES.get(f.name),
             help=f"{help_text} (default: {shown})" if shown not in (None, "", {}) else help_text,
         )
     return parser
@@ -480,6 +495,10 @@ def reject_trust_keys(data: Any, where: str) -> None:
             reject_trust_keys(value, where)
 
 
+# flags that run code (like trust_remote_code): a config file may not set them
+COMMAND_LINE_ONLY = ("import_modules",)
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     data = read_data_file(path, "--config")
     if data is None:
@@ -491,7 +510,14 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise ConfigError(f"--config {path}: keys must be flag names, got {bad}")
-    return {k.lstrip("-").replace("-", "_"): v for k, v in data.items()}
+    values = {k.lstrip("-").replace("-", "_"): v for k, v in data.items()}
+    for key in COMMAND_LINE_ONLY:
+        if key in values:
+            raise ConfigError(
+                f"--config {path} sets {key!r}: importing modules runs their code, so --{key} is accepted only "
+                "on the command line, never from a file; remove the key and pass the flag"
+            )
+    return values
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -206,6 +206,26 @@ def test_a_step_window_opening_restarts_the_history(pipes, family):
     assert pipe.step_cache_stats.computed_steps == 2
 
 
+def test_block_offload_streams_what_the_cache_skips(pipes, family):
+    """Streamed blocks (pipe.enable_block_offload) see a forward that skips most of them on some
+    steps: the image is bit-identical to the same step cache without offload."""
+    from diffsynth_templates.loading.quantize import module_weight_bytes
+    from diffsynth_templates.pipelines.offload import GiB, find_blocks, plan_offload
+
+    pipe = pipes[family]
+    config = StepCacheConfig(**ALWAYS_SKIP, max_skips=2)
+    call = dict(cfg_scale=3.0, negative_prompt="blurry", step_cache=config)
+    reference = run(pipe, family, **call)
+    plan, _ = plan_offload(pipe.dit, 2**62, 0)
+    tightest = plan.fixed + max(module_weight_bytes(b) for _, b in find_blocks(pipe.dit))  # one block
+    pipe.enable_block_offload(vram_limit_gb=tightest / GiB, prefetch=0)
+    try:
+        assert np.array_equal(run(pipe, family, **call), reference)
+        assert pipe.block_offload.groups and pipe.step_cache_stats.skipped_blocks > 0
+    finally:
+        pipe.disable_block_offload()
+
+
 # --- the forecast, and bad values ----------------------------------------------------------------
 
 
