@@ -22,7 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 Row = dict[str, Any]
+UNALIGNED_SEED = 25  # the stream of the unaligned prompts' draws (issue 25)
 
 
 def _brightness(row: Row) -> dict[str, Any]:
@@ -49,6 +52,17 @@ def _sharpness(row: Row) -> dict[str, Any]:
     return {"lora_ids": [int(row["sharpness_level"] > 0)], "lora_scales": [1.0]}  # 0 sharp, 1 blurred
 
 
+def _unaligned_prompt(row: Row, index: int) -> dict[str, Any]:
+    """A prompt that does not describe the row's layout (``train.py --unaligned_prompt``): half the rows
+    without positions, half with every shape placed elsewhere, drawn from the row's index."""
+    from diffsynth_templates.toy import world
+
+    spec, rng = world.SceneSpec.from_dict(row["spec"]), np.random.default_rng([UNALIGNED_SEED, index])
+    if rng.random() < 0.5:
+        return {"prompt_unaligned": world.caption_without_layout(spec)}
+    return {"prompt_unaligned": world.misplaced_caption(spec, rng)}
+
+
 @dataclass
 class ToyTask:
     """One toy template: its zoo architecture, config overrides, inputs and training schedule."""
@@ -67,6 +81,9 @@ class ToyTask:
     # captions); None trains on the base model's dataset.
     max_tint: float | None = None
     description: str = ""
+    # metadata columns beside image/prompt/template_inputs, from (row, row index)
+    columns: Callable[[Row, int], dict[str, Any]] | None = None
+    train_flags: tuple[str, ...] = ()  # further train.py flags (both stages), e.g. condition dropout
 
     def card_description(self) -> str:
         """The published template's one-line description; says so when it trained on wider tints."""
@@ -102,6 +119,10 @@ TASKS: dict[str, ToyTask] = {
             _structure,
             {"num_single_blocks": 2, "key_norm": True},
             steps=4000,
+            # the map must win over the prompt: 30% of the samples without a prompt, 40% with one that does
+            # not describe the layout (no positions, or wrong ones), so the layout comes from the map
+            columns=_unaligned_prompt,
+            train_flags=("--caption_dropout", "0.3", "--unaligned_prompt", "0.4"),
             description="silhouette map of the shapes -> KV tokens (structure control)",
         ),
         ToyTask(
@@ -148,8 +169,15 @@ def write_metadata(task: ToyTask, data: Path, out: Path) -> Path:
     """The toy rows with ``template_inputs`` replaced by the task's inputs (paths stay relative to data)."""
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
     lines = [
-        json.dumps({"image": r["image"], "prompt": r["prompt"], "template_inputs": task.inputs(r)})
-        for r in rows
+        json.dumps(
+            {
+                "image": r["image"],
+                "prompt": r["prompt"],
+                "template_inputs": task.inputs(r),
+                **(task.columns(r, i) if task.columns else {}),
+            }
+        )
+        for i, r in enumerate(rows)
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -225,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         f"--learning_rate {task.learning_rate}",
         f"--max_steps {task.steps}",
         f"--condition_size {task.condition_size}",
+        *task.train_flags,
     ]
     if task.data_processor:
         flags += [
