@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +65,17 @@ def _unaligned_prompt(row: Row, index: int) -> dict[str, Any]:
 
 
 @dataclass
+class FineTune:
+    """A second phase: the task's template, published (bf16) after its first phase, trained further
+    from that folder (``train.py --template``) with its own metadata columns and flags."""
+
+    steps: int
+    learning_rate: float
+    columns: Callable[[Row, int], dict[str, Any]] | None = None  # metadata columns from (row, row index)
+    train_flags: tuple[str, ...] = ()  # further train.py flags (both stages), e.g. condition dropout
+
+
+@dataclass
 class ToyTask:
     """One toy template: its zoo architecture, config overrides, inputs and training schedule."""
 
@@ -81,9 +93,7 @@ class ToyTask:
     # captions); None trains on the base model's dataset.
     max_tint: float | None = None
     description: str = ""
-    # metadata columns beside image/prompt/template_inputs, from (row, row index)
-    columns: Callable[[Row, int], dict[str, Any]] | None = None
-    train_flags: tuple[str, ...] = ()  # further train.py flags (both stages), e.g. condition dropout
+    finetune: FineTune | None = None
 
     def card_description(self) -> str:
         """The published template's one-line description; says so when it trained on wider tints."""
@@ -119,10 +129,14 @@ TASKS: dict[str, ToyTask] = {
             _structure,
             {"num_single_blocks": 2, "key_norm": True},
             steps=4000,
-            # the map must win over the prompt: 30% of the samples without a prompt, 40% with one that does
-            # not describe the layout (no positions, or wrong ones), so the layout comes from the map
-            columns=_unaligned_prompt,
-            train_flags=("--caption_dropout", "0.3", "--unaligned_prompt", "0.4"),
+            # then the map must win over the prompt (issue 25): 30% of the samples without a prompt, 50% with
+            # one that does not describe the layout (no positions, or wrong ones), 20% with their own
+            finetune=FineTune(
+                steps=1200,
+                learning_rate=5e-4,
+                columns=_unaligned_prompt,
+                train_flags=("--caption_dropout", "0.3", "--unaligned_prompt", "0.5"),
+            ),
             description="silhouette map of the shapes -> KV tokens (structure control)",
         ),
         ToyTask(
@@ -165,8 +179,11 @@ def architecture_config(task: ToyTask, base: Path) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(config_class.for_dit(dit_config, **task.config))))
 
 
-def write_metadata(task: ToyTask, data: Path, out: Path) -> Path:
-    """The toy rows with ``template_inputs`` replaced by the task's inputs (paths stay relative to data)."""
+def write_metadata(
+    task: ToyTask, data: Path, out: Path, columns: Callable[[Row, int], dict[str, Any]] | None = None
+) -> Path:
+    """The toy rows with ``template_inputs`` replaced by the task's inputs (paths stay relative to data),
+    plus ``columns(row, index)`` when given."""
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
     lines = [
         json.dumps(
@@ -174,7 +191,7 @@ def write_metadata(task: ToyTask, data: Path, out: Path) -> Path:
                 "image": r["image"],
                 "prompt": r["prompt"],
                 "template_inputs": task.inputs(r),
-                **(task.columns(r, i) if task.columns else {}),
+                **(columns(r, i) if columns else {}),
             }
         )
         for i, r in enumerate(rows)
@@ -189,6 +206,8 @@ def write_metadata(task: ToyTask, data: Path, out: Path) -> Path:
 def prepare(task: ToyTask, data: Path, base: Path, work: Path) -> dict[str, str]:
     folder = work / task.name
     metadata = write_metadata(task, data, folder / "metadata.jsonl")
+    if task.finetune is not None:
+        write_metadata(task, data, folder / "finetune.jsonl", task.finetune.columns)
     config_path = folder / "architecture_config.json"
     config_path.write_text(json.dumps(architecture_config(task, base), indent=1))
     paths = {"metadata": str(metadata), "architecture_config": str(config_path)}
@@ -233,6 +252,15 @@ def main(argv: list[str] | None = None) -> None:
     prep.add_argument("--data", default="datasets/toy")
     prep.add_argument("--base", default="models/toy/base")
     prep.add_argument("--work", default="outputs/toy_work")
+    prep.add_argument(
+        "--phase",
+        choices=("train", "finetune"),
+        default="train",
+        help="finetune: the flags of the task's second phase (train.py --template gives its start)",
+    )
+    sub.add_parser("has_finetune", help="exit 0 when the task has a fine-tuning phase").add_argument(
+        "--task", required=True, choices=sorted(TASKS)
+    )
     args = p.parse_args(argv)
     if args.command == "list":
         print("\n".join(TASKS))
@@ -241,10 +269,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Toy world {args.task} template: {TASKS[args.task].description}")
         return
     task = TASKS[args.task]
+    if args.command == "has_finetune":
+        sys.exit(0 if task.finetune is not None else 1)
     if args.command == "dataset":
         print(task_dataset(task, Path(args.data), args.num_samples, args.seed, args.size))
         return
     paths = prepare(task, Path(args.data), Path(args.base), Path(args.work))
+    if args.phase == "finetune":
+        if task.finetune is None:
+            sys.exit(f"error: the {task.name} task has no fine-tuning phase")
+        print(" ".join([
+            f"--dataset_metadata_path {Path(paths['metadata']).with_name('finetune.jsonl')}",
+            f"--template_name toy-{task.name}",
+            f"--learning_rate {task.finetune.learning_rate}",
+            f"--max_steps {task.finetune.steps}",
+            f"--condition_size {task.condition_size}",
+            *task.finetune.train_flags,
+        ]))  # fmt: skip
+        return
     flags = [
         f"--dataset_metadata_path {paths['metadata']}",
         f"--architecture {task.architecture}",
@@ -253,7 +295,6 @@ def main(argv: list[str] | None = None) -> None:
         f"--learning_rate {task.learning_rate}",
         f"--max_steps {task.steps}",
         f"--condition_size {task.condition_size}",
-        *task.train_flags,
     ]
     if task.data_processor:
         flags += [
