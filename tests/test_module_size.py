@@ -23,17 +23,7 @@ WINDOW = 10
 OVERSIZED: dict[str, str] = {}
 
 # Module pairs known to share runs, with the reason; remove an entry once the duplicate is gone.
-KNOWN_DUPLICATES: dict[frozenset[str], str] = {
-    # Only the public __call__ parameter list (11 lines, inpaint_mask ... max_pixels): each pipeline
-    # spells out its signature (positional order kept for callers, visible to IDEs and help()); the
-    # loop, CFG batching and loading behind it are one implementation (pipelines/sampling.py).
-    frozenset(
-        {
-            "diffsynth_templates/pipelines/flux2_pipeline.py",
-            "diffsynth_templates/pipelines/zimage_pipeline.py",
-        }
-    ): ("the public __call__ signature"),
-}
+KNOWN_DUPLICATES: dict[frozenset[str], str] = {}
 
 
 def _modules() -> list[Path]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,7 +25,6 @@ from .families.flux2 import EDIT_TIME_STEP, FLUX2
 from .flow_match import klein_schedule
 from .flux2_prompt import Flux2PromptEncoder
 from .image_io import ImageLike, fit_to_area, image_to_tensor, resize_image
-from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache
 from .sampling import FamilyPipeline
 
@@ -128,7 +126,7 @@ class Flux2ImagePipeline(FamilyPipeline):
             source, torch_dtype, device, revision, cache_dir, offline,
             transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
         )  # fmt: skip
-        pipe = cls(**cls.load_components(folders, device, torch_dtype))
+        pipe = cls.from_folders(folders, device, torch_dtype)
         pipe.name_or_path = str(transformer or source)
         return pipe
 
@@ -148,6 +146,9 @@ class Flux2ImagePipeline(FamilyPipeline):
                 prompts, max_sequence_length=max_sequence_length, device=self.device, dtype=self.torch_dtype
             )
         return embeds, text_ids.reshape(-1, text_ids.shape[-1])[: embeds.shape[1]].to(self.device)
+
+    def prompt_features(self, prompt: str, max_sequence_length: int) -> Tensor:
+        return self.encode_prompt([prompt], max_sequence_length)[0][0]
 
     def encode_image(self, image: ImageLike, height: int, width: int, name: str = "image") -> Tensor:
         """An image resized/cropped to ``height x width`` as normalized DiT latents ``[1, 128, h, w]``."""
@@ -170,50 +171,6 @@ class Flux2ImagePipeline(FamilyPipeline):
     @property
     def vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
-
-    # -- generation -------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] = "",
-        height: int = 1024,
-        width: int = 1024,
-        num_inference_steps: int = 50,
-        cfg_scale: float = 4.0,
-        seed: int | None = None,
-        latents: Tensor | None = None,
-        max_sequence_length: int = 512,
-        input_image: ImageLike | None = None,
-        denoising_strength: float = 1.0,
-        edit_image: ImageLike | list[ImageLike] | None = None,
-        inpaint_mask: ImageLike | None = None,
-        resize_mask: bool = False,
-        kv_cache: KVCache | ScheduledKVCache | None = None,
-        negative_kv_cache: KVCache | ScheduledKVCache | None = None,
-        lora: LoRACache | None = None,
-        negative_lora: LoRACache | None = None,
-        extra_text_embedding: Tensor | None = None,
-        negative_extra_text_embedding: Tensor | None = None,
-        output_type: str = "pil",
-        progress: bool = True,
-        max_pixels: int | None = None,
-        callback_on_step_end: Callable[[Flux2ImagePipeline, int, Tensor, dict], dict | None] | None = None,
-    ):
-        """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
-        (``output_type="np"``) or VAE latents ``[B, 32, H/8, W/8]`` (``output_type="latent"``).
-
-        ``inpaint_mask`` must have ``input_image``'s size (``resize_mask=True`` stretches it to that
-        size first); both are placed onto ``height x width`` alike (resized to cover, center-cropped).
-        ``max_pixels`` bounds ``height * width`` (default 4096 x 4096).
-        """
-        return self._sample(
-            prompt, negative_prompt, height, width, num_inference_steps, cfg_scale, seed, latents,
-            max_sequence_length, input_image, denoising_strength, inpaint_mask, resize_mask, kv_cache,
-            negative_kv_cache, lora, negative_lora, extra_text_embedding, negative_extra_text_embedding,
-            output_type, progress, max_pixels, callback_on_step_end, edit_image=edit_image,
-        )  # fmt: skip
 
     # -- the loop's hooks -------------------------------------------------------------------------
 

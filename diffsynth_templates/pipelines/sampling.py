@@ -18,12 +18,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..backbones.attention import kv_cache_prevalidated
+from ..backbones.attention import KVCache, kv_cache_prevalidated
 from ..backbones.qwen3 import Qwen3TextEncoder
-from ..loading import write_json_atomic
+from ..loading import read_config, write_json_atomic
 from .common import (
     ComponentFolders,
     PipelineBase,
+    PipelineInputError,
     as_prompt_list,
     at_step,
     check_call,
@@ -37,9 +38,9 @@ from .common import (
 from .families import Family
 from .flow_match import FlowMatchSchedule, add_noise, euler_step, velocity_towards
 from .flux2_prompt import load_tokenizer, read_tokenizer_settings
-from .image_io import image_to_tensor, inpaint_pair, paste_unmasked, place_mask, tensor_to_output
+from .image_io import ImageLike, image_to_tensor, inpaint_pair, paste_unmasked, place_mask, tensor_to_output
 from .kv_schedule import ScheduledKVCache
-from .lora import validate_lora
+from .lora import LoRACache, validate_lora
 
 
 class FamilyPipeline(PipelineBase):
@@ -97,6 +98,43 @@ class FamilyPipeline(PipelineBase):
             prompt_encoder=prompt_encoder,
         )  # fmt: skip
 
+    @classmethod
+    def from_folders(
+        cls, folders: ComponentFolders, device, torch_dtype, dit: Any = "load", name: str | None = None
+    ) -> FamilyPipeline:
+        """The pipeline from component folders resolved already: ``from_pretrained`` (so ``infer.py``)
+        and both training stages build through here. ``dit=None`` (stage I, which never runs the DiT)
+        puts a weightless skeleton in its place; ``name`` is the model as the user named it (some
+        families read their variant from it; default: the folders' source)."""
+        if dit is None:
+            config = cls.family.dit_config_class.from_diffusers(read_config(folders["transformer"]))
+            with torch.device("meta"):
+                dit = cls.family.dit_class(config)
+        components = cls.load_components(folders, device, torch_dtype, dit)
+        return cls(**components, **cls._folder_settings(folders, name or str(folders)))
+
+    @classmethod
+    def _folder_settings(cls, folders: ComponentFolders, name: str) -> dict[str, Any]:
+        """Constructor arguments a family reads from its model folder besides the components."""
+        return {}
+
+    def _settings(self) -> dict[str, Any]:
+        """The constructor arguments besides the components that ``with_dit`` carries over."""
+        return {}
+
+    def with_dit(self, dit: torch.nn.Module) -> FamilyPipeline:
+        """A pipeline around ``dit`` (in its dtype) sharing this one's text encoder, VAE and settings
+        (the trainer's validation images come from the DiT being trained)."""
+        dtype = next(dit.parameters()).dtype
+        return type(self)(
+            dit, self.vae, self.text_encoder, self.tokenizer, self.device, dtype, self.prompt_encoder,
+            **self._settings(),
+        )  # fmt: skip
+
+    def prompt_features(self, prompt: str, max_sequence_length: int) -> Tensor:
+        """One prompt's text features ``[L, D]``, as the trainer's stage I stores them."""
+        raise NotImplementedError
+
     @staticmethod
     def _folders(source, torch_dtype, device, revision, cache_dir, offline, **overrides):
         """Each component's folder (``overrides``: a component's own folder or id), with the device
@@ -128,6 +166,61 @@ class FamilyPipeline(PipelineBase):
 
     def _scheduler_config(self) -> dict:
         return self.scheduler_config
+
+    # -- the public call (one signature for every family) ----------------------------------------
+
+    @property
+    def default_num_inference_steps(self) -> int:
+        """The ``num_inference_steps`` a call uses when none is given."""
+        return 50
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int | None = None,
+        cfg_scale: float | None = None,
+        seed: int | None = None,
+        latents: Tensor | None = None,
+        max_sequence_length: int = 512,
+        input_image: ImageLike | None = None,
+        denoising_strength: float = 1.0,
+        edit_image: ImageLike | list[ImageLike] | None = None,
+        inpaint_mask: ImageLike | None = None,
+        resize_mask: bool = False,
+        kv_cache: KVCache | ScheduledKVCache | None = None,
+        negative_kv_cache: KVCache | ScheduledKVCache | None = None,
+        lora: LoRACache | None = None,
+        negative_lora: LoRACache | None = None,
+        extra_text_embedding: Tensor | None = None,
+        negative_extra_text_embedding: Tensor | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        max_pixels: int | None = None,
+        callback_on_step_end: Callable[[FamilyPipeline, int, Tensor, dict], dict | None] | None = None,
+    ):
+        """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
+        (``output_type="np"``) or latents (``output_type="latent"``: FLUX.2 the VAE's ``[B, 32, H/8,
+        W/8]``, Z-Image the DiT's ``[B, 16, H/8, W/8]`` as diffusers returns them).
+
+        ``num_inference_steps`` and ``cfg_scale`` default to the model's (``default_num_inference_steps``,
+        ``default_cfg_scale``: FLUX.2-klein 50 and 4.0; Z-Image Turbo 8 and 1.0, base 50 and 5.0).
+        ``edit_image`` (reference images) needs a family that takes them (FLUX.2-klein).
+        ``inpaint_mask`` must have ``input_image``'s size (``resize_mask=True`` stretches it to that
+        size first); both are placed onto ``height x width`` alike (resized to cover, center-cropped).
+        ``max_pixels`` bounds ``height * width`` (default 4096 x 4096).
+        """
+        steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
+        return self._sample(
+            prompt, negative_prompt, height, width, steps, cfg_scale, seed, latents, max_sequence_length,
+            input_image, denoising_strength, inpaint_mask, resize_mask, kv_cache, negative_kv_cache, lora,
+            negative_lora, extra_text_embedding, negative_extra_text_embedding, output_type, progress,
+            max_pixels, callback_on_step_end, edit_image=edit_image,
+        )  # fmt: skip
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -181,6 +274,10 @@ class FamilyPipeline(PipelineBase):
             callback_on_step_end,
         )
         seed = check_seed(seed)
+        if edit_image is not None and not self.family.supports_edit_images:
+            raise PipelineInputError(
+                f"{type(self).__name__} takes no edit_image: {self.family.edit_images_unsupported}"
+            )
         pair = None  # the mask at the input image's size, checked before anything is computed
         if inpaint_mask is not None:
             pair = inpaint_pair(input_image, inpaint_mask, resize_mask)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -240,12 +240,11 @@ class ZImagePipeline(FamilyPipeline):
         variant: str = "turbo",
         shift: float = DEFAULT_SHIFT,
     ):
-        if variant not in VARIANTS:
-            raise PipelineInputError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        self.variant, self.defaults = self._checked_variant(variant)
         self.dit, self.vae, self.text_encoder, self.tokenizer = dit, vae, text_encoder, tokenizer
         self.prompt_encoder = prompt_encoder or ZImagePromptEncoder(tokenizer, text_encoder)
         check_shift(shift)
-        self.variant, self.defaults, self.shift = variant, VARIANTS[variant], shift
+        self.shift = shift
         self.patch_size = ZIMAGE.adapter.patch_size(dit)
         # pixels per DiT token side: the VAE's downsampling, then the DiT's patchify
         self.pixels_per_token = vae.config.downsample_factor * self.patch_size
@@ -259,6 +258,11 @@ class ZImagePipeline(FamilyPipeline):
     def default_cfg_scale(self) -> float:
         """The variant's (Turbo: 1.0, base: 5.0)."""
         return self.defaults.cfg_scale
+
+    @property
+    def default_num_inference_steps(self) -> int:
+        """The variant's (Turbo: 8, base: 50)."""
+        return self.defaults.num_inference_steps
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -288,15 +292,31 @@ class ZImagePipeline(FamilyPipeline):
             source, torch_dtype, device, revision, cache_dir, offline,
             transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
         )  # fmt: skip
-        variant = variant or variant_of(source)
-        shift = shift_of_folder(folders.root)  # resolved once with the components
-        logger.info("Z-Image %s defaults %s, shift %s", variant, VARIANTS.get(variant), shift)
-        pipe = cls(**cls.load_components(folders, device, torch_dtype), variant=variant, shift=shift)
+        pipe = cls.from_folders(folders, device, torch_dtype, name=str(source))
+        if variant is not None:
+            pipe.variant, pipe.defaults = cls._checked_variant(variant)
+        logger.info("Z-Image %s defaults %s, shift %s", pipe.variant, pipe.defaults, pipe.shift)
         pipe.name_or_path = str(transformer or source)
         config_path = Path(folders["tokenizer"]) / "tokenizer_config.json"
         if config_path.is_file():  # kept for save_pretrained (chat template, special tokens)
             pipe.tokenizer_config = json.loads(config_path.read_text())
         return pipe
+
+    @classmethod
+    def _folder_settings(cls, folders, name: str) -> dict:
+        # the variant from the name the user gave; the scheduler's shift from the model's folder
+        # (resolved already with the components), else from the transformer's source
+        root = folders.root if folders.root is not None else folders.roots.get("transformer")
+        return {"variant": variant_of(name), "shift": shift_of_folder(root)}
+
+    def _settings(self) -> dict:
+        return {"variant": self.variant, "shift": self.shift}
+
+    @staticmethod
+    def _checked_variant(variant: str) -> tuple[str, SamplingDefaults]:
+        if variant not in VARIANTS:
+            raise PipelineInputError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        return variant, VARIANTS[variant]
 
     def _scheduler_config(self) -> dict:
         return {**SCHEDULER_CONFIG, "shift": self.shift}
@@ -311,6 +331,9 @@ class ZImagePipeline(FamilyPipeline):
             return self.prompt_encoder.encode(
                 prompts, max_sequence_length, device=self.device, dtype=self.torch_dtype
             )
+
+    def prompt_features(self, prompt: str, max_sequence_length: int) -> Tensor:
+        return self.encode_prompt([prompt], max_sequence_length)[0]
 
     def encode_image(self, image: ImageLike, height: int, width: int, name: str = "image") -> Tensor:
         """An image resized/cropped to ``height x width`` as DiT latents ``[1, 16, height/8, width/8]``."""
@@ -328,53 +351,6 @@ class ZImagePipeline(FamilyPipeline):
         """DiT latents ``[B, 16, h, w]`` to images in [-1, 1] (unclamped)."""
         with self._on_device(self.vae):
             return self.vae.decode_from_dit(latents.to(self.device, self.vae.dtype))
-
-    # -- generation -------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] = "",
-        height: int = 1024,
-        width: int = 1024,
-        num_inference_steps: int | None = None,
-        cfg_scale: float | None = None,
-        seed: int | None = None,
-        latents: Tensor | None = None,
-        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-        input_image: ImageLike | None = None,
-        denoising_strength: float = 1.0,
-        inpaint_mask: ImageLike | None = None,
-        resize_mask: bool = False,
-        kv_cache: KVCache | ScheduledKVCache | None = None,
-        negative_kv_cache: KVCache | ScheduledKVCache | None = None,
-        lora: LoRACache | None = None,
-        negative_lora: LoRACache | None = None,
-        extra_text_embedding: Tensor | None = None,
-        negative_extra_text_embedding: Tensor | None = None,
-        output_type: str = "pil",
-        progress: bool = True,
-        max_pixels: int | None = None,
-        callback_on_step_end: Callable[[ZImagePipeline, int, Tensor, dict], dict | None] | None = None,
-    ):
-        """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
-        (``output_type="np"``) or the sampled DiT latents ``[B, 16, H/8, W/8]`` (``"latent"``, as
-        diffusers returns them; ``decode_latents`` turns them into images).
-
-        ``num_inference_steps`` and ``cfg_scale`` default to the variant's (Turbo: 8 and 1.0, base: 50
-        and 5.0). ``inpaint_mask`` must have ``input_image``'s size (``resize_mask=True`` stretches it
-        to that size first); both are placed onto ``height x width`` alike. ``max_pixels`` bounds
-        ``height * width`` (default 4096 x 4096).
-        """
-        steps = self.defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
-        cfg_scale = self.defaults.cfg_scale if cfg_scale is None else cfg_scale
-        return self._sample(
-            prompt, negative_prompt, height, width, steps, cfg_scale, seed, latents, max_sequence_length,
-            input_image, denoising_strength, inpaint_mask, resize_mask, kv_cache, negative_kv_cache, lora,
-            negative_lora, extra_text_embedding, negative_extra_text_embedding, output_type, progress,
-            max_pixels, callback_on_step_end,
-        )  # fmt: skip
 
     # -- the loop's hooks -------------------------------------------------------------------------
 

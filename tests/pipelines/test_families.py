@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from diffsynth_templates.pipelines.auto import BACKBONE_TITLES, detect_backbone, pipeline_class
 from diffsynth_templates.pipelines.common import PipelineInputError
@@ -91,15 +92,34 @@ def test_declared_cache_keys_equal_what_the_call_accepts(pipes, name):
     """The explicit contract says what the signature says (it replaced reflecting on it)."""
     pipe = pipes[name]
     params = set(inspect.signature(pipe.__call__).parameters) - NOT_CACHE_KEYS
+    if not FAMILIES[name].supports_edit_images:  # one signature for all; the family refuses what it lacks
+        params.discard("edit_image")
     assert pipe.accepted_cache_keys == {p for p in params if not p.startswith("negative_")}
     assert pipe.negative_cache_keys == {p[len("negative_") :] for p in params if p.startswith("negative_")}
     assert ("edit_image" in pipe.accepted_cache_keys) == FAMILIES[name].supports_edit_images
 
 
 def test_default_cfg_scale_is_the_call_default_or_the_variant(pipes):
+    flux, zimage = pipes["flux2"], pipes["zimage"]
+    assert flux.default_cfg_scale == 4.0 and flux.default_num_inference_steps == 50
+    assert zimage.default_cfg_scale == zimage.defaults.cfg_scale
+    assert zimage.default_num_inference_steps == zimage.defaults.num_inference_steps
+    # one __call__ for every family, defined once on FamilyPipeline; None means the model's default
+    assert type(flux).__call__ is type(zimage).__call__
+    assert inspect.signature(flux.__call__).parameters["cfg_scale"].default is None
+
+
+def test_a_call_without_steps_or_cfg_uses_the_model_defaults(pipes):
     flux = pipes["flux2"]
-    assert flux.default_cfg_scale == inspect.signature(flux.__call__).parameters["cfg_scale"].default == 4.0
-    assert pipes["zimage"].default_cfg_scale == pipes["zimage"].defaults.cfg_scale
+    args = dict(height=16, width=16, seed=3, output_type="latent", progress=False)
+    implicit = flux("a cat", **args)
+    explicit = flux("a cat", num_inference_steps=50, cfg_scale=4.0, **args)
+    assert torch.equal(implicit, explicit)
+
+
+def test_zimage_refuses_edit_images_before_any_work(pipes):
+    with pytest.raises(PipelineInputError, match=r"ZImagePipeline takes no edit_image"):
+        pipes["zimage"]("a cat", height=32, width=32, edit_image=Image.new("RGB", (32, 32)), progress=False)
 
 
 def test_template_pipeline_refuses_a_pipe_without_the_contract(pipes):
