@@ -100,6 +100,8 @@ class ToyTask:
         text = f"Toy world {self.name} template: {self.description}"
         if self.max_tint is not None:
             text += f"; trained on tints of strength up to {self.max_tint:g}"
+        if self.finetune is not None:
+            text += "; fine-tuned with condition dropout so that its input wins over the prompt"
         return text
 
 
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(TASKS))
         return
     if args.command == "describe":
-        print(f"Toy world {args.task} template: {TASKS[args.task].description}")
+        print(TASKS[args.task].card_description())
         return
     task = TASKS[args.task]
     if args.command == "has_finetune":
