@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", action="append", default=[], metavar="SOURCE",
                    help="template folder or ModelScope id (repeatable; model_id 0, 1, ... in order)")  # fmt: skip
     g.add_argument("--template_input", action="append", default=[], metavar="'KEY=VALUE ...'",
-                   help="one template input: space-separated KEY=VALUE pairs, e.g. 'model_id=0 scale=0.7'; "
-                   "values are JSON when they parse (numbers, lists, true), image paths load as images (repeatable)")  # fmt: skip
+                   help="one template input: space-separated KEY=VALUE pairs, e.g. 'model_id=0 scale=0.7 strength=0.6'; "
+                   "values are JSON when they parse (numbers, lists, true), image paths load as images (repeatable). "
+                   "strength (default 1) scales the template's effect: 0 = without it, above 1 amplifies")  # fmt: skip
     g.add_argument("--negative_template_input", action="append", default=[], metavar="'KEY=VALUE ...'",
                    help="a template input for the negative (unconditional) side (repeatable)")  # fmt: skip
     g.add_argument("--job", default=None, help="JSON file with any of: templates, template_inputs, "
@@ -477,6 +478,8 @@ def _parse_value(value, base: Path | None):
 
 def _template_job(args, job: dict) -> tuple[list[str], list[dict], list[dict]]:
     """Merge the job's lists with the flags; paths in a job resolve against the job file's folder."""
+    from diffsynth_templates.templates.schema import read_strength
+
     templates, inputs, negative = list(args.template), [], []
     if args.job:
         base = Path(args.job).parent
@@ -493,6 +496,7 @@ def _template_job(args, job: dict) -> tuple[list[str], list[dict], list[dict]]:
         for index, d in enumerate(dicts):
             for key, value in d.items():
                 _check_finite_json(value, f"{side}[{index}].{key}", InferError)
+            read_strength(d, f"{side}[{index}]")  # before any model loads
     if (inputs or negative) and not templates:
         raise InferError('template inputs were given but no --template (or job "templates") to run them')
     return templates, inputs, negative

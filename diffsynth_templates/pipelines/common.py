@@ -20,7 +20,7 @@ from ..backbones.attention import KVCache
 from ..errors import DiffSynthTemplatesError
 from ..loading.finite import NonFiniteError, check_finite_number, check_finite_tensor, nonfinite_names
 from ..loading.resolve import ModelNotFoundError, resolve_model_path
-from .kv_schedule import ScheduledKVCache
+from .kv_schedule import ScheduledKVCache, stacked_side_bias
 from .lora import LoRACache, applied_lora
 
 
@@ -66,9 +66,10 @@ class PipelineBase:
         check_finite_cache(kv_cache, f"{side}kv_cache")
         # empty entries are dropped: they change nothing and would only stop the CFG sides from batching
         cast = {
-            n: (k.to(self.device, self.torch_dtype), v.to(self.device, self.torch_dtype))
-            for n, (k, v) in (kv_cache or {}).items()
-            if k.shape[1] > 0
+            n: (e[0].to(self.device, self.torch_dtype), e[1].to(self.device, self.torch_dtype))
+            + tuple(extra.to(self.device) for extra in e[2:])  # a strength bias (kept in its dtype)
+            for n, e in (kv_cache or {}).items()
+            if e[0].shape[1] > 0
         }
         return cast or None
 
@@ -360,7 +361,8 @@ def batch_side_kv(
     if not (cond_kv or uncond_kv):
         return True, None
     a, b = cond_kv or {}, uncond_kv or {}
-    if a.keys() == b.keys() and all(a[n][0].shape[1] == b[n][0].shape[1] for n in a):
+    biased = any(len(e) > 2 for e in (*a.values(), *b.values()))  # a template strength != 1
+    if a.keys() == b.keys() and all(a[n][0].shape[1] == b[n][0].shape[1] for n in a) and not biased:
         return True, {n: tuple(_stack(a[n][i], b[n][i], batch) for i in (0, 1)) for n in a}
     # per block: (positive tokens, negative tokens); a block one side lacks counts 0 there
     lengths = {
@@ -377,7 +379,11 @@ def batch_side_kv(
         valid = torch.zeros(2 * batch, length, dtype=torch.bool, device=ref.device)
         valid[:batch, :len_a] = True
         valid[batch:, :len_b] = True
-        stacked[name] = (*(_stack(parts[0][i], parts[1][i], batch) for i in (0, 1)), valid)
+        bias = stacked_side_bias((a.get(name), b.get(name)), valid, batch)
+        stacked[name] = (
+            *(_stack(parts[0][i], parts[1][i], batch) for i in (0, 1)),
+            valid if bias is None else bias,
+        )
     return True, stacked
 
 
