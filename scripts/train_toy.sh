@@ -96,4 +96,5 @@ for task in $TASKS; do
 done
 
 echo "== 5. evaluation"
-$PY scripts/eval_controls.py --model "$OUT/base" --templates "$OUT/templates" --out "$OUT/eval_controls.md" $EVAL
+$PY scripts/eval_controls.py --model "$OUT/base" --templates "$OUT/templates" --out "$OUT/eval_controls.md" $EVAL \
+    --strengths 0 0.25 0.5 1 1.5

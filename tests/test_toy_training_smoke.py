@@ -67,4 +67,7 @@ def test_train_toy_smoke(tmp_path):
     for task in TASKS:
         assert f"| {task} | alone |" in table, table
     assert "| structure | + brightness + sharpness |" in table
-    assert "| structure | foreign silhouette |" in table
+    assert (
+        "| structure | foreign silhouette |" in table
+        and "| structure | foreign silhouette, strength |" in table
+    )

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from diffsynth_templates.errors import DiffSynthTemplatesError
 from diffsynth_templates.toy import world as toy_world
+from diffsynth_templates.toy.metrics import iou, shape_mask
 from diffsynth_templates.toy.models import ToyWorld
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ SCENE, FOREIGN = (
     1,
     13,
 )  # fixed_eval_prompts indices: the demo's prompt, and the scene its structure map is from
-BRIGHTNESS = (0.15, 0.3, 0.45, 0.6)  # requested mean luminance
+BRIGHTNESS = (0.5, 0.75, 1.25, 1.5)  # the scene re-rendered this much darker / brighter: the requests
 TINTS = ("warm", "cool", "lime", "magenta")
 TINT_STRENGTH = 0.4
 STRENGTHS = (0.5, 1.0, 1.5)
@@ -65,6 +66,7 @@ class Tile:
     swatch: tuple[float, float, float] | None = None  # a color shown beside the caption (RGB in [0, 1])
     prompt: str | None = None
     decorate: Callable[[Image.Image], Image.Image] | None = None  # drawn over the upscaled cell (outlines)
+    measure: Callable[[Image.Image], str] | None = None  # a measurement of the image, added to the caption
 
 
 @dataclass
@@ -105,14 +107,24 @@ def _outline(box: np.ndarray) -> Callable[[Image.Image], Image.Image]:
     return draw
 
 
-def demo_rows(
-    prompt: str, scene: toy_world.SceneSpec, other: toy_world.SceneSpec, strength: bool
-) -> list[Row]:
-    """The rows for one scene; ``other`` gives the structure map (shapes elsewhere); ``strength``: the
-    templates take a ``strength`` input (else the structure row shows two seeds)."""
+def demo_rows(prompt: str, scene: toy_world.SceneSpec, other: toy_world.SceneSpec) -> list[Row]:
+    """The rows for one scene; ``other`` gives the structure map (shapes elsewhere)."""
     rendered = toy_world.render(scene)
     base = Tile("base model: the prompt alone")
-    foreign = {"model_id": "structure", "image": _map(toy_world.render(other).mask > 127)}
+    variants = toy_world.render_prompt_variants(scene, [{"brightness": b} for b in BRIGHTNESS])
+    asked = [toy_world.measure_brightness(v.image) for v in variants]
+    silhouette = toy_world.render(other).mask > 127
+    foreign = {"model_id": "structure", "image": _map(silhouette)}
+
+    def luminance(image: Image.Image) -> str:
+        return f" (gets {toy_world.measure_brightness(image):.2f})"
+
+    def overlap(image: Image.Image) -> str:
+        return f" (IoU {iou(shape_mask(image), silhouette):.2f})"
+
+    def sharpness(image: Image.Image) -> str:
+        return f" (edges {toy_world.measure_sharpness(image):.0f})"
+
     tint = {
         name: toy_world.measure_mean_rgb(
             toy_world.render_prompt_variants(scene, [{"tint": name, "tint_strength": TINT_STRENGTH}])[0].image
@@ -128,20 +140,19 @@ def demo_rows(
     recolored = prompt.replace(f"{shape.color} {shape.kind}", f"{recolor} {shape.kind}")
     inpaint = {"model_id": "inpaint", "image": rendered.image, "mask": mask, "force_inpaint": True}
     low = toy_world.lowres(rendered.image)
-    if strength:
-        structure = [Tile(f"structure, strength {s:g}", [{**foreign, "strength": s}]) for s in STRENGTHS]
-    else:
-        structure = [Tile(f"structure map applied (seed {s})", [foreign], prompt=None) for s in (SEED,)]
+    structure = [Tile(f"strength {s:g}", [{**foreign, "strength": s}], measure=overlap) for s in STRENGTHS]
     return [
-        Row("Brightness (a value -> KV tokens): the same picture, darker or lighter on request",
-            [base, *(Tile(f"brightness = {b:g}", [{"model_id": "brightness", "scale": b}]) for b in BRIGHTNESS)],
+        Row("Brightness (a value -> KV tokens): asks for a mean luminance; 'gets' is the image's own",
+            [Tile("base model", measure=luminance), *(Tile(f"asks {b:.2f}", [{"model_id": "brightness", "scale": b}], measure=luminance)
+                     for b in asked)],
             ("brightness",)),
         Row("Color (mean R, G, B -> KV tokens): the swatch is the requested mean color",
             [base, *(Tile(f"mean color: {n}", [{"model_id": "color", **dict(zip("RGB", tint[n]))}], swatch=tint[n])
                      for n in TINTS)],
             ("color",)),
-        Row("Structure (a silhouette map -> KV tokens): the map comes from another scene; the prompt is unchanged",
-            [Tile("input: the silhouette map", picture=foreign["image"]), base, *structure], ("structure",)),
+        Row("Structure (a silhouette map -> KV tokens): a map from another scene against the prompt; IoU with the map",
+            [Tile("input: the silhouette map", picture=foreign["image"]), Tile("base (strength 0)", measure=overlap),
+             *structure], ("structure",)),
         Row("Inpainting (image + mask -> KV tokens): only the boxed area is redrawn, to a new prompt",
             [Tile("input: image, mask outlined", picture=rendered.image, decorate=_outline(box)),
              Tile(f"prompt says '{recolor} {shape.kind}'", [inpaint], prompt=recolored, decorate=_outline(box)),
@@ -153,9 +164,10 @@ def demo_rows(
              Tile("super-resolution template", [{"model_id": "super_resolution", "image": low}]),
              Tile("ground truth", picture=rendered.image)],
             ("super_resolution",)),
-        Row("A LoRA bank (a template whose cache is LoRA weights): pick LoRA 0 or LoRA 1",
-            [base, Tile("LoRA 0: sharp", [{"model_id": "sharpness", "lora_ids": [0]}]),
-             Tile("LoRA 1: blurred", [{"model_id": "sharpness", "lora_ids": [1]}])],
+        Row("A LoRA bank (its cache is LoRA weights): LoRA 0 or 1, a subtle change here; edges = Laplacian variance",
+            [Tile("base model", measure=sharpness),
+             Tile("LoRA 0: sharp", [{"model_id": "sharpness", "lora_ids": [0]}], measure=sharpness),
+             Tile("LoRA 1: blurred", [{"model_id": "sharpness", "lora_ids": [1]}], measure=sharpness)],
             ("sharpness",)),
         Row("Templates composed: their KV tokens and LoRAs act together in one call",
             [Tile("input: the silhouette map", picture=foreign["image"]),
@@ -167,12 +179,15 @@ def demo_rows(
     ]  # fmt: skip
 
 
-def _caption(draw: ImageDraw.ImageDraw, x: int, y: int, tile: Tile, font: ImageFont.ImageFont) -> None:
+def _caption(
+    draw: ImageDraw.ImageDraw, x: int, y: int, tile: Tile, image: Image.Image, font: ImageFont.ImageFont
+) -> None:
     if tile.swatch is not None:
         color = tuple(int(round(c * 255)) for c in tile.swatch)
         draw.rectangle([x + 4, y + 6, x + 24, y + 26], fill=color, outline="black")
         x += 28
-    draw.text((x + 4, y + 6), tile.label, fill="black", font=font)
+    label = tile.label + (tile.measure(image) if tile.measure is not None else "")
+    draw.text((x + 4, y + 6), label, fill="black", font=font)
 
 
 def render_grid(title: str, rows: Sequence[tuple[Row, list[Image.Image]]]) -> Image.Image:
@@ -181,7 +196,7 @@ def render_grid(title: str, rows: Sequence[tuple[Row, list[Image.Image]]]) -> Im
     grid = Image.new("RGB", (COLUMNS * CELL, height), "white")
     draw = ImageDraw.Draw(grid)
     big, small = _font(16), _font(13)
-    draw.text((8, 8), "The toy world: one base model, steered by templates. Every image uses the prompt", fill="black", font=big)  # fmt: skip
+    draw.text((8, 8), "The toy world: one base model steered by templates. Every generated image uses this prompt:", fill="black", font=big)  # fmt: skip
     draw.text((8, 30), title, fill=(0, 0, 160), font=small)
     y = TITLE
     for row, images in rows:
@@ -195,32 +210,9 @@ def render_grid(title: str, rows: Sequence[tuple[Row, list[Image.Image]]]) -> Im
                 cell = tile.decorate(cell)
             grid.paste(cell, (x, y))
             draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], outline="white")
-            _caption(draw, x, y + CELL, tile, small)
+            _caption(draw, x, y + CELL, tile, image, small)
         y += CELL + LABEL
     return grid
-
-
-def strength_supported(world: ToyWorld) -> bool:
-    """Whether this checkout's templates take a ``strength`` input (issue 25): a probe call at 1."""
-    try:
-        world.generate(
-            [""], SEED, [{"model_id": world.names[0], **_probe_inputs(world.names[0]), "strength": 1.0}]
-        )
-    except DiffSynthTemplatesError:
-        return False
-    return True
-
-
-def _probe_inputs(name: str) -> dict:
-    blank = Image.new("RGB", (toy_world.TOY_SIZE, toy_world.TOY_SIZE))
-    return {
-        "brightness": {"scale": 0.5},
-        "color": {"R": 0.5, "G": 0.5, "B": 0.5},
-        "structure": {"image": blank},
-        "inpaint": {"image": blank, "mask": blank.convert("L")},
-        "super_resolution": {"image": blank.resize((16, 16))},
-        "sharpness": {"lora_ids": [0]},
-    }[name]
 
 
 def render_demo(model: str | Path, templates: str | Path, out: str | Path, steps: int = 20) -> Path:
@@ -231,7 +223,7 @@ def render_demo(model: str | Path, templates: str | Path, out: str | Path, steps
     world = ToyWorld.load(model, templates, steps)
     scenes = toy_world.fixed_eval_prompts(max(SCENE, FOREIGN) + 1)
     (prompt, scene), (_, other) = scenes[SCENE], scenes[FOREIGN]
-    rows = [r for r in demo_rows(prompt, scene, other, strength_supported(world)) if all(n in world.names for n in r.needs)]  # fmt: skip
+    rows = [r for r in demo_rows(prompt, scene, other) if all(n in world.names for n in r.needs)]  # fmt: skip
     drawn = []
     for row in tqdm(rows, desc="toy demo"):
         images = [
