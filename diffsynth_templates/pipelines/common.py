@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,9 @@ class ComponentFolders:
     root: Path | None
     components: Mapping[str, Path]
     roots: Mapping[str, Path]  # each component's source, resolved (where its config files are)
+    # components given as one .safetensors file (``--transformer FILE``); their config comes from the
+    # model's ``{name}/config.json`` (``components[name]``, which may not exist), see pipelines/single_file.py
+    single_files: Mapping[str, Path] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Path:
         return self.components[name]
@@ -154,13 +157,18 @@ def component_folders(
     """
     if isinstance(source, ComponentFolders):
         return source
-    chosen = {name: overrides.get(name) or source for name in names}
+    single = _single_files(overrides, names, source)
+    chosen = {name: (None if name in single else overrides.get(name)) or source for name in names}
     for name, where in chosen.items():
         if where is None:
             raise ModelNotFoundError(f"no {name} given: pass the model (or {name}=...)")
     roots: dict[str, Path] = {}
     for where in dict.fromkeys(str(w) for w in chosen.values()):
-        patterns = [f"{name}/*" for name in names if str(chosen[name]) == where] + ["model_index.json"]
+        patterns = [
+            f"{name}/config.json" if name in single else f"{name}/*"
+            for name in names
+            if str(chosen[name]) == where
+        ] + ["model_index.json"]
         if source is not None and where == str(source):
             patterns += [p for p in ROOT_PATTERNS if p not in patterns]
         roots[where] = resolve_model_path(
@@ -175,10 +183,36 @@ def component_folders(
             )  # fmt: skip
         except FileNotFoundError:
             root = None
-    components = {name: _component_in(roots[str(w)], w, name) for name, w in chosen.items()}
+    components = {
+        name: roots[str(w)] / name if name in single else _component_in(roots[str(w)], w, name)
+        for name, w in chosen.items()
+    }
     return ComponentFolders(
-        "" if source is None else str(source), root, components, {n: roots[str(w)] for n, w in chosen.items()}
-    )
+        "" if source is None else str(source), root, components, {n: roots[str(w)] for n, w in chosen.items()},
+        single,
+    )  # fmt: skip
+
+
+def _single_files(overrides: Mapping[str, Any], names: tuple[str, ...], source) -> dict[str, Path]:
+    """``transformer=FILE.safetensors``: one file, not a folder; the model gives its config."""
+    single = {}
+    for name in names:
+        value = overrides.get(name)
+        if value is None or not str(value).endswith(".safetensors"):
+            continue
+        if name != "transformer":
+            raise ModelNotFoundError(
+                f"{name}={str(value)!r}: only the transformer can be one .safetensors file"
+            )
+        if not Path(value).expanduser().is_file():
+            raise ModelNotFoundError(f"single-file transformer {str(value)!r} does not exist")
+        if source is None:
+            raise ModelNotFoundError(
+                f"a single-file transformer ({str(value)!r}) needs the model for its other components "
+                "and its config: pass --model too"
+            )
+        single[name] = Path(value).expanduser()
+    return single
 
 
 def component_folder(source, name: str, revision, cache_dir, offline) -> Path:

@@ -41,9 +41,11 @@ from .flux2_prompt import load_tokenizer, read_tokenizer_settings
 from .image_io import ImageLike, image_to_tensor, inpaint_pair, paste_unmasked, place_mask, tensor_to_output
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, validate_lora
+from .lora_adapters import LoRAAdaptersMixin
+from .single_file import load_family_dit
 
 
-class FamilyPipeline(PipelineBase):
+class FamilyPipeline(LoRAAdaptersMixin, PipelineBase):
     """What both pipelines share; subclasses set the class attributes and fill the hooks."""
 
     family: ClassVar[Family]
@@ -84,10 +86,8 @@ class FamilyPipeline(PipelineBase):
         """The constructor's components from their folders, resolved already: what ``from_pretrained``
         (so ``infer.py``), the trainer's stage I (``dit=None``: no DiT weights) and stage II all load
         through."""
-        if isinstance(dit, str):
-            dit = cls.family.dit_class.from_pretrained(
-                folders["transformer"], torch_dtype=torch_dtype, device=device
-            )
+        if isinstance(dit, str):  # its folder, or the one file --transformer named
+            dit = load_family_dit(cls.family, folders, torch_dtype, device)
         te = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=torch_dtype, device=device)
         vae = cls.vae_class.from_pretrained(folders["vae"], torch_dtype=torch_dtype, device=device)
         tok = load_tokenizer(folders["tokenizer"])
@@ -310,7 +310,11 @@ class FamilyPipeline(PipelineBase):
 
         self._batch_memo = {}
         n_steps = len(schedule)
-        with self._on_device(self.dit), kv_cache_prevalidated(self.dit, not self.check_kv_each_step):
+        with (
+            self._on_device(self.dit),
+            kv_cache_prevalidated(self.dit, not self.check_kv_each_step),
+            self.loaded_loras_applied(),
+        ):
             for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
                 cond_i = at_step(cond, i, n_steps)
                 uncond_i = None if uncond is None else at_step(uncond, i, n_steps)
