@@ -96,7 +96,10 @@ def foreign_partners(masks: Sequence[np.ndarray]) -> list[int]:
     if len(masks) < 2:
         raise ValueError(f"a foreign silhouette needs at least 2 scenes, got {len(masks)}")
     return [
-        min((j for j in range(len(masks)) if j != i), key=lambda j: (iou(masks[i], masks[j]), (j - i) % len(masks)))
+        min(
+            (j for j in range(len(masks)) if j != i),
+            key=lambda j: (iou(masks[i], masks[j]), (j - i) % len(masks)),
+        )
         for i in range(len(masks))
     ]
 
