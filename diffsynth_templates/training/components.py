@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError
+from ..loading.integrity import SHA256_KEY
 from ..loading.json_io import to_json_value
 from ..loading.resolve import ModelNotFoundError, resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
@@ -229,6 +230,8 @@ def build_template(config: TrainConfig, seed: int, backbone: str | None = None) 
                 "declarative format, so start from a declarative folder or pass --architecture NAME"
             )
         model, spec = loaded.model, copy.deepcopy(loaded.spec)
+        # the start's digests: checkpoints hold other weights, and a stale digest fails their loading
+        spec.extra.pop(SHA256_KEY, None)
         if config.template_name:
             spec.name = config.template_name
         declared = spec.data_processor

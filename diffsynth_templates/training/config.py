@@ -24,6 +24,7 @@ PRECISIONS = ("no", "bf16")
 BASE_WEIGHT_DTYPES = ("float8_e4m3fn", "float8_e5m2")  # --base_weight_dtype (loading.quantize.FP8_FORMATS)
 CONDITION_SIZES = ("target", "original")
 TEMPLATE_INITS = ("dit", "random")
+CONDITION_DROPOUTS = ("caption_dropout", "unaligned_prompt", "template_dropout")
 LORA_EXPORT_FORMATS = ("comfyui", "diffusers")  # pipelines.lora_files.EXPORT_FORMATS
 # Linear layers of the FLUX.2 DiT that get a LoRA by default (suffixes of module paths); the same set
 # DiffSynth-Studio trains for klein: attention projections and both MLPs of every block. On Z-Image
@@ -56,6 +57,12 @@ class TrainConfig:
     cache_path: str | None = None  # stage I output, stage II input
     shared_feature_cache: str | None = None  # content store shared by several caches (text, latents)
     cache_chunk_size: int = 64  # samples per committed shard: the most a killed stage I loses
+    # condition dropout (ControlNet-style training for controls that win over the prompt): shares of the
+    # samples, each drawn from the sample's own seed, so stage I and --task full make the same choices
+    caption_dropout: float = 0.0  # the prompt is replaced by ""
+    unaligned_prompt: float = 0.0  # the prompt is the row's --unaligned_prompt_field instead
+    unaligned_prompt_field: str = "prompt_unaligned"
+    template_dropout: float = 0.0  # the template's input images are replaced by black ones
 
     # base model
     model: str | None = None
@@ -116,6 +123,14 @@ class TrainConfig:
     def uses_template(self) -> bool:
         return self.template is not None or self.architecture is not None
 
+    def condition_dropout(self) -> dict[str, Any]:
+        """The condition-dropout settings that are on (``{}`` when none is): the dataset's keyword
+        arguments and part of the feature cache's fingerprint (caches made without them stay valid)."""
+        on = {name: getattr(self, name) for name in CONDITION_DROPOUTS if getattr(self, name) > 0}
+        if self.unaligned_prompt > 0:
+            on["unaligned_prompt_field"] = self.unaligned_prompt_field
+        return on
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -153,6 +168,7 @@ class TrainConfig:
         for name in ("dataset_num_workers", "warmup_steps", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        self._validate_condition_dropout()
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.max_grad_norm == 0:  # 0 turns clipping off (the default clips at 1.0)
@@ -217,6 +233,24 @@ class TrainConfig:
                 "--trainable_models has dit (full fine-tuning trains those weights): drop one of them "
                 "(dit_lora works with it)"
             )
+
+    def _validate_condition_dropout(self) -> None:
+        for name in CONDITION_DROPOUTS:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(
+                    f"--{name} is a share of the samples, from 0 to 1; got {getattr(self, name)}"
+                )
+        if self.caption_dropout + self.unaligned_prompt > 1:
+            raise ConfigError(
+                f"--caption_dropout {self.caption_dropout} + --unaligned_prompt {self.unaligned_prompt} is "
+                "over 1: a sample gets one prompt (empty, unaligned or its own); lower one of them"
+            )
+        if self.template_dropout > 0 and not self.uses_template:
+            raise ConfigError(
+                "--template_dropout drops a template's inputs: pass --template or --architecture"
+            )
+        if not self.unaligned_prompt_field.strip():
+            raise ConfigError("--unaligned_prompt_field must name a metadata column, e.g. prompt_unaligned")
 
     def _validate_models(self) -> None:
         models = self.trainable_models
@@ -328,7 +362,7 @@ def _number(name: str, value: Any, kind: type) -> Any:
         ) from None
 
 
-_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "lora_alpha")
+_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "lora_alpha", *CONDITION_DROPOUTS)
 
 
 def _normalize(name: str, value: Any) -> Any:
@@ -357,6 +391,13 @@ _HELP = {
     "condition_size": "target (default): images in template_inputs and edit_image are cover-cropped to the "
     "training image's size, so aligned maps (depth, edges, masks) stay aligned; original: their own size "
     "(e.g. the low-resolution input of super-resolution)",
+    "caption_dropout": "share of the samples (0 to 1) trained with an empty prompt, so a template must carry "
+    "the image alone (ControlNet drops half); drawn from each sample's seed",
+    "unaligned_prompt": "share of the samples (0 to 1) whose prompt is the row's --unaligned_prompt_field: a "
+    "caption that does not describe the control's layout, so the template learns to win over the prompt",
+    "unaligned_prompt_field": "metadata column holding the unaligned prompt of each row",
+    "template_dropout": "share of the samples (0 to 1) whose template-input images are replaced by black "
+    "ones: the template learns the unconditional case (templates without image inputs cannot drop)",
     "max_sequence_length": "prompt tokens (padded/truncated)",
     "dataset_num_workers": "DataLoader worker processes",
     "cache_path": "feature cache folder (stage I writes it, stage II reads it)",

@@ -180,7 +180,12 @@ def _dataset(config: TrainConfig):
     report = read_metadata(config.dataset_metadata_path, config.dataset_base_path, on_bad_row="skip")
     dataset = TemplateDataset.from_report(
         report,
-        DatasetConfig(max_pixels=config.max_pixels, seed=config.seed, condition_size=config.condition_size),
+        DatasetConfig(
+            max_pixels=config.max_pixels,
+            seed=config.seed,
+            condition_size=config.condition_size,
+            **config.condition_dropout(),
+        ),
     )
     return report, dataset
 
@@ -195,6 +200,7 @@ def dataset_fingerprint(config: TrainConfig) -> dict[str, Any]:
     }
     if config.condition_size != "target":  # only when set, so caches written before the option stay valid
         fingerprint["condition_size"] = config.condition_size
+    fingerprint.update(config.condition_dropout())  # likewise: only the settings that are on
     return fingerprint
 
 
@@ -408,7 +414,9 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
     model, optimizer = _build_training_module(config, dit, template, device)
     if on_model_built is not None:
         on_model_built(model, optimizer)
-    prepare_distributed(accelerator, model, dit, config.batch_size, config.max_grad_norm)
+    prepare_distributed(
+        accelerator, model, dit, config.batch_size, config.max_grad_norm, bool(config.validation_steps)
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_fsdp(accelerator):
         log_shares(model, rank)
