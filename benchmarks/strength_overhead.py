@@ -10,34 +10,26 @@ one DiT call), and prints a markdown table of medians.
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from diffsynth_templates import Flux2DiTConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ holds step_timing.py
+from step_timing import realistic_pipeline, step_timing_parser  # noqa: E402
+
 from diffsynth_templates.pipelines.kv_schedule import with_log_strength
-from diffsynth_templates.pipelines.random_init import RandomPipelineSpec, random_flux2_pipeline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps per run")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per variant")
+    parser = step_timing_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=64, help="template KV tokens per block")
-    parser.add_argument("--text_len", type=int, default=64, help="prompt tokens (max_sequence_length)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     args = parser.parse_args()
 
-    dit = Flux2DiTConfig(num_double_blocks=2, num_single_blocks=6, num_heads=8, head_dim=64, text_dim=96,
-                         axes_dims_rope=(16, 16, 16, 16))  # fmt: skip
     dtype = getattr(torch, args.dtype)
-    pipe = random_flux2_pipeline(RandomPipelineSpec(dit=dit), device=args.device, torch_dtype=dtype)
+    pipe = realistic_pipeline(args)
     generator = torch.Generator().manual_seed(0)
     kv = {
         name: tuple(
