@@ -164,6 +164,7 @@ class FamilyPipeline(PipelineBase):
         progress: bool = True,
         max_pixels: int | None = None,
         callback_on_step_end: Callable[[FamilyPipeline, int, Tensor, dict], dict | None] | None = None,
+        reuse_edit_kv: bool = False,
     ):
         """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
         (``output_type="np"``) or latents (``output_type="latent"``: FLUX.2 the VAE's ``[B, 32, H/8,
@@ -175,6 +176,8 @@ class FamilyPipeline(PipelineBase):
         ``inpaint_mask`` must have ``input_image``'s size (``resize_mask=True`` stretches it to that
         size first); both are placed onto ``height x width`` alike (resized to cover, center-cropped).
         ``max_pixels`` bounds ``height * width`` (default 4096 x 4096).
+        ``reuse_edit_kv=True`` computes the ``edit_image`` tokens' keys/values on the first step only and
+        reuses them after (approximate; ``pipelines/edit_kv.py``); klein-9B-KV always does, exactly.
         """
         steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
         cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
@@ -182,7 +185,7 @@ class FamilyPipeline(PipelineBase):
             prompt, negative_prompt, height, width, steps, cfg_scale, seed, latents, max_sequence_length,
             input_image, denoising_strength, inpaint_mask, resize_mask, kv_cache, negative_kv_cache, lora,
             negative_lora, extra_text_embedding, negative_extra_text_embedding, output_type, progress,
-            max_pixels, callback_on_step_end, edit_image=edit_image,
+            max_pixels, callback_on_step_end, edit_image=edit_image, reuse_edit_kv=reuse_edit_kv,
         )  # fmt: skip
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -213,6 +216,7 @@ class FamilyPipeline(PipelineBase):
         max_pixels: int | None,
         callback_on_step_end: Callable | None,
         edit_image=None,
+        reuse_edit_kv: bool = False,
     ):
         """Every argument checked once, both CFG sides' conditioning built and validated once, then
         Euler steps of the family's velocity (inpainting: steered onto the input outside the mask)."""
@@ -237,6 +241,8 @@ class FamilyPipeline(PipelineBase):
             callback_on_step_end,
         )
         seed = check_seed(seed)
+        if not isinstance(reuse_edit_kv, bool):
+            raise PipelineInputError(f"reuse_edit_kv must be True or False, got {reuse_edit_kv!r}")
         if edit_image is not None and not self.family.supports_edit_images:
             raise PipelineInputError(
                 f"{type(self).__name__} takes no edit_image: {self.family.edit_images_unsupported}"
@@ -266,7 +272,7 @@ class FamilyPipeline(PipelineBase):
         schedule = self._schedule(num_inference_steps, h, w, strength)
         x = self._tokens(noise if clean is None else add_noise(clean, noise, schedule.sigmas[0]))
         clean_tokens = None if clean is None else self._tokens(clean)
-        positions = self._positions(h, w, edit_image)
+        positions = self._positions(h, w, edit_image, reuse_edit_kv)
         mask = None  # placed on the latent grid exactly where the image lands
         if pair is not None:
             mask = self._tokens(place_mask(pair[1], height, width, grid=(h, w)).to(self.device))
@@ -352,8 +358,9 @@ class FamilyPipeline(PipelineBase):
     def _untokens(self, x: Tensor, h: int, w: int) -> Tensor:
         return x
 
-    def _positions(self, h: int, w: int, edit_image) -> Any:
-        """Whatever ``_model`` needs besides the conditioning, computed once per call."""
+    def _positions(self, h: int, w: int, edit_image, reuse_edit_kv: bool = False) -> Any:
+        """Whatever ``_model`` needs besides the conditioning, computed once per call (``reuse_edit_kv``:
+        the reference tokens' keys/values may be reused across steps)."""
         return None
 
     def _hidden(self, x: Tensor, positions) -> Tensor:
