@@ -156,3 +156,60 @@ def test_finite_check_fast_path_is_exact():
             assert nonfinite_names({"y": y}) == ["y"], (bad, dtype)
     # finite values whose sum overflows are not flagged (the elementwise test decides)
     assert nonfinite_names({"big": torch.full((64,), 3e38), "half": torch.full((4096,), 6e4).half()}) == []
+
+
+def test_merging_as_outputs_arrive_equals_merging_at_the_end(pipes, tmp_path):
+    """Memo off, KV is merged as each output arrives: the caches equal the ordinary merge's (memo on)
+    bit for bit, with templates of other blocks and lengths, batched outputs, a step window, both CFG
+    sides, and inputs listed out of order."""
+    pipe = pipes["flux2"]
+    cfg = pipe.dit.config
+    specs = [(("single_0", "single_1"), 8), (("single_1",), 3), (("double_0", "single_0"), 5)]
+    folders = []
+    for i, (blocks, length) in enumerate(specs):
+        torch.manual_seed(40 + i)
+        model = ScalarKV(
+            ScalarKVConfig(block_names=blocks, heads=cfg.num_heads, head_dim=cfg.head_dim, length=length)
+        )
+        folders.append(save_declarative(tmp_path / f"m{i}", model))
+    positive = [
+        {"model_id": 2, "scale": 0.1},
+        {"model_id": 0, "scale": 0.2},
+        {"model_id": 1, "scale": 0.3, "step_end": 0.5},
+        {"model_id": 0, "scale": 0.4},
+        {"model_id": 1, "scale": 0.6},
+    ]
+    negative = [{"model_id": 1, "scale": 0.7}, {"model_id": 2, "scale": 0.8}]
+    call = dict(prompt=["a", "b"], cfg_scale=3.0)
+    caches = []
+    for memo_size in (0, 32):
+        tp = TemplatePipeline.from_pretrained(
+            folders, torch_dtype=torch.float32, device="cpu", lazy_loading=True, memo_size=memo_size,
+            host_store=HostStore(),
+        )  # fmt: skip
+        caches.append(tp.prepare(pipe, positive, negative, **call))
+    streamed, ordinary = caches
+    assert streamed.keys() == ordinary.keys() >= {"kv_cache", "negative_kv_cache"}
+    for key in ("negative_kv_cache",):
+        a, b = streamed[key], ordinary[key]
+        assert a.keys() == b.keys() and all(torch.equal(a[n][i], b[n][i]) for n in a for i in (0, 1))
+    a, b = streamed["kv_cache"], ordinary["kv_cache"]  # a step window: scheduled caches, entry by entry
+    assert len(a.entries) == len(b.entries) == 2
+    for (ca, sa, ea), (cb, sb, eb) in zip(a.entries, b.entries):
+        assert (sa, ea) == (sb, eb) and ca.keys() == cb.keys()
+        assert all(torch.equal(ca[n][i], cb[n][i]) for n in ca for i in (0, 1))
+    lengths = {n: k.shape[1] for n, (k, _) in a.entries[0][0].items()}
+    assert lengths == {"double_0": 5, "single_0": 8 + 8 + 5, "single_1": 8 + 8 + 3}
+
+
+def test_block_buffer_grows_in_batch_and_length_like_broadcast_cat():
+    from diffsynth_templates.pipelines.kv_schedule import broadcast_cat
+    from diffsynth_templates.templates.stream_merge import BlockBuffer
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(b, n, 2, 4, generator=g) for b, n in ((1, 3), (2, 5), (1, 2), (2, 7))]
+    buffer = BlockBuffer(chunks[0], capacity=4)  # too small on purpose: it must grow
+    for i, c in enumerate(chunks):
+        buffer.add(c, -c, spare=0 if i < 2 else 1)
+    k, v = buffer.result()
+    assert torch.equal(k, broadcast_cat(chunks, 1)) and torch.equal(v, -broadcast_cat(chunks, 1))

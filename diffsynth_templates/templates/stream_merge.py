@@ -1,0 +1,87 @@
+"""Merging template KV as the outputs arrive, into buffers sized once, instead of after all have run.
+
+With the output memo off nothing keeps a template's output after the merge, so each one is copied
+into its block's merged buffer as soon as it is produced and then dropped: the next template's
+outputs reuse the same host memory instead of every output of the call living (and being paged in
+fresh) until one concatenation at the end. The result is the same tensors ``merge_kv_caches`` makes:
+per block, the tokens of every full-window output in canonical order (``TemplatePipeline`` produces
+them in that order), batch-1 entries broadcast to the batch. Windowed KV and every other cache key
+are left to the ordinary merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .cache import TemplateOutput
+
+FULL_WINDOW = (0.0, 1.0)
+
+
+class BlockBuffer:
+    """One block's merged ``k`` and ``v``: ``[batch, capacity, heads, head_dim]``, filled from the left."""
+
+    def __init__(self, k: Tensor, capacity: int):
+        shape = (k.shape[0], capacity, *k.shape[2:])
+        self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+        self.v = torch.empty(shape, dtype=k.dtype, device=k.device)
+        self.filled = 0
+
+    def add(self, k: Tensor, v: Tensor, spare: int) -> None:
+        """Append ``k, v``; ``spare``: tokens still expected after these (to size a regrowth once)."""
+        batch, need = max(self.k.shape[0], k.shape[0]), self.filled + k.shape[1]
+        if batch != self.k.shape[0] or need > self.k.shape[1]:
+            self._grow(batch, max(need + spare, self.k.shape[1]))
+        end = self.filled + k.shape[1]
+        self.k[:, self.filled : end].copy_(k.expand(batch, -1, -1, -1))
+        self.v[:, self.filled : end].copy_(v.expand(batch, -1, -1, -1))
+        self.filled = end
+
+    def _grow(self, batch: int, capacity: int) -> None:
+        old_k, old_v = self.k[:, : self.filled], self.v[:, : self.filled]
+        shape = (batch, capacity, *self.k.shape[2:])
+        self.k, self.v = (torch.empty(shape, dtype=t.dtype, device=t.device) for t in (old_k, old_v))
+        self.k[:, : self.filled].copy_(old_k.expand(batch, -1, -1, -1))
+        self.v[:, : self.filled].copy_(old_v.expand(batch, -1, -1, -1))
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        if self.filled == self.k.shape[1]:
+            return self.k, self.v
+        return self.k[:, : self.filled].clone(), self.v[:, : self.filled].clone()  # sized too large
+
+
+class StreamedKV:
+    """The full-window KV of one call's outputs, merged per CFG side as they arrive."""
+
+    def __init__(self, counts: dict[str, int], validate: Callable[[str, TemplateOutput], None]):
+        self.remaining = dict(counts)  # outputs still to come per side (sizes the buffers)
+        self.validate = validate  # checks an output against the pipeline before it is merged
+        self.blocks: dict[str, dict[str, BlockBuffer]] = {side: {} for side in counts}
+
+    def add(self, side: str, out: TemplateOutput) -> TemplateOutput:
+        """Merge ``out``'s full-window KV; returns ``out`` without it (the rest merges as usual)."""
+        self.validate(side, out)
+        self.remaining[side] -= 1
+        kv = out.cache.get("kv_cache")
+        if not kv or (out.step_start, out.step_end) != FULL_WINDOW:
+            return out
+        blocks = self.blocks[side]
+        for name, (k, v) in kv.items():
+            if name not in blocks:
+                blocks[name] = BlockBuffer(k, k.shape[1] * (1 + self.remaining[side]))
+            blocks[name].add(k, v, k.shape[1] * self.remaining[side])
+        rest = {key: value for key, value in out.cache.items() if key != "kv_cache"}
+        return TemplateOutput(out.template, rest, out.step_start, out.step_end, out.key)
+
+    def outputs(self, side: str, outputs: list[TemplateOutput]) -> list[TemplateOutput]:
+        """``outputs`` (their full-window KV taken out; those left empty dropped) led by one output
+        holding the merged KV."""
+        blocks = self.blocks[side]
+        if not blocks:
+            return outputs
+        merged = {name: buffer.result() for name, buffer in blocks.items()}
+        rest = [out for out in outputs if out.cache]
+        return [TemplateOutput("(merged templates)", {"kv_cache": merged}), *rest]
