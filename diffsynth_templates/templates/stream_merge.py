@@ -24,10 +24,11 @@ FULL_WINDOW = (0.0, 1.0)
 class BlockBuffer:
     """One block's merged ``k`` and ``v``: ``[batch, capacity, heads, head_dim]``, filled from the left."""
 
-    def __init__(self, k: Tensor, capacity: int):
+    def __init__(self, k: Tensor, capacity: int, storage: tuple[Tensor, Tensor] | None = None):
         shape = (k.shape[0], capacity, *k.shape[2:])
-        self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-        self.v = torch.empty(shape, dtype=k.dtype, device=k.device)
+        if storage is None:
+            storage = tuple(torch.empty(shape, dtype=k.dtype, device=k.device) for _ in "kv")
+        self.k, self.v = (t.view(shape) for t in storage)
         self.filled = 0
 
     def add(self, k: Tensor, v: Tensor, spare: int) -> None:
@@ -53,6 +54,27 @@ class BlockBuffer:
         return self.k[:, : self.filled].clone(), self.v[:, : self.filled].clone()  # sized too large
 
 
+def _new_buffers(kv: dict, known: dict, outputs: int) -> dict[str, BlockBuffer]:
+    """Buffers for the blocks of ``kv`` not in ``known``, room for ``outputs`` outputs like this one,
+    carved from one allocation: freed as one, it never leaves holes in the host heap that keep the
+    process's resident memory up after the call."""
+    new = {name: k for name, (k, _) in kv.items() if name not in known}
+    if not new:
+        return {}
+    first = next(iter(new.values()))
+    if any(k.dtype != first.dtype or k.device != first.device for k in new.values()):
+        return {name: BlockBuffer(k, k.shape[1] * outputs) for name, k in new.items()}
+    sizes = {name: k[:, :1].numel() * k.shape[1] * outputs for name, k in new.items()}
+    arena = torch.empty(2 * sum(sizes.values()), dtype=first.dtype, device=first.device)
+    buffers, offset = {}, 0
+    for name, k in new.items():
+        n = sizes[name]
+        storage = (arena[offset : offset + n], arena[offset + n : offset + 2 * n])
+        buffers[name] = BlockBuffer(k, k.shape[1] * outputs, storage)
+        offset += 2 * n
+    return buffers
+
+
 class StreamedKV:
     """The full-window KV of one call's outputs, merged per CFG side as they arrive."""
 
@@ -69,9 +91,8 @@ class StreamedKV:
         if not kv or (out.step_start, out.step_end) != FULL_WINDOW:
             return out
         blocks = self.blocks[side]
+        blocks.update(_new_buffers(kv, blocks, 1 + self.remaining[side]))
         for name, (k, v) in kv.items():
-            if name not in blocks:
-                blocks[name] = BlockBuffer(k, k.shape[1] * (1 + self.remaining[side]))
             blocks[name].add(k, v, k.shape[1] * self.remaining[side])
         rest = {key: value for key, value in out.cache.items() if key != "kv_cache"}
         return TemplateOutput(out.template, rest, out.step_start, out.step_end, out.key)
