@@ -69,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="local folder or ModelScope id in the official layout "
                    f"(transformer/, text_encoder/, vae/, tokenizer/); default: {DEFAULT_TOY_MODEL}")  # fmt: skip
     for name in ("transformer", "text_encoder", "vae", "tokenizer"):
-        g.add_argument(f"--{name}", default=None, help=f"take the {name} from this folder or id instead")
+        single = (
+            " (or one .safetensors file: BFL/ComfyUI layout, fp8-scaled too)" if name == "transformer" else ""
+        )
+        g.add_argument(
+            f"--{name}", default=None, help=f"take the {name} from this folder or id instead{single}"
+        )
     g.add_argument(
         "--dtype",
         default="auto",
@@ -88,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--offline", action="store_true", help="never touch the network; use only cached downloads"
     )
+    g.add_argument(
+        "--lora", action="append", default=None, metavar="PATH[:SCALE]",
+        help="a LoRA file (BFL/ComfyUI/ai-toolkit, kohya or diffusers layout; local, or "
+        "owner/name/file.safetensors on ModelScope) at SCALE (default 1); repeatable, the deltas add",
+    )  # fmt: skip
     g.add_argument(
         "--variant",
         default=None,
@@ -150,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", action="append", default=[], metavar="SOURCE",
                    help="template folder or ModelScope id (repeatable; model_id 0, 1, ... in order)")  # fmt: skip
     g.add_argument("--template_input", action="append", default=[], metavar="'KEY=VALUE ...'",
-                   help="one template input: space-separated KEY=VALUE pairs, e.g. 'model_id=0 scale=0.7'; "
-                   "values are JSON when they parse (numbers, lists, true), image paths load as images (repeatable)")  # fmt: skip
+                   help="one template input: space-separated KEY=VALUE pairs, e.g. 'model_id=0 scale=0.7 strength=0.6'; "
+                   "values are JSON when they parse (numbers, lists, true), image paths load as images (repeatable). "
+                   "strength (default 1) scales the template's effect: 0 = without it, above 1 amplifies")  # fmt: skip
     g.add_argument("--negative_template_input", action="append", default=[], metavar="'KEY=VALUE ...'",
                    help="a template input for the negative (unconditional) side (repeatable)")  # fmt: skip
     g.add_argument("--job", default=None, help="JSON file with any of: templates, template_inputs, "
@@ -210,6 +221,7 @@ def generate(argv: list[str]) -> list[Path]:
         args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     check_args(args)
+    loras = [parse_lora(text) for text in args.lora or []]
     prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt)
     paths = output_paths(args.output, len(prompts) * args.num_images, args.max_images)
     templates, template_inputs, negative_inputs = _template_job(args, job)
@@ -236,6 +248,10 @@ def generate(argv: list[str]) -> list[Path]:
     overrides = {name: getattr(args, name) for name in ("transformer", "text_encoder", "vae", "tokenizer")}
     folders = resolve_model(model, offline=offline, **overrides)  # each source once for the whole run
     backbone = backbone_of_folders(folders)
+    if loras:  # each LoRA found (or downloaded) before any weights are loaded
+        from diffsynth_templates.pipelines.lora_files import resolve_lora_source
+
+        loras = [(resolve_lora_source(path, offline=offline), scale) for path, scale in loras]
     title = BACKBONE_TITLES[backbone]
     for flag, value, supported in (
         ("--variant", args.variant, backbone == "zimage"),
@@ -260,6 +276,8 @@ def generate(argv: list[str]) -> list[Path]:
         offline=offline,
         **({"variant": args.variant} if backbone == "zimage" else {}),
     )
+    for i, (path, scale) in enumerate(loras):
+        pipe.load_lora(path, scale, adapter_name=f"lora_{i}")
     if args.offload:
         pipe.enable_model_cpu_offload(args.device or "cuda")
     if args.vae_tile_size:
@@ -355,6 +373,26 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.height is not None or args.width is not None:  # the rest once the model's defaults are known
         check_size(args.height, args.width, args.max_size, args.max_pixels)
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """``--lora PATH[:SCALE]``: the part after the last ':' is the scale when it is a number."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            scale = float(tail)
+        except ValueError:
+            path, scale = text, 1.0
+        else:
+            if not math.isfinite(scale):
+                raise InferError(f"--lora {text!r}: the scale {tail!r} must be a finite number")
+    else:
+        path, scale = text, 1.0
+    if not path:
+        raise InferError(
+            f"--lora {text!r} names no file: expected PATH[:SCALE], e.g. my_lora.safetensors:0.8"
+        )
+    return path, scale
 
 
 def check_size(height: int | None, width: int | None, max_size: int, max_pixels: int) -> None:
@@ -477,6 +515,8 @@ def _parse_value(value, base: Path | None):
 
 def _template_job(args, job: dict) -> tuple[list[str], list[dict], list[dict]]:
     """Merge the job's lists with the flags; paths in a job resolve against the job file's folder."""
+    from diffsynth_templates.templates.schema import read_strength
+
     templates, inputs, negative = list(args.template), [], []
     if args.job:
         base = Path(args.job).parent
@@ -493,6 +533,7 @@ def _template_job(args, job: dict) -> tuple[list[str], list[dict], list[dict]]:
         for index, d in enumerate(dicts):
             for key, value in d.items():
                 _check_finite_json(value, f"{side}[{index}].{key}", InferError)
+            read_strength(d, f"{side}[{index}]")  # before any model loads
     if (inputs or negative) and not templates:
         raise InferError('template inputs were given but no --template (or job "templates") to run them')
     return templates, inputs, negative

@@ -66,7 +66,8 @@ def tiny_vae(seed: int = 0):
     return vae
 
 
-def build_tiny_klein(root: Path) -> Path:
+def save_tiny_tokenizer(root: Path):
+    """The tiny Qwen tokenizer in ``root/tokenizer/`` as the official repos ship it (both families')."""
     tok = tiny_qwen_tokenizer()
     (root / "tokenizer").mkdir(parents=True)
     tok.save(str(root / "tokenizer" / "tokenizer.json"))
@@ -79,6 +80,11 @@ def build_tiny_klein(root: Path) -> Path:
         "chat_template": QWEN3_CHAT_TEMPLATE,
     }
     (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return tok
+
+
+def build_tiny_klein(root: Path) -> Path:
+    tok = save_tiny_tokenizer(root)
     tiny_hf_qwen3(vocab_size=tok.get_vocab_size(), seed=5).save_pretrained(
         root / "text_encoder", max_shard_size="100KB"
     )

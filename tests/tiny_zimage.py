@@ -14,7 +14,7 @@ import diffusers
 import torch
 import transformers
 
-from tests.pipelines.test_flux2_prompt import QWEN3_CHAT_TEMPLATE, tiny_qwen_tokenizer
+from tests.tiny_klein import save_tiny_tokenizer
 
 SCHEDULER = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",
@@ -35,18 +35,7 @@ def _randomize(model, scale: float) -> None:
 
 def build_tiny_zimage(root: Path) -> Path:
     torch.manual_seed(0)
-    tok = tiny_qwen_tokenizer()
-    (root / "tokenizer").mkdir(parents=True)
-    tok.save(str(root / "tokenizer" / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "pad_token": "<|endoftext|>",
-        "eos_token": "<|im_end|>",
-        "bos_token": None,
-        "model_max_length": 131072,
-        "chat_template": QWEN3_CHAT_TEMPLATE,
-    }
-    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    tok = save_tiny_tokenizer(root)
     text_encoder = transformers.Qwen3ForCausalLM(
         transformers.Qwen3Config(
             vocab_size=tok.get_vocab_size(),

@@ -2,7 +2,8 @@
 
 Template caches enter here and only here: extra key/value tokens are appended to a block's keys and
 values after QK-norm and after RoPE, with no norm, no rotation and no mask (DESIGN.md 4.1). Keeping a
-single function means every backbone honours the same contract.
+single function means every backbone honours the same contract. A template's ``strength`` (DESIGN.md
+4.7) arrives as an additive logit bias on its own tokens; without one the call is today's plain SDPA.
 """
 
 from __future__ import annotations
@@ -47,22 +48,37 @@ def attention(
     tokens are never masked, so the mask is extended with True for them. The one exception is a
     third entry ``valid`` (bool ``[B, L]``) that pipelines add when they stack two CFG sides whose
     caches differ in length (``pipelines.common.batch_side_kv``): a row sees only its own tokens.
+    A floating-point third entry ``[B or 1, L]`` is instead an additive bias on the logits of the
+    template tokens (``log(strength)`` per token; ``-inf`` hides a padding token): the attention mass
+    a token receives is scaled by ``exp(bias)`` before normalization.
     """
+    bias = None
     if extra_kv is not None and extra_kv[0].shape[1] > 0:
         extra_k, extra_v = extra_kv[0], extra_kv[1]
         valid = extra_kv[2] if len(extra_kv) == 3 else None
         batch, length = k.shape[0], k.shape[1]
         k = torch.cat([k, extra_k.to(k.dtype).expand(batch, -1, -1, -1)], dim=1)
         v = torch.cat([v, extra_v.to(v.dtype).expand(batch, -1, -1, -1)], dim=1)
-        if mask is not None or valid is not None:
+        if valid is not None and valid.is_floating_point():  # strength: a float mask, padding included
+            bias, mask = _logit_bias(mask, valid, batch, length, q.dtype), None
+        elif mask is not None or valid is not None:
             own = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=k.device)
             extra = valid.expand(batch, -1) if valid is not None else own.new_ones(batch, extra_k.shape[1])
             mask = torch.cat([own, extra.to(own.device)], dim=1)
-    attn_mask = None if mask is None else mask[:, None, None, :]  # broadcast over heads and queries
+    attn_mask = bias if mask is None else mask[:, None, None, :]  # broadcast over heads and queries
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
     )
     return out.transpose(1, 2).flatten(2)
+
+
+def _logit_bias(mask: Tensor | None, extra: Tensor, batch: int, length: int, dtype: torch.dtype) -> Tensor:
+    """The float ``attn_mask`` ``[B, 1, 1, S + L]``: 0 on the block's own keys (``-inf`` on padding
+    ``mask`` hides), ``extra`` (the template tokens' log-strength) on the appended ones."""
+    own = torch.zeros(batch, length, dtype=dtype, device=extra.device)
+    if mask is not None:
+        own = own.masked_fill(~mask.to(own.device), float("-inf"))
+    return torch.cat([own, extra.to(dtype).expand(batch, -1)], dim=1)[:, None, None, :]
 
 
 @contextlib.contextmanager
@@ -104,13 +120,6 @@ def validate_kv_cache(
         if not (isinstance(entry, (tuple, list)) and len(entry) in (2, 3)):
             raise KVCacheError(f"kv_cache{who}[{name!r}] must be a (k, v) pair of tensors")
         k, v = entry[0], entry[1]
-        if len(entry) == 3:  # (k, v, valid): stacked CFG sides, see attention()
-            valid = entry[2]
-            if not (isinstance(valid, Tensor) and valid.dtype == torch.bool and valid.shape == k.shape[:2]):
-                raise KVCacheError(
-                    f"kv_cache{who}[{name!r}] third entry must be a bool mask [batch, tokens] = "
-                    f"{list(k.shape[:2])}, got {getattr(valid, 'shape', type(valid).__name__)}"
-                )
         if not (isinstance(k, Tensor) and isinstance(v, Tensor)):
             raise KVCacheError(
                 f"kv_cache{who}[{name!r}] must hold tensors, got {type(k).__name__}, {type(v).__name__}"
@@ -120,6 +129,8 @@ def validate_kv_cache(
                 f"kv_cache{who}[{name!r}] k has shape {tuple(k.shape)}; expected 4 dims "
                 f"[batch, tokens, {spec.heads}, {spec.head_dim}]"
             )
+        if len(entry) == 3:  # (k, v, valid) of stacked CFG sides, or (k, v, log-strength bias)
+            _check_third_entry(entry[2], k, f"kv_cache{who}[{name!r}]")
         if k.shape != v.shape:
             raise KVCacheError(
                 f"kv_cache{who}[{name!r}] k shape {tuple(k.shape)} and v shape {tuple(v.shape)} differ; they must match"
@@ -135,6 +146,25 @@ def validate_kv_cache(
             )
         if not k.is_floating_point() or not v.is_floating_point():
             raise KVCacheError(f"kv_cache{who}[{name!r}] must be floating point, got {k.dtype}/{v.dtype}")
+
+
+def _check_third_entry(extra: object, k: Tensor, where: str) -> None:
+    """A bool ``valid`` mask ``[batch, tokens]`` or a float logit bias ``[1 or batch, tokens]``."""
+    if isinstance(extra, Tensor) and extra.dtype == torch.bool and extra.shape == k.shape[:2]:
+        return
+    if (
+        isinstance(extra, Tensor)
+        and extra.is_floating_point()
+        and extra.ndim == 2
+        and extra.shape[0] in (1, k.shape[0])
+        and extra.shape[1] == k.shape[1]
+    ):
+        return
+    raise KVCacheError(
+        f"{where} third entry must be a bool mask [batch, tokens] = {list(k.shape[:2])} or a float "
+        f"logit bias [1 or batch, {k.shape[1]}], got {getattr(extra, 'shape', type(extra).__name__)}"
+        + (f" of {extra.dtype}" if isinstance(extra, Tensor) else "")
+    )
 
 
 def _summarize_names(specs: Mapping[str, KVBlockSpec]) -> str:

@@ -153,9 +153,7 @@ def input_table(schema: InputSchema | None) -> str:
     lines = ["| " + " | ".join(INPUT_COLUMNS) + " |", "|" + "---|" * len(INPUT_COLUMNS)]
     for row in input_rows(schema):
         lines.append("| " + " | ".join(_escape(row[c]) for c in INPUT_COLUMNS) + " |")
-    note = (
-        "\n`model_id`, `step_start` and `step_end` are read by the framework and work with every template.\n"
-    )
+    note = "\n`model_id`, `step_start`, `step_end` and `strength` are read by the framework and work with every template.\n"
     if schema.allow_extra:
         note += "Inputs not listed here are passed through to the template.\n"
     return "\n".join(lines) + "\n" + note

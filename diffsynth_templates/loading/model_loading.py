@@ -208,3 +208,44 @@ class PretrainedModule:
         """Write ``config.json`` + ``{stem}.safetensors`` in the official layout."""
         config = getattr(self.config, f"to_{self.config_format}")()
         save_component(self, folder, config, stem=self.weights_stem or "diffusion_pytorch_model")
+
+
+def load_module_from_state_dict(
+    build: Callable[[], M],
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> M:
+    """``load_module_from_files`` for tensors already in memory under the module's own names (a
+    converted single-file checkpoint): the same key, shape and finite checks, then frozen in eval mode."""
+    with torch.device("meta"):
+        model = build()
+    expected = dict(model.state_dict(keep_vars=True))
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        parts = [f"missing keys: {_format_keys(missing)}"] if missing else []
+        parts += [f"unexpected keys: {_format_keys(unexpected)}"] if unexpected else []
+        raise CheckpointError(f"{source} does not match {type(model).__name__}: " + "; ".join(parts))
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{source} has mis-shaped tensors for {type(model).__name__}: " + "; ".join(bad[:20])
+        )
+    loaded = {
+        k: v.to(device=device, dtype=torch_dtype or v.dtype if v.is_floating_point() else expected[k].dtype)
+        for k, v in state.items()
+    }
+    nonfinite = nonfinite_names(loaded)
+    if nonfinite:
+        raise NonFiniteError(
+            f"weights in {source} hold NaN or inf values: {nonfinite[:5]}; use another checkpoint"
+        )
+    model.load_state_dict(loaded, strict=True, assign=True)
+    _materialize_buffers(model, device, torch_dtype)
+    return model.eval().requires_grad_(False)

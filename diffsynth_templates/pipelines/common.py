@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from ..backbones.attention import KVCache
 from ..errors import DiffSynthTemplatesError
 from ..loading.finite import NonFiniteError, check_finite_number, check_finite_tensor, nonfinite_names
 from ..loading.resolve import ModelNotFoundError, resolve_model_path
-from .kv_schedule import ScheduledKVCache
+from .kv_schedule import ScheduledKVCache, stacked_side_bias
 from .lora import LoRACache, applied_lora
 
 
@@ -66,9 +66,10 @@ class PipelineBase:
         check_finite_cache(kv_cache, f"{side}kv_cache")
         # empty entries are dropped: they change nothing and would only stop the CFG sides from batching
         cast = {
-            n: (k.to(self.device, self.torch_dtype), v.to(self.device, self.torch_dtype))
-            for n, (k, v) in (kv_cache or {}).items()
-            if k.shape[1] > 0
+            n: (e[0].to(self.device, self.torch_dtype), e[1].to(self.device, self.torch_dtype))
+            + tuple(extra.to(self.device) for extra in e[2:])  # a strength bias (kept in its dtype)
+            for n, e in (kv_cache or {}).items()
+            if e[0].shape[1] > 0
         }
         return cast or None
 
@@ -134,6 +135,9 @@ class ComponentFolders:
     root: Path | None
     components: Mapping[str, Path]
     roots: Mapping[str, Path]  # each component's source, resolved (where its config files are)
+    # components given as one .safetensors file (``--transformer FILE``); their config comes from the
+    # model's ``{name}/config.json`` (``components[name]``, which may not exist), see pipelines/single_file.py
+    single_files: Mapping[str, Path] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Path:
         return self.components[name]
@@ -153,13 +157,18 @@ def component_folders(
     """
     if isinstance(source, ComponentFolders):
         return source
-    chosen = {name: overrides.get(name) or source for name in names}
+    single = _single_files(overrides, names, source)
+    chosen = {name: (None if name in single else overrides.get(name)) or source for name in names}
     for name, where in chosen.items():
         if where is None:
             raise ModelNotFoundError(f"no {name} given: pass the model (or {name}=...)")
     roots: dict[str, Path] = {}
     for where in dict.fromkeys(str(w) for w in chosen.values()):
-        patterns = [f"{name}/*" for name in names if str(chosen[name]) == where] + ["model_index.json"]
+        patterns = [
+            f"{name}/config.json" if name in single else f"{name}/*"
+            for name in names
+            if str(chosen[name]) == where
+        ] + ["model_index.json"]
         if source is not None and where == str(source):
             patterns += [p for p in ROOT_PATTERNS if p not in patterns]
         roots[where] = resolve_model_path(
@@ -174,10 +183,36 @@ def component_folders(
             )  # fmt: skip
         except FileNotFoundError:
             root = None
-    components = {name: _component_in(roots[str(w)], w, name) for name, w in chosen.items()}
+    components = {
+        name: roots[str(w)] / name if name in single else _component_in(roots[str(w)], w, name)
+        for name, w in chosen.items()
+    }
     return ComponentFolders(
-        "" if source is None else str(source), root, components, {n: roots[str(w)] for n, w in chosen.items()}
-    )
+        "" if source is None else str(source), root, components, {n: roots[str(w)] for n, w in chosen.items()},
+        single,
+    )  # fmt: skip
+
+
+def _single_files(overrides: Mapping[str, Any], names: tuple[str, ...], source) -> dict[str, Path]:
+    """``transformer=FILE.safetensors``: one file, not a folder; the model gives its config."""
+    single = {}
+    for name in names:
+        value = overrides.get(name)
+        if value is None or not str(value).endswith(".safetensors"):
+            continue
+        if name != "transformer":
+            raise ModelNotFoundError(
+                f"{name}={str(value)!r}: only the transformer can be one .safetensors file"
+            )
+        if not Path(value).expanduser().is_file():
+            raise ModelNotFoundError(f"single-file transformer {str(value)!r} does not exist")
+        if source is None:
+            raise ModelNotFoundError(
+                f"a single-file transformer ({str(value)!r}) needs the model for its other components "
+                "and its config: pass --model too"
+            )
+        single[name] = Path(value).expanduser()
+    return single
 
 
 def component_folder(source, name: str, revision, cache_dir, offline) -> Path:
@@ -360,7 +395,8 @@ def batch_side_kv(
     if not (cond_kv or uncond_kv):
         return True, None
     a, b = cond_kv or {}, uncond_kv or {}
-    if a.keys() == b.keys() and all(a[n][0].shape[1] == b[n][0].shape[1] for n in a):
+    biased = any(len(e) > 2 for e in (*a.values(), *b.values()))  # a template strength != 1
+    if a.keys() == b.keys() and all(a[n][0].shape[1] == b[n][0].shape[1] for n in a) and not biased:
         return True, {n: tuple(_stack(a[n][i], b[n][i], batch) for i in (0, 1)) for n in a}
     # per block: (positive tokens, negative tokens); a block one side lacks counts 0 there
     lengths = {
@@ -377,7 +413,11 @@ def batch_side_kv(
         valid = torch.zeros(2 * batch, length, dtype=torch.bool, device=ref.device)
         valid[:batch, :len_a] = True
         valid[batch:, :len_b] = True
-        stacked[name] = (*(_stack(parts[0][i], parts[1][i], batch) for i in (0, 1)), valid)
+        bias = stacked_side_bias((a.get(name), b.get(name)), valid, batch)
+        stacked[name] = (
+            *(_stack(parts[0][i], parts[1][i], batch) for i in (0, 1)),
+            valid if bias is None else bias,
+        )
     return True, stacked
 
 

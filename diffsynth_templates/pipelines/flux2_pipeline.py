@@ -131,7 +131,7 @@ class Flux2ImagePipeline(FamilyPipeline):
             source, torch_dtype, device, revision, cache_dir, offline,
             transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
         )  # fmt: skip
-        pipe = cls(**cls.load_components(folders, device, torch_dtype))
+        pipe = cls.from_folders(folders, device, torch_dtype)
         pipe.name_or_path = str(transformer or source)
         if is_reference_kv_model(_model_index(folders.roots["transformer"])):
             pipe.reference_kv_model = True
@@ -154,6 +154,9 @@ class Flux2ImagePipeline(FamilyPipeline):
                 prompts, max_sequence_length=max_sequence_length, device=self.device, dtype=self.torch_dtype
             )
         return embeds, text_ids.reshape(-1, text_ids.shape[-1])[: embeds.shape[1]].to(self.device)
+
+    def prompt_features(self, prompt: str, max_sequence_length: int) -> Tensor:
+        return self.encode_prompt([prompt], max_sequence_length)[0][0]
 
     def encode_image(self, image: ImageLike, height: int, width: int, name: str = "image") -> Tensor:
         """An image resized/cropped to ``height x width`` as normalized DiT latents ``[1, 128, h, w]``."""

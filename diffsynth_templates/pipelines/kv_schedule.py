@@ -7,7 +7,8 @@ entries, so a step pays nothing unless a window opens or closes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,22 +23,65 @@ def broadcast_cat(tensors: Sequence[Tensor], dim: int) -> Tensor:
     return torch.cat([t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t for t in tensors], dim=dim)
 
 
-def merge_kv_caches(
-    caches: Sequence[Mapping[str, tuple[Tensor, Tensor]]],
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per block, concatenate the extra tokens of every cache that has that block (DESIGN.md 4.1)."""
+def merge_kv_caches(caches: Sequence[KVCache]) -> dict[str, tuple[Tensor, ...]]:
+    """Per block, concatenate the extra tokens of every cache that has that block (DESIGN.md 4.1).
+
+    An entry may carry a third, float entry: the log-strength bias of each of its tokens (see
+    ``with_log_strength``). When any entry of a block has one, the merged block carries the bias of
+    every token (0 for entries without one), so each template keeps its own strength.
+    """
     names = list(dict.fromkeys(n for c in caches for n in c))
     merged = {}
     for name in names:
-        pairs = [c[name] for c in caches if name in c]
-        if len(pairs) == 1:
-            merged[name] = pairs[0]
+        entries = [c[name] for c in caches if name in c]
+        if len(entries) == 1:
+            merged[name] = entries[0]
+            continue
+        k = broadcast_cat([e[0] for e in entries], 1)
+        v = broadcast_cat([e[1] for e in entries], 1)
+        if any(len(e) > 2 for e in entries):
+            merged[name] = (k, v, broadcast_cat([token_bias(e) for e in entries], 1))
         else:
-            merged[name] = (
-                broadcast_cat([k for k, _ in pairs], 1),
-                broadcast_cat([v for _, v in pairs], 1),
-            )
+            merged[name] = (k, v)
     return merged
+
+
+def token_bias(entry: tuple[Tensor, ...]) -> Tensor:
+    """The log-strength bias ``[1 or B, L]`` of a KV entry's tokens: its third entry, else zeros."""
+    if len(entry) > 2:
+        if entry[2].dtype == torch.bool:
+            raise KVCacheError(
+                "a KV entry with a bool third entry (CFG sides stacked for one DiT call) cannot be merged "
+                "again; merge the caches of each side first"
+            )
+        return entry[2]
+    return torch.zeros(1, entry[0].shape[1], dtype=torch.float32, device=entry[0].device)
+
+
+def with_log_strength(kv_cache: KVCache, strength: float) -> dict[str, tuple[Tensor, ...]]:
+    """Every block of ``kv_cache`` with ``log(strength)`` added to its tokens' logit bias (DESIGN.md
+    4.7): attention then gives those tokens ``strength`` times the mass. ``strength > 0``; 0 means
+    dropping the cache, which callers do instead (exp(-inf) would still cost the tokens' compute)."""
+    if not strength > 0:
+        raise KVCacheError(f"with_log_strength needs strength > 0 (drop the cache for 0), got {strength!r}")
+    shift = math.log(strength)
+    return {name: (e[0], e[1], token_bias(e).float() + shift) for name, e in kv_cache.items()}
+
+
+def stacked_side_bias(
+    entries: Sequence[tuple[Tensor, ...] | None], valid: Tensor, batch: int
+) -> Tensor | None:
+    """The logit bias ``[2 * batch, L]`` of two stacked CFG sides (positive rows first): each side's
+    own bias on its tokens and ``-inf`` on its padding (``valid`` False); None when no side has a bias,
+    so the caller keeps the bool ``valid`` mask as before."""
+    if not any(e is not None and len(e) > 2 for e in entries):
+        return None
+    bias = torch.full(valid.shape, float("-inf"), dtype=torch.float32, device=valid.device)
+    for side, entry in enumerate(entries):
+        if entry is not None:
+            length = entry[0].shape[1]
+            bias[side * batch : (side + 1) * batch, :length] = token_bias(entry).float().to(valid.device)
+    return bias
 
 
 @dataclass

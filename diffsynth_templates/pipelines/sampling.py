@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.attention import KVCache, kv_cache_prevalidated
 from ..backbones.qwen3 import Qwen3TextEncoder
-from ..loading import write_json_atomic
+from ..loading import read_config, write_json_atomic
 from .common import (
     ComponentFolders,
     PipelineBase,
@@ -41,9 +41,11 @@ from .flux2_prompt import load_tokenizer, read_tokenizer_settings
 from .image_io import ImageLike, image_to_tensor, inpaint_pair, paste_unmasked, place_mask, tensor_to_output
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, validate_lora
+from .lora_adapters import LoRAAdaptersMixin
+from .single_file import load_family_dit
 
 
-class FamilyPipeline(PipelineBase):
+class FamilyPipeline(LoRAAdaptersMixin, PipelineBase):
     """What both pipelines share; subclasses set the class attributes and fill the hooks."""
 
     family: ClassVar[Family]
@@ -84,10 +86,8 @@ class FamilyPipeline(PipelineBase):
         """The constructor's components from their folders, resolved already: what ``from_pretrained``
         (so ``infer.py``), the trainer's stage I (``dit=None``: no DiT weights) and stage II all load
         through."""
-        if isinstance(dit, str):
-            dit = cls.family.dit_class.from_pretrained(
-                folders["transformer"], torch_dtype=torch_dtype, device=device
-            )
+        if isinstance(dit, str):  # its folder, or the one file --transformer named
+            dit = load_family_dit(cls.family, folders, torch_dtype, device)
         te = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=torch_dtype, device=device)
         vae = cls.vae_class.from_pretrained(folders["vae"], torch_dtype=torch_dtype, device=device)
         tok = load_tokenizer(folders["tokenizer"])
@@ -97,6 +97,43 @@ class FamilyPipeline(PipelineBase):
             dit=dit, vae=vae, text_encoder=te, tokenizer=tok, device=device, torch_dtype=torch_dtype,
             prompt_encoder=prompt_encoder,
         )  # fmt: skip
+
+    @classmethod
+    def from_folders(
+        cls, folders: ComponentFolders, device, torch_dtype, dit: Any = "load", name: str | None = None
+    ) -> FamilyPipeline:
+        """The pipeline from component folders resolved already: ``from_pretrained`` (so ``infer.py``)
+        and both training stages build through here. ``dit=None`` (stage I, which never runs the DiT)
+        puts a weightless skeleton in its place; ``name`` is the model as the user named it (some
+        families read their variant from it; default: the folders' source)."""
+        if dit is None:
+            config = cls.family.dit_config_class.from_diffusers(read_config(folders["transformer"]))
+            with torch.device("meta"):
+                dit = cls.family.dit_class(config)
+        components = cls.load_components(folders, device, torch_dtype, dit)
+        return cls(**components, **cls._folder_settings(folders, name or str(folders)))
+
+    @classmethod
+    def _folder_settings(cls, folders: ComponentFolders, name: str) -> dict[str, Any]:
+        """Constructor arguments a family reads from its model folder besides the components."""
+        return {}
+
+    def _settings(self) -> dict[str, Any]:
+        """The constructor arguments besides the components that ``with_dit`` carries over."""
+        return {}
+
+    def with_dit(self, dit: torch.nn.Module) -> FamilyPipeline:
+        """A pipeline around ``dit`` (in its dtype) sharing this one's text encoder, VAE and settings
+        (the trainer's validation images come from the DiT being trained)."""
+        dtype = next(dit.parameters()).dtype
+        return type(self)(
+            dit, self.vae, self.text_encoder, self.tokenizer, self.device, dtype, self.prompt_encoder,
+            **self._settings(),
+        )  # fmt: skip
+
+    def prompt_features(self, prompt: str, max_sequence_length: int) -> Tensor:
+        """One prompt's text features ``[L, D]``, as the trainer's stage I stores them."""
+        raise NotImplementedError
 
     @staticmethod
     def _folders(source, torch_dtype, device, revision, cache_dir, offline, **overrides):
@@ -279,7 +316,11 @@ class FamilyPipeline(PipelineBase):
 
         self._batch_memo = {}
         n_steps = len(schedule)
-        with self._on_device(self.dit), kv_cache_prevalidated(self.dit, not self.check_kv_each_step):
+        with (
+            self._on_device(self.dit),
+            kv_cache_prevalidated(self.dit, not self.check_kv_each_step),
+            self.loaded_loras_applied(),
+        ):
             for i, t in enumerate(tqdm(schedule.timesteps, disable=not progress, desc="denoising")):
                 cond_i = at_step(cond, i, n_steps)
                 uncond_i = None if uncond is None else at_step(uncond, i, n_steps)

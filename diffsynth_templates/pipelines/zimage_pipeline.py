@@ -240,12 +240,11 @@ class ZImagePipeline(FamilyPipeline):
         variant: str = "turbo",
         shift: float = DEFAULT_SHIFT,
     ):
-        if variant not in VARIANTS:
-            raise PipelineInputError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        self.variant, self.defaults = self._checked_variant(variant)
         self.dit, self.vae, self.text_encoder, self.tokenizer = dit, vae, text_encoder, tokenizer
         self.prompt_encoder = prompt_encoder or ZImagePromptEncoder(tokenizer, text_encoder)
         check_shift(shift)
-        self.variant, self.defaults, self.shift = variant, VARIANTS[variant], shift
+        self.shift = shift
         self.patch_size = ZIMAGE.adapter.patch_size(dit)
         # pixels per DiT token side: the VAE's downsampling, then the DiT's patchify
         self.pixels_per_token = vae.config.downsample_factor * self.patch_size
@@ -293,15 +292,31 @@ class ZImagePipeline(FamilyPipeline):
             source, torch_dtype, device, revision, cache_dir, offline,
             transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
         )  # fmt: skip
-        variant = variant or variant_of(source)
-        shift = shift_of_folder(folders.root)  # resolved once with the components
-        logger.info("Z-Image %s defaults %s, shift %s", variant, VARIANTS.get(variant), shift)
-        pipe = cls(**cls.load_components(folders, device, torch_dtype), variant=variant, shift=shift)
+        pipe = cls.from_folders(folders, device, torch_dtype, name=str(source))
+        if variant is not None:
+            pipe.variant, pipe.defaults = cls._checked_variant(variant)
+        logger.info("Z-Image %s defaults %s, shift %s", pipe.variant, pipe.defaults, pipe.shift)
         pipe.name_or_path = str(transformer or source)
         config_path = Path(folders["tokenizer"]) / "tokenizer_config.json"
         if config_path.is_file():  # kept for save_pretrained (chat template, special tokens)
             pipe.tokenizer_config = json.loads(config_path.read_text())
         return pipe
+
+    @classmethod
+    def _folder_settings(cls, folders, name: str) -> dict:
+        # the variant from the name the user gave; the scheduler's shift from the model's folder
+        # (resolved already with the components), else from the transformer's source
+        root = folders.root if folders.root is not None else folders.roots.get("transformer")
+        return {"variant": variant_of(name), "shift": shift_of_folder(root)}
+
+    def _settings(self) -> dict:
+        return {"variant": self.variant, "shift": self.shift}
+
+    @staticmethod
+    def _checked_variant(variant: str) -> tuple[str, SamplingDefaults]:
+        if variant not in VARIANTS:
+            raise PipelineInputError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        return variant, VARIANTS[variant]
 
     def _scheduler_config(self) -> dict:
         return {**SCHEDULER_CONFIG, "shift": self.shift}
@@ -316,6 +331,9 @@ class ZImagePipeline(FamilyPipeline):
             return self.prompt_encoder.encode(
                 prompts, max_sequence_length, device=self.device, dtype=self.torch_dtype
             )
+
+    def prompt_features(self, prompt: str, max_sequence_length: int) -> Tensor:
+        return self.encode_prompt([prompt], max_sequence_length)[0]
 
     def encode_image(self, image: ImageLike, height: int, width: int, name: str = "image") -> Tensor:
         """An image resized/cropped to ``height x width`` as DiT latents ``[1, 16, height/8, width/8]``."""

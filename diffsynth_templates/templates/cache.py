@@ -6,12 +6,16 @@ Merge rules (DESIGN.md 4.1-4.3):
 - ``lora``: per module, concatenated along the rank, so the low-rank deltas add;
 - ``extra_text_embedding``: concatenated along the sequence;
 - any other key has exactly one producer; two templates emitting it is an error naming both.
+
+Strength (DESIGN.md 4.7) is applied per template output before merging (``apply_strength``): a
+``kv_cache`` gets ``log(strength)`` as a logit bias on its tokens, a ``lora`` its delta scaled;
+strength 0 drops the whole output, strength 1 leaves it untouched (bit for bit today's result).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,8 +24,8 @@ from torch import Tensor
 from ..loading.finite import NonFiniteError
 from ..loading.tensor_tree import move_tensors
 from ..pipelines.common import check_finite_cache
-from ..pipelines.kv_schedule import broadcast_cat, merge_kv_caches
-from ..pipelines.lora import merge_loras, validate_lora
+from ..pipelines.kv_schedule import broadcast_cat, merge_kv_caches, with_log_strength
+from ..pipelines.lora import merge_loras, split_lora, validate_lora
 from .base import TemplateError
 
 MERGEABLE_KEYS = ("kv_cache", "lora", "extra_text_embedding")
@@ -55,12 +59,51 @@ class TemplateOutput:
     step_start: float = 0.0
     step_end: float = 1.0
     key: tuple | None = None  # what determines ``cache`` (template, dtype, pipeline, inputs), when known
+    strength: float = 1.0  # applied when merging (``apply_strength``), so the template runs once
 
 
 @dataclass
 class MergedCache:
     values: dict[str, Any] = field(default_factory=dict)
     producers: dict[str, list[str]] = field(default_factory=dict)
+
+
+#: cache keys strength scales; the call settings a template sets (input_image, inpaint_mask, height,
+#: ...) are not a matter of degree: kept as they are for any strength > 0, dropped with the template at 0
+SCALABLE_KEYS = ("kv_cache", "lora")
+#: cache keys strength cannot scale, so only 0 (drop) and 1 (as is) are accepted with them
+UNSCALABLE_KEYS = ("extra_text_embedding",)
+
+
+def apply_strength(out: TemplateOutput) -> TemplateOutput | None:
+    """``out`` with its strength applied to its cache; None (nothing to merge) at strength 0."""
+    if out.strength == 1.0:
+        return out
+    if out.strength == 0.0:
+        return None
+    keys = set(out.cache)
+    unscalable = sorted(keys.intersection(UNSCALABLE_KEYS))
+    if unscalable or not keys.intersection(SCALABLE_KEYS):
+        why = f"produces {unscalable}" if unscalable else f"produces only {sorted(keys)}"
+        raise TemplateCacheError(
+            f"template {out.template!r} {why}, which strength cannot scale (it scales {list(SCALABLE_KEYS)}); "
+            f"use strength 0 (without the template) or 1 (as is), got {out.strength}"
+        )
+    cache = dict(out.cache)
+    if "kv_cache" in cache:
+        cache["kv_cache"] = with_log_strength(cache["kv_cache"], out.strength)
+    if "lora" in cache:
+        cache["lora"] = scale_lora(cache["lora"], out.strength)
+    return replace(out, cache=cache)
+
+
+def scale_lora(lora: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """The LoRA with its delta ``B @ A`` scaled: each ``lora_B`` times ``scale``."""
+    out = {}
+    for module, (a, b) in split_lora(lora).items():
+        out[f"{module}.lora_A.weight"] = a
+        out[f"{module}.lora_B.weight"] = b * scale
+    return out
 
 
 def merge_outputs(outputs: Sequence[TemplateOutput]) -> MergedCache:

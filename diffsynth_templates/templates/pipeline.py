@@ -3,7 +3,9 @@
     templates = TemplatePipeline.from_pretrained(["path/or/modelscope-id", ...])
     image = templates(pipe, template_inputs=[{"model_id": 0, "scale": 0.7}], prompt="...", cfg_scale=4)[0]
 
-Templates run outside the denoising loop. Inputs are grouped per template and templates are visited
+Each input may also carry the framework's own keys: ``model_id``, ``step_start`` / ``step_end`` (the
+fraction of the steps its KV applies to) and ``strength`` (default 1; 0 is the image without it, above
+1 amplifies; see ``cache.apply_strength``). Templates run outside the denoising loop. Inputs are grouped per template and templates are visited
 in round-robin order, so each is brought onto the accelerator once per call; with ``lazy_loading``
 at most ``max_resident`` are there at any time. The negative side is skipped when ``cfg_scale`` is 1.
 """
@@ -32,6 +34,7 @@ from .cache import (
     MERGEABLE_KEYS,
     TemplateCacheError,
     TemplateOutput,
+    apply_strength,
     broadcast_cat,
     check_finite_output,
     merge_outputs,
@@ -40,7 +43,7 @@ from .cache import (
 )
 from .folder import LoadedTemplate
 from .residency import HOST_STORE, HostStore, OutputMemo, ResidencyScheduler, hash_inputs
-from .schema import RESERVED_KEYS, TemplateInputError, check_finite_inputs
+from .schema import RESERVED_KEYS, TemplateInputError, check_finite_inputs, read_strength
 from .stream_merge import StreamedKV
 
 logger = logging.getLogger(__name__)
@@ -206,6 +209,7 @@ class TemplatePipeline:
             raise TemplateInputError(
                 f"template {slot.name!r}: step_start={start}, step_end={end}; need 0 <= step_start < step_end <= 1"
             )
+        strength = read_strength(item, f"template {slot.name!r}")
         check_base(slot.name, template, pipe)
         inputs = {k: v for k, v in item.items() if k not in RESERVED_KEYS}
         if template.schema is not None:
@@ -225,7 +229,8 @@ class TemplatePipeline:
             cache = to_device(cache, pipe.device, pipe.torch_dtype)
             check_finite_output(slot.name, cache)  # once per computed cache; memo hits were checked
             self.memo.put(key, cache)
-        return TemplateOutput(slot.name, cache, start, end, key if self.memo.max_entries > 0 else None)
+        memo_key = key if self.memo.max_entries > 0 else None
+        return TemplateOutput(slot.name, cache, start, end, memo_key, strength)
 
     @torch.no_grad()
     def __call__(self, pipe, template_inputs: Sequence[dict] | None = None, negative_template_inputs: Sequence[dict] | None = None, **pipe_kwargs):  # fmt: skip
@@ -273,7 +278,7 @@ class TemplatePipeline:
         every KV token once, which costs as much as running small templates."""
         if not outputs:
             return {}
-        keys = tuple((o.key, o.step_start, o.step_end) for o in outputs)
+        keys = tuple((o.key, o.step_start, o.step_end, o.strength) for o in outputs)
         if any(o.key is None for o in outputs):
             return _merge_side(outputs)
         merged = self._merge_memo.get(keys)
@@ -308,7 +313,9 @@ def check_base(name: str, template: LoadedTemplate, pipe) -> None:
 
 
 def _merge_side(outputs: list[TemplateOutput]) -> dict[str, Any]:
-    """Merge one side; KV of templates with a step window becomes a ScheduledKVCache."""
+    """Merge one side, each output at its strength; KV of templates with a step window becomes a
+    ScheduledKVCache."""
+    outputs = [o for o in map(apply_strength, outputs) if o is not None]
     full = [o for o in outputs if (o.step_start, o.step_end) == (0.0, 1.0)]
     windowed = [o for o in outputs if (o.step_start, o.step_end) != (0.0, 1.0)]
     merged = merge_outputs(full + [TemplateOutput(o.template, {k: v for k, v in o.cache.items() if k != "kv_cache"}) for o in windowed]).values  # fmt: skip

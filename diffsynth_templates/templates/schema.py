@@ -22,7 +22,9 @@ from ..errors import DiffSynthTemplatesError
 
 FIELD_TYPES = ("float", "int", "bool", "str", "image", "mask", "list[float]", "list[int]", "any")
 #: keys the template framework reads itself; never passed to a template
-RESERVED_KEYS = ("model_id", "step_start", "step_end")
+RESERVED_KEYS = ("model_id", "step_start", "step_end", "strength")
+#: the framework's per-template strength (DESIGN.md 4.7) when an input does not give one
+DEFAULT_STRENGTH = 1.0
 #: the implied companion of a ``mask`` field (see the module docstring)
 RESIZE_MASK = "resize_mask"
 
@@ -171,6 +173,17 @@ def _field_from_json(index: int, data: Any) -> InputField:
             f"an input field takes {list(_FIELD_KEYS)}"
         )
     return InputField(**data)
+
+
+def read_strength(item: Mapping[str, Any], template: str) -> float:
+    """A template input's ``strength`` (default 1): a finite number >= 0, else an error naming it."""
+    value = item.get("strength", DEFAULT_STRENGTH)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or value < 0:
+        raise TemplateInputError(
+            f"{template}: strength must be a finite number >= 0 (0: without this template, 1: as trained, "
+            f"above 1: amplified), got {value!r}"
+        )
+    return float(value)
 
 
 def check_finite_inputs(inputs: Mapping[str, Any], template: str) -> None:

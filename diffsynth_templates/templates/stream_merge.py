@@ -12,11 +12,13 @@ are left to the ordinary merge.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from .cache import TemplateOutput
+from ..pipelines.kv_schedule import broadcast_cat, token_bias
+from .cache import TemplateOutput, apply_strength
 
 FULL_WINDOW = (0.0, 1.0)
 
@@ -30,9 +32,15 @@ class BlockBuffer:
             storage = tuple(torch.empty(shape, dtype=k.dtype, device=k.device) for _ in "kv")
         self.k, self.v = (t.view(shape) for t in storage)
         self.filled = 0
+        self.biases: list[Tensor] = []  # each entry's log-strength bias (``token_bias``): tiny, kept as is
+        self.any_bias = False
 
-    def add(self, k: Tensor, v: Tensor, spare: int) -> None:
-        """Append ``k, v``; ``spare``: tokens still expected after these (to size a regrowth once)."""
+    def add(self, entry: tuple[Tensor, ...], spare: int) -> None:
+        """Append an entry ``(k, v[, bias])``; ``spare``: tokens still expected after it (to size a
+        regrowth once)."""
+        k, v = entry[0], entry[1]
+        self.biases.append(token_bias(entry))
+        self.any_bias |= len(entry) > 2
         batch, need = max(self.k.shape[0], k.shape[0]), self.filled + k.shape[1]
         if batch != self.k.shape[0] or need > self.k.shape[1]:
             self._grow(batch, max(need + spare, self.k.shape[1]))
@@ -48,17 +56,18 @@ class BlockBuffer:
         self.k[:, : self.filled].copy_(old_k.expand(batch, -1, -1, -1))
         self.v[:, : self.filled].copy_(old_v.expand(batch, -1, -1, -1))
 
-    def result(self) -> tuple[Tensor, Tensor]:
-        if self.filled == self.k.shape[1]:
-            return self.k, self.v
-        return self.k[:, : self.filled].clone(), self.v[:, : self.filled].clone()  # sized too large
+    def result(self) -> tuple[Tensor, ...]:
+        k, v = self.k, self.v
+        if self.filled != k.shape[1]:  # sized too large
+            k, v = k[:, : self.filled].clone(), v[:, : self.filled].clone()
+        return (k, v, broadcast_cat(self.biases, 1)) if self.any_bias else (k, v)
 
 
 def _new_buffers(kv: dict, known: dict, outputs: int) -> dict[str, BlockBuffer]:
     """Buffers for the blocks of ``kv`` not in ``known``, room for ``outputs`` outputs like this one,
     carved from one allocation: freed as one, it never leaves holes in the host heap that keep the
     process's resident memory up after the call."""
-    new = {name: k for name, (k, _) in kv.items() if name not in known}
+    new = {name: entry[0] for name, entry in kv.items() if name not in known}
     if not new:
         return {}
     first = next(iter(new.values()))
@@ -84,18 +93,22 @@ class StreamedKV:
         self.blocks: dict[str, dict[str, BlockBuffer]] = {side: {} for side in counts}
 
     def add(self, side: str, out: TemplateOutput) -> TemplateOutput:
-        """Merge ``out``'s full-window KV; returns ``out`` without it (the rest merges as usual)."""
+        """Merge ``out``'s full-window KV at its strength; returns the rest of ``out``, its strength
+        applied already (the ordinary merge takes it from there)."""
         self.validate(side, out)
         self.remaining[side] -= 1
-        kv = out.cache.get("kv_cache")
-        if not kv or (out.step_start, out.step_end) != FULL_WINDOW:
+        if not out.cache.get("kv_cache") or (out.step_start, out.step_end) != FULL_WINDOW:
             return out
+        applied = apply_strength(out)
+        if applied is None:  # strength 0: nothing of it is merged
+            return replace(out, cache={}, strength=1.0)
+        kv = applied.cache["kv_cache"]
         blocks = self.blocks[side]
         blocks.update(_new_buffers(kv, blocks, 1 + self.remaining[side]))
-        for name, (k, v) in kv.items():
-            blocks[name].add(k, v, k.shape[1] * self.remaining[side])
-        rest = {key: value for key, value in out.cache.items() if key != "kv_cache"}
-        return TemplateOutput(out.template, rest, out.step_start, out.step_end, out.key)
+        for name, entry in kv.items():
+            blocks[name].add(entry, entry[0].shape[1] * self.remaining[side])
+        rest = {key: value for key, value in applied.cache.items() if key != "kv_cache"}
+        return replace(applied, cache=rest, strength=1.0)
 
     def outputs(self, side: str, outputs: list[TemplateOutput]) -> list[TemplateOutput]:
         """``outputs`` (their full-window KV taken out; those left empty dropped) led by one output

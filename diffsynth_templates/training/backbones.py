@@ -23,11 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..loading import read_config
 from ..pipelines.families import FAMILIES, Family, UnsupportedFeatureError, detect_family, family_of_dit
-from ..pipelines.families.zimage import EDIT_IMAGES_UNSUPPORTED, shift_of_folder
+from ..pipelines.families.zimage import EDIT_IMAGES_UNSUPPORTED
 from ..pipelines.flow_match import TRAINING_MU
-from ..pipelines.zimage_pipeline import variant_of
 from .config import TrainConfig
 from .objective import FamilyObjective
 
@@ -75,62 +73,29 @@ class TrainingBackbone:
         """Text encoder + VAE + tokenizer as a pipeline; ``dit`` may be None (stage I never runs it).
 
         ``folders`` (``pipelines.common.ComponentFolders``, resolved once per run) holds every
-        component folder (``transformer`` included, for its config). The components load exactly as
-        ``from_pretrained`` loads them (``load_components``).
+        component folder (``transformer`` included, for its config). The pipeline is built exactly as
+        ``from_pretrained`` builds it (``FamilyPipeline.from_folders``).
         """
         cls = self.family.pipeline_class()
-        return cls(**cls.load_components(folders, device, dtype, dit=dit))
+        return cls.from_folders(folders, device, dtype, dit=dit, name=str(config.model or config.transformer))
 
     def prompt_embeds(self, pipe, prompt: str, max_sequence_length: int) -> Tensor:
         """One prompt's text features ``[L, D]`` as stage I stores them."""
-        embeds, _ = pipe.encode_prompt([prompt], max_sequence_length)
-        return embeds[0]
+        return pipe.prompt_features(prompt, max_sequence_length)
 
     def objective(self, mu: float = TRAINING_MU) -> FamilyObjective:
         return FamilyObjective(self.family, mu)
 
     def runner(self, dit: nn.Module, pipe):
         """A sampling pipeline around ``dit`` (in its dtype) sharing ``pipe``'s text encoder and VAE."""
-        return type(pipe)(
-            dit, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.device,
-            next(dit.parameters()).dtype, pipe.prompt_encoder,
-        )  # fmt: skip
+        return pipe.with_dit(dit)
 
     def check_samples(self, samples: Sequence[Any]) -> None:
         """Refuse, before any work, dataset rows this base model cannot train on (naming them)."""
         self.family.check_edit_images([s.line for s in samples if s.edit_images])
 
 
-class ZImageBackbone(TrainingBackbone):
-    """Z-Image's pipeline also carries its variant and shift, read from the model folder."""
-
-    def load_pipeline(self, config, folders, device, dtype, dit=None):
-        if dit is None:  # the pipeline reads its patch size off the DiT: a weightless skeleton stands in
-            dit_config = self.family.dit_config_class.from_diffusers(read_config(folders["transformer"]))
-            with torch.device("meta"):
-                dit = self.family.dit_class(dit_config)
-        source = config.model or config.transformer
-        # the scheduler's shift lives in the model's folder, resolved already with the components
-        shift = shift_of_folder(folders.root if config.model else folders.roots["transformer"])
-        cls = self.family.pipeline_class()
-        return cls(
-            **cls.load_components(folders, device, dtype, dit=dit), variant=variant_of(source), shift=shift
-        )
-
-    def prompt_embeds(self, pipe, prompt, max_sequence_length) -> Tensor:
-        return pipe.encode_prompt([prompt], max_sequence_length)[0]
-
-    def runner(self, dit, pipe):
-        return type(pipe)(
-            dit, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.device, next(dit.parameters()).dtype,
-            pipe.prompt_encoder, variant=pipe.variant, shift=pipe.shift,
-        )  # fmt: skip
-
-
-BACKBONES: dict[str, TrainingBackbone] = {
-    name: (ZImageBackbone if name == "zimage" else TrainingBackbone)(family)
-    for name, family in FAMILIES.items()
-}
+BACKBONES: dict[str, TrainingBackbone] = {name: TrainingBackbone(family) for name, family in FAMILIES.items()}
 
 
 def get_backbone(name: str) -> TrainingBackbone:

@@ -53,6 +53,7 @@ from ..loading.write_safety import (
 from ..templates.folder import TemplateSpec, save_template_folder
 from .components import TemplateHandle
 from .config import TrainConfig
+from .dit_lora import export_dit_lora
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +287,7 @@ def save_checkpoint(
                 save_safetensors_atomic(
                     lora, staging / "dit_lora.safetensors", metadata={"format": "lora-cache"}
                 )
+                export_dit_lora(lora, dit_config, config.lora_export_format, staging)
             extra: dict[str, Any] = {}
             if optimizer_state is not None:
                 opt_tensors, extra = flatten_optimizer_state(optimizer_state)

@@ -31,6 +31,7 @@ from ..loading.resolve import ModelNotFoundError, resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
 from ..pipelines.common import COMPONENTS, ComponentFolders, component_folders
 from ..pipelines.families import family_of_folder
+from ..pipelines.single_file import load_family_dit
 from ..templates import TemplateSpec, build_architecture, load_template_folder
 from ..templates.folder import fingerprint_callable
 from ..templates.processors import get_processor
@@ -142,6 +143,8 @@ def load_dit(
 ) -> nn.Module:
     folders = folders or resolve_base(config)
     backbone = backbone or training_backbone(config, folders)
+    if folders.single_files.get("transformer"):  # --transformer FILE.safetensors
+        return load_family_dit(backbone.family, folders, dtype, device)
     return backbone.load_dit(folders["transformer"], device, dtype)
 
 

@@ -23,6 +23,7 @@ SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16")
 CONDITION_SIZES = ("target", "original")
 TEMPLATE_INITS = ("dit", "random")
+LORA_EXPORT_FORMATS = ("comfyui", "diffusers")  # pipelines.lora_files.EXPORT_FORMATS
 # Linear layers of the FLUX.2 DiT that get a LoRA by default (suffixes of module paths); the same set
 # DiffSynth-Studio trains for klein: attention projections and both MLPs of every block. On Z-Image
 # they match the attention projections (to_q, to_k, to_v, to_out.0) of every block.
@@ -78,6 +79,7 @@ class TrainConfig:
     lora_rank: int = 32
     lora_alpha: float | None = None  # default: lora_rank (scale 1)
     lora_target_modules: list[str] = field(default_factory=lambda: DEFAULT_LORA_TARGETS.split(","))
+    lora_export_format: str | None = None  # also write dit_lora_{format}.safetensors: comfyui | diffusers
 
     # optimization
     learning_rate: float = 1e-4
@@ -133,6 +135,12 @@ class TrainConfig:
         _choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("condition_size", self.condition_size, CONDITION_SIZES)
         _choice("template_init", self.template_init, TEMPLATE_INITS)
+        if self.lora_export_format is not None:
+            _choice("lora_export_format", self.lora_export_format, LORA_EXPORT_FORMATS)
+            if "dit_lora" not in self.trainable_models:
+                raise ConfigError(
+                    "--lora_export_format exports a trained DiT LoRA: add dit_lora to --trainable_models"
+                )
         for name in ("max_pixels", "max_sequence_length", "batch_size", "gradient_accumulation_steps"):
             _positive(name, getattr(self, name))
         for name in ("cache_chunk_size", "lora_rank", "log_steps"):
@@ -342,7 +350,8 @@ _HELP = {
     "cache_chunk_size": "samples per committed cache shard (a killed stage I redoes at most this many per rank)",
     "model": "base model folder or ModelScope id in the official layout (transformer/, text_encoder/, vae/, "
     "tokenizer/): FLUX.2-klein or Z-Image, told apart by its model_index.json / transformer config",
-    "transformer": "take the DiT from this folder or id instead",
+    "transformer": "take the DiT from this folder or id instead, or from one .safetensors file (BFL/ComfyUI "
+    "layout, fp8-scaled too; its config from --model's transformer/config.json)",
     "text_encoder": "take the text encoder from this folder or id instead",
     "vae": "take the VAE from this folder or id instead",
     "tokenizer": "take the tokenizer from this folder or id instead",
@@ -360,6 +369,8 @@ _HELP = {
     "lora_rank": "rank of the DiT LoRA (dit_lora)",
     "lora_alpha": "LoRA alpha (default: the rank, i.e. scale 1)",
     "lora_target_modules": "comma-separated suffixes of the DiT Linear layers that get a LoRA",
+    "lora_export_format": "also write each checkpoint's DiT LoRA as dit_lora_{format}.safetensors: comfyui "
+    "(BFL names, diffusion_model. prefix: ComfyUI, ai-toolkit, diffusers) or diffusers (transformer. prefix)",
     "learning_rate": "peak learning rate (AdamW)",
     "weight_decay": "AdamW weight decay",
     "num_epochs": "passes over the dataset",
@@ -412,7 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{f.name}",
             type=str if f.name == "seed" else types.get(kind, str),  # seed: checked with its range later
             default=None,
-            choices={"task": TASKS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS}.get(f.name),
+            choices={
+                "task": TASKS,
+                "lr_scheduler": SCHEDULERS,
+                "mixed_precision": PRECISIONS,
+                "lora_export_format": LORA_EXPORT_FORMATS,
+            }.get(f.name),  # fmt: skip
             help=f"{help_text} (default: {shown})" if shown not in (None, "", {}) else help_text,
         )
     return parser

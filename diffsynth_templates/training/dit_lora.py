@@ -9,10 +9,15 @@ dict, with ``alpha / rank`` folded into B, so it loads as a pipeline's ``lora=``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ..pipelines.families import FAMILIES
+from ..pipelines.lora import LoRAError
+from ..pipelines.lora_files import save_lora_file
 
 
 def match_lora_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -73,3 +78,18 @@ class DiTLoRA(nn.Module):
             for name in self.module_names:
                 self.lora_A[_key(name)].copy_(lora[f"{name}.lora_A.weight"])
                 self.lora_B[_key(name)].copy_(lora[f"{name}.lora_B.weight"] / self.scale)
+
+
+def export_dit_lora(
+    lora: Mapping[str, Tensor], dit_config: dict, fmt: str | None, folder: Path
+) -> Path | None:
+    """``--lora_export_format``: the trained LoRA also as ``dit_lora_{fmt}.safetensors`` in the ComfyUI
+    (BFL names) or diffusers layout, next to our ``dit_lora.safetensors``; the family is read from
+    the DiT config's ``_class_name``."""
+    if not fmt:
+        return None
+    name = dit_config.get("_class_name")
+    family = next((f for f in FAMILIES.values() if name in f.class_names), None)
+    if family is None:
+        raise LoRAError(f"cannot export a LoRA for a DiT of class {name!r}: not one of our backbones")
+    return save_lora_file(lora, Path(folder) / f"dit_lora_{fmt}.safetensors", family, fmt)

@@ -295,18 +295,18 @@ def test_card_table_round_trips_every_field_kind():
             InputField("scale", "float", minimum=-1.0, maximum=2.5, description="how | much"),
             InputField("steps", "int", minimum=1, description="count"),
             InputField("image", "image", description="edge map"),
-            InputField("strength", "float", required=False, default=0.8),
+            InputField("weight", "float", required=False, default=0.8),
             InputField("tag", "str", required=False),
         ]
     )
     spec = TemplateSpec("test_scalar_kv", inputs=schema.to_json(), cache_keys=["kv_cache", "lora"])
     card = render_model_card(CardContext("bob/t", spec, schema))
     rows = {r["name"]: r for r in read_input_table(card)}
-    assert list(rows) == ["scale", "steps", "image", "strength", "tag"]
+    assert list(rows) == ["scale", "steps", "image", "weight", "tag"]
     assert rows["scale"] == {"name": "scale", "type": "float", "range": "[-1.0, 2.5]", "default": "required", "description": "how | much"}  # fmt: skip
     assert rows["steps"]["range"] == ">= 1" and rows["steps"]["type"] == "int"
     assert rows["image"]["range"] == "—" and rows["image"]["default"] == "required"
-    assert rows["strength"]["default"] == "0.8" and rows["tag"]["default"] == "—"
+    assert rows["weight"]["default"] == "0.8" and rows["tag"]["default"] == "—"
     assert 'Image.open("image.png")' in card.replace("'", '"') and "image=image.png" in card
     assert "base_model" not in read_front_matter(card)  # not recorded: not invented
 

@@ -1,13 +1,13 @@
 """The pipeline behaviour both backbones must keep, one test body each, parametrized over the families
 (ids ``flux2`` / ``zimage``), on the tiny official-layout folders (tests/tiny_klein.py,
 tests/tiny_zimage.py): batched CFG equals two passes, one DiT pass per step without CFG, template KV
-and extra text tokens reach the DiT, inpainting, img2img strength, and CFG sides with different caches.
+and extra text tokens reach the DiT, inpainting (pixels and latents), img2img strength, CFG sides with different caches and LoRAs,
+seeds, batches and output types.
 What only one pipeline has (parity with its diffusers pipeline, FLUX.2 edit images and offload, the
 Z-Image variants, schedule and chat prompt) stays in tests/pipelines/test_{flux2,zimage}_pipeline.py."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +35,7 @@ class PipeCase:
     short: dict  # keywords of the quick checks
     cfg: dict  # keywords of the CFG checks (a negative prompt)
     kv_block: str  # the block the "reaches the DiT" check feeds
+    lora_module: str  # a Linear of the DiT the runtime-LoRA checks feed
 
 
 CASES = {
@@ -47,6 +48,7 @@ CASES = {
         short=dict(max_sequence_length=16),
         cfg=dict(max_sequence_length=32, negative_prompt="blurry"),
         kv_block="single_0",
+        lora_module="transformer_blocks.0.attn.to_q",
     ),
     "zimage": PipeCase(
         "zimage",
@@ -62,6 +64,7 @@ CASES = {
         short={},
         cfg={},
         kv_block="block_1",
+        lora_module="layers.0.attention.to_q",
     ),
 }
 
@@ -105,8 +108,8 @@ def photo(size: int):
 
 
 def two_passes(pipe, monkeypatch):
-    """Make the pipeline run the CFG sides as two DiT calls (its module's side batcher finds none)."""
-    monkeypatch.setattr(importlib.import_module(type(pipe).__module__), "_batch_sides", lambda *args: None)
+    """Make the pipeline run the CFG sides as two DiT calls (its public switch)."""
+    monkeypatch.setattr(pipe, "cfg_batching", False)
 
 
 def dit_batches(pipe, calls: list):
@@ -171,7 +174,48 @@ def test_cfg_sides_with_different_kv_stay_batched_and_exact(case, pipe, monkeypa
     assert np.abs(batched - run(case, pipe, **{**args, "kv_cache": None})).max() > 1e-3  # the KV matters
 
 
+# --- seeds, batches, output types -----------------------------------------------------------------
+
+
+def test_seed_reproducible_batch_and_pil(case, pipe):
+    a = run(case, pipe, latents=None, seed=7, **case.short)
+    assert np.array_equal(a, run(case, pipe, latents=None, seed=7, **case.short))
+    assert np.abs(a - run(case, pipe, latents=None, seed=8, **case.short)).max() > 1e-3
+    assert a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    two = run(case, pipe, prompt=[PROMPT, "a red car"], latents=noise(case, 2), **case.short)
+    assert two.shape == (2, case.size, case.size, 3) and np.abs(two[0] - two[1]).max() > 1e-3
+    assert np.abs(two[0] - run(case, pipe, **case.short)[0]).max() <= 1e-5  # a batch changes no sample
+    images = run(case, pipe, output_type="pil", **case.short)
+    assert isinstance(images[0], Image.Image) and images[0].size == (case.size, case.size)
+
+
 # --- template inputs ------------------------------------------------------------------------------
+
+
+def test_runtime_lora_per_side_batched_equals_two_passes(case, pipe, monkeypatch):
+    layer = pipe.dit.get_submodule(case.lora_module)
+    g = torch.Generator().manual_seed(5)
+
+    def lora(scale):
+        return {
+            f"{case.lora_module}.lora_A.weight": torch.randn(2, layer.in_features, generator=g) * scale,
+            f"{case.lora_module}.lora_B.weight": torch.randn(layer.out_features, 2, generator=g) * scale,
+        }
+
+    args = dict(cfg_scale=3.0, **case.cfg)
+    base = run(case, pipe, **args)
+    pos, neg = lora(0.5), lora(0.25)
+    calls = []
+    handle = dit_batches(pipe, calls)
+    try:
+        batched = run(case, pipe, **args, lora=pos, negative_lora=neg)
+    finally:
+        handle.remove()
+    assert calls == [2] * STEPS  # different LoRAs per side, still one DiT call per step
+    assert np.abs(batched - base).max() > 1e-4
+    assert np.array_equal(run(case, pipe, **args), base)  # the branches are removed after the call
+    two_passes(pipe, monkeypatch)
+    assert np.abs(run(case, pipe, **args, lora=pos, negative_lora=neg) - batched).max() <= 1e-5
 
 
 def test_kv_cache_and_extra_text_embedding_reach_the_dit(case, pipe):
@@ -207,6 +251,24 @@ def test_inpaint_keeps_pixels_outside_the_mask(case, pipe):
     outside = mask == 0
     assert np.abs(out[0][outside] - pixels[outside]).max() <= 1e-6
     assert np.abs(out[0][~outside] - pixels[~outside]).mean() > 1e-3  # the masked region was regenerated
+
+
+def test_inpaint_latents_land_on_the_input(case, pipe):
+    """Outside the mask the sampled latents are the input's own (the loop steers onto them)."""
+    size = case.size
+    image = photo(size)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[:, size // 2 :] = 255  # the right half regenerates (on a token boundary for both families)
+    final = {}
+    run(
+        case, pipe, input_image=image, inpaint_mask=mask, cfg_scale=1.0, **case.short,
+        callback_on_step_end=lambda p, i, t, kw: final.update(x=kw["latents"]),
+    )  # fmt: skip
+    clean = pipe.encode_image(image, size, size)
+    latents = pipe._untokens(final["x"], clean.shape[-2], clean.shape[-1])  # the loop's layout -> latents
+    half = clean.shape[-1] // 2
+    assert (latents[..., :half] - clean[..., :half]).abs().max() <= 1e-5
+    assert (latents[..., half:] - clean[..., half:]).abs().max() > 1e-2
 
 
 def test_img2img_strength_controls_change(case, pipe):

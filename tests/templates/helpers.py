@@ -144,7 +144,7 @@ class ConstantLoRA(TemplateModel):
     """Emits a fixed LoRA (scaled by an input) for one DiT Linear."""
 
     config_class = ConstantLoRAConfig
-    input_schema = InputSchema([InputField("strength", "float", required=False, default=1.0)])
+    input_schema = InputSchema([InputField("gain", "float", required=False, default=1.0)])
     cache_keys = ("lora",)
 
     def __init__(self, config: ConstantLoRAConfig):
@@ -157,9 +157,9 @@ class ConstantLoRA(TemplateModel):
             else torch.randn(config.out_features, config.rank)
         )
 
-    def forward(self, pipe=None, strength: float = 1.0, **kwargs):
+    def forward(self, pipe=None, gain: float = 1.0, **kwargs):
         m = self.config.module
-        return {"lora": {f"{m}.lora_A.weight": self.a * strength, f"{m}.lora_B.weight": self.b}}
+        return {"lora": {f"{m}.lora_A.weight": self.a * gain, f"{m}.lora_B.weight": self.b}}
 
 
 @dataclass

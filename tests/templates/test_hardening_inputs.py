@@ -145,8 +145,8 @@ def test_the_inpaint_processor_checks_a_rows_mask_against_its_image():
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, [0.5, math.nan], 10**400])
 def test_schema_refuses_non_finite_numbers_even_without_a_range(value):
-    schema = InputSchema([InputField("strength", "float", required=False), InputField("xs", "list[float]", required=False)])  # fmt: skip
-    name = "xs" if isinstance(value, list) else "strength"
+    schema = InputSchema([InputField("gain", "float", required=False), InputField("xs", "list[float]", required=False)])  # fmt: skip
+    name = "xs" if isinstance(value, list) else "gain"
     with pytest.raises(TemplateInputError, match=f"template 'glow': input '{name}'"):
         schema.validate({name: value}, "template 'glow'")
 
@@ -163,8 +163,8 @@ def test_schema_refuses_non_finite_values_in_undeclared_inputs():
 def test_template_pipeline_names_the_template_and_field_of_a_nan_input(pipe, tmp_path):
     folder = save_declarative(tmp_path / "glow", ConstantLoRA(ConstantLoRAConfig()))
     tp = TemplatePipeline.from_pretrained([str(folder)], device="cpu", host_store=HostStore())
-    with pytest.raises(TemplateInputError, match=r"template 'glow': input 'strength' holds NaN or inf"):
-        tp(pipe, template_inputs=[{"strength": math.nan}], **CALL)
+    with pytest.raises(TemplateInputError, match=r"template 'glow': input 'gain' holds NaN or inf"):
+        tp(pipe, template_inputs=[{"gain": math.nan}], **CALL)
     undeclared = save_declarative(tmp_path / "emit", Emit(EmitConfig("lora")))
     tp = TemplatePipeline.from_pretrained([str(undeclared)], device="cpu", host_store=HostStore())
     with pytest.raises(TemplateInputError, match=r"template 'emit': input 'value' holds NaN or inf"):

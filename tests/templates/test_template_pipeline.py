@@ -121,7 +121,7 @@ def test_zero_b_lora_gives_base_image(pipe, tmp_path):
 def test_lora_template_repeated_never_accumulates(pipe, tmp_path):
     before = {k: v.clone() for k, v in pipe.dit.state_dict().items()}
     tp = templates([lora_folder(tmp_path, "lora", pipe, seed=4)])
-    outs = [run(tp, pipe, [{"strength": 0.5}]) for _ in range(10)]
+    outs = [run(tp, pipe, [{"gain": 0.5}]) for _ in range(10)]
     assert all(np.array_equal(o, outs[0]) for o in outs)
     assert np.abs(outs[0] - image(pipe)).max() > 1e-4
     assert all(torch.equal(v, before[k]) for k, v in pipe.dit.state_dict().items())

@@ -173,11 +173,12 @@ def test_merging_as_outputs_arrive_equals_merging_at_the_end(pipes, tmp_path):
         )
         folders.append(save_declarative(tmp_path / f"m{i}", model))
     positive = [
-        {"model_id": 2, "scale": 0.1},
+        {"model_id": 2, "scale": 0.1, "strength": 0.5},
         {"model_id": 0, "scale": 0.2},
         {"model_id": 1, "scale": 0.3, "step_end": 0.5},
-        {"model_id": 0, "scale": 0.4},
+        {"model_id": 0, "scale": 0.4, "strength": 2.0},
         {"model_id": 1, "scale": 0.6},
+        {"model_id": 2, "scale": 0.9, "strength": 0.0},
     ]
     negative = [{"model_id": 1, "scale": 0.7}, {"model_id": 2, "scale": 0.8}]
     call = dict(prompt=["a", "b"], cfg_scale=3.0)
@@ -190,14 +191,14 @@ def test_merging_as_outputs_arrive_equals_merging_at_the_end(pipes, tmp_path):
         caches.append(tp.prepare(pipe, positive, negative, **call))
     streamed, ordinary = caches
     assert streamed.keys() == ordinary.keys() >= {"kv_cache", "negative_kv_cache"}
-    for key in ("negative_kv_cache",):
-        a, b = streamed[key], ordinary[key]
-        assert a.keys() == b.keys() and all(torch.equal(a[n][i], b[n][i]) for n in a for i in (0, 1))
+    a, b = streamed["negative_kv_cache"], ordinary["negative_kv_cache"]
+    assert a.keys() == b.keys() and all(torch.equal(x, y) for n in a for x, y in zip(a[n], b[n]))
     a, b = streamed["kv_cache"], ordinary["kv_cache"]  # a step window: scheduled caches, entry by entry
     assert len(a.entries) == len(b.entries) == 2
     for (ca, sa, ea), (cb, sb, eb) in zip(a.entries, b.entries):
         assert (sa, ea) == (sb, eb) and ca.keys() == cb.keys()
-        assert all(torch.equal(ca[n][i], cb[n][i]) for n in ca for i in (0, 1))
+        assert all(len(ca[n]) == len(cb[n]) for n in ca)
+        assert all(torch.equal(x, y) for n in ca for x, y in zip(ca[n], cb[n]))  # bias entries too
     lengths = {n: k.shape[1] for n, (k, _) in a.entries[0][0].items()}
     assert lengths == {"double_0": 5, "single_0": 8 + 8 + 5, "single_1": 8 + 8 + 3}
 
@@ -210,6 +211,6 @@ def test_block_buffer_grows_in_batch_and_length_like_broadcast_cat():
     chunks = [torch.randn(b, n, 2, 4, generator=g) for b, n in ((1, 3), (2, 5), (1, 2), (2, 7))]
     buffer = BlockBuffer(chunks[0], capacity=4)  # too small on purpose: it must grow
     for i, c in enumerate(chunks):
-        buffer.add(c, -c, spare=0 if i < 2 else 1)
+        buffer.add((c, -c), spare=0 if i < 2 else 1)
     k, v = buffer.result()
     assert torch.equal(k, broadcast_cat(chunks, 1)) and torch.equal(v, -broadcast_cat(chunks, 1))

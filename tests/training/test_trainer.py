@@ -332,9 +332,9 @@ def test_edit_images_and_a_lora_template_without_processor(base_model, tmp_path)
     data = tmp_path / "data"
     write_dataset(data)
     rows = [
-        {"image": "0.png", "prompt": "make it red", "edit_image": ["1.png", "2.png"], "template_inputs": {"strength": 0.5}},
-        {"image": "3.png", "prompt": "make it blue", "edit_image": "4.png", "template_inputs": {"strength": 1.0}},
-        {"image": "5.png", "prompt": "make it green", "edit_image": "0.png", "template_inputs": {"strength": 0.8}},
+        {"image": "0.png", "prompt": "make it red", "edit_image": ["1.png", "2.png"], "template_inputs": {"gain": 0.5}},
+        {"image": "3.png", "prompt": "make it blue", "edit_image": "4.png", "template_inputs": {"gain": 1.0}},
+        {"image": "5.png", "prompt": "make it green", "edit_image": "0.png", "template_inputs": {"gain": 0.8}},
     ]  # fmt: skip
     metadata = data / "edit.jsonl"
     metadata.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -71,6 +71,8 @@ class Family:
         lambda index, classes, name, variant: None
     )
     edit_images_unsupported: str = ""  # why not, and what to do instead, when it has no edit images
+    # its native checkpoint naming (families/*_layouts.py): LoRA files, their export, single files
+    checkpoint_layout: Any = None
 
     @property
     def cache_keys(self) -> frozenset[str]:

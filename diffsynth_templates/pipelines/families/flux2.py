@@ -20,6 +20,7 @@ from ..edit_kv import KV_MODEL_PIPELINE
 from ..flow_match import TRAINING_MU, add_noise
 from ..flux2_prompt import text_position_ids
 from .base import Family, KVLayout
+from .flux2_layouts import BFL
 
 EDIT_TIME_STEP = 10  # reference images sit at t = 10, 20, ... in the position ids
 
@@ -252,6 +253,7 @@ FLUX2 = Family(
     presets=("klein_4b", "klein_9b"),
     adapter=Flux2Adapter(),
     draw_noise=draw_noise,
+    checkpoint_layout=BFL,
     supports_edit_images=True,
     supports_inpainting=True,
     supports_guidance=True,

@@ -22,6 +22,7 @@ from ...loading.resolve import resolve_model_path
 from ..common import PipelineInputError
 from ..flow_match import NUM_TRAIN_TIMESTEPS, add_noise
 from .base import Family, KVLayout, UnsupportedFeatureError
+from .zimage_layouts import OFFICIAL
 
 CLASS_NAMES = ("ZImagePipeline", "ZImageTransformer2DModel")  # what diffusers writes in _class_name
 DEFAULT_SHIFT = 3.0  # the sampling scheduler's static shift
@@ -282,6 +283,7 @@ ZIMAGE = Family(
     presets=("official",),
     adapter=ZImageAdapter(),
     draw_noise=draw_noise,
+    checkpoint_layout=OFFICIAL,
     supports_edit_images=False,
     supports_inpainting=True,
     supports_guidance=True,
