@@ -36,8 +36,8 @@ def is_reference_kv_model(model_index: Mapping) -> bool:
 class JoinedKV(Mapping):
     """A template cache with reference keys/values appended per block, joined when a block asks for
     its entry (so only one block's joined copy exists at a time, and nothing is copied without
-    templates). Stacked CFG sides' third entry (each row's valid tokens) grows by the reference
-    tokens, valid for every row."""
+    templates). A third entry grows by the reference tokens: valid for every row (stacked CFG sides'
+    bool mask), at logit bias 0 (a template's log-strength)."""
 
     def __init__(self, kv_cache: KVCache | None, reference: KVCache):
         self.kv_cache, self.reference = kv_cache or {}, reference
@@ -56,8 +56,10 @@ class JoinedKV(Mapping):
         )
         if len(own) == 2:
             return k, v
-        valid = own[2]
-        return k, v, torch.cat([valid, valid.new_ones(valid.shape[0], ref[0].shape[1])], dim=1)
+        # the third entry covers the reference tokens too: valid (bool) rows, or a 0 logit bias
+        extra = own[2]
+        fill = extra.new_ones if extra.dtype == torch.bool else extra.new_zeros
+        return k, v, torch.cat([extra, fill(extra.shape[0], ref[0].shape[1])], dim=1)
 
     def __iter__(self) -> Iterator[str]:
         return iter(dict.fromkeys([*self.kv_cache, *self.reference]))

@@ -135,12 +135,16 @@ def test_kv_model_without_reference_is_plain_klein(kv_pipe, pipe):
     assert np.abs(run(kv_pipe) - run(pipe)).max() <= 1e-5
 
 
-def test_kv_model_with_templates_batches_cfg_sides_exactly(kv_pipe):
-    """The reference K/V join a one-sided template cache (padded, masked CFG batch) exactly as in two
-    separate passes."""
+@pytest.mark.parametrize("strength", [None, 0.5])
+def test_kv_model_with_templates_batches_cfg_sides_exactly(kv_pipe, strength):
+    """The reference K/V join a one-sided template cache (padded, masked CFG batch; with a strength,
+    a logit bias) exactly as in two separate passes."""
+    from diffsynth_templates.pipelines.kv_schedule import with_log_strength
+
     cfg = kv_pipe.dit.config
     g = torch.Generator().manual_seed(3)
     kv = {"double_0": tuple(torch.randn(1, 5, cfg.num_heads, cfg.head_dim, generator=g) for _ in "kv")}
+    kv = kv if strength is None else with_log_strength(kv, strength)
     kw = dict(cfg_scale=3.0, edit_image=[photo()], kv_cache=kv, max_sequence_length=32)
     batched = run(kv_pipe, **kw)
     kv_pipe.cfg_batching = False
@@ -208,3 +212,16 @@ def test_reuse_without_reference_images_changes_nothing(pipe, pipes):
 def test_reuse_flag_must_be_a_bool(pipe):
     with pytest.raises(PipelineInputError, match="reuse_edit_kv must be True or False, got 'yes'"):
         run(pipe, edit_image=[photo()], reuse_edit_kv="yes")
+
+
+def test_kv_model_reference_tokens_take_no_template_bias(kv_pipe):
+    """A template's log-strength bias covers its own tokens only: at strength 1 (bias 0 on its tokens)
+    the image equals the one without a bias entry, so the reference tokens got bias 0, not more."""
+    from diffsynth_templates.pipelines.kv_schedule import with_log_strength
+
+    cfg = kv_pipe.dit.config
+    g = torch.Generator().manual_seed(5)
+    kv = {"single_0": tuple(torch.randn(1, 4, cfg.num_heads, cfg.head_dim, generator=g) for _ in "kv")}
+    plain = run(kv_pipe, edit_image=[photo()], kv_cache=kv, output_type="latent")
+    biased = run(kv_pipe, edit_image=[photo()], kv_cache=with_log_strength(kv, 1.0), output_type="latent")
+    assert (plain - biased).abs().max() <= 1e-6

@@ -199,7 +199,7 @@ def test_merging_as_outputs_arrive_equals_merging_at_the_end(pipes, tmp_path):
         assert (sa, ea) == (sb, eb) and ca.keys() == cb.keys()
         assert all(len(ca[n]) == len(cb[n]) for n in ca)
         assert all(torch.equal(x, y) for n in ca for x, y in zip(ca[n], cb[n]))  # bias entries too
-    lengths = {n: k.shape[1] for n, (k, _) in a.entries[0][0].items()}
+    lengths = {n: entry[0].shape[1] for n, entry in a.entries[0][0].items()}
     assert lengths == {"double_0": 5, "single_0": 8 + 8 + 5, "single_1": 8 + 8 + 3}
 
 
