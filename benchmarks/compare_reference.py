@@ -664,13 +664,16 @@ def run_benchmark(args) -> tuple[str, float]:
     """The markdown report and the largest image difference between ours and a reference."""
     device, dtype = args.device, args.dtype
     systems = [s for s in SYSTEMS if not (s == "diffsynth" and args.no_diffsynth)]
+    if args.stage_only:  # diffusers has no templates
+        systems = [s for s in systems if s != "diffusers"]
     pythons = {"ours": sys.executable, "diffusers": sys.executable, "diffsynth": args.diffsynth_python}
     with tempfile.TemporaryDirectory(prefix="compare-reference-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         dit = bench_dit_config()
         build_model_folder(tmp / "model", dit)
-        templates = build_templates(tmp / "templates", dit, max(KV_COUNTS), args.kv_length, "kv")
+        kv_count = 0 if args.stage_only else max(KV_COUNTS)
+        templates = build_templates(tmp / "templates", dit, kv_count, args.kv_length, "kv")
         stage = build_templates(tmp / "templates", dit, STAGE_TEMPLATES, args.kv_length, "stage")
         spec = {
             "root": str(tmp / "model"),
@@ -698,6 +701,8 @@ def run_benchmark(args) -> tuple[str, float]:
                             "or run with --no-diffsynth)"
                         )
                     raise RuntimeError(f"{s} worker could not load: {workers[s].error}{hint}")
+            if args.stage_only:
+                return stage_report(args, workers, systems), 0.0
             return measure(args, workers, systems, tmp)
         finally:
             for w in workers.values():
@@ -719,6 +724,54 @@ def measure_stage(systems: list[str], workers: dict, repeats: int) -> dict[str, 
         s: {"first": first[s], **{kind: statistics.median(runs[(s, kind)]) for t, kind in kinds if t == s}}
         for s in systems
     }
+
+
+def stage_report(args, workers: dict, systems: list[str]) -> str:
+    """``--stage-only``: the lazy 11-template stage alone, with its peak RSS, as a markdown section."""
+    for s in systems:
+        workers[s].call("memory", reset=True)
+    stage = measure_stage(systems, workers, args.repeats)
+    peak = {s: workers[s].call("memory", reset=True)["peak_rss_mib"] for s in systems}
+    other = next((s for s in systems if s != "ours"), None)
+
+    def row(name: str, values: dict, digits: int = 4) -> str:
+        theirs = values.get(other) if other else None
+        return f"| {name} | {fmt(values.get('ours'), digits)} | {fmt(theirs, digits)} | {ratio(values.get('ours'), theirs)} |"
+
+    n = STAGE_TEMPLATES
+    rows = [
+        row(f"{n} templates, lazy, first call s", {s: v["first"] for s, v in stage.items()}),
+        row(
+            f"{n} templates, lazy, repeated call s (ours: memo off)",
+            {s: v["repeated"] for s, v in stage.items()},
+        ),
+        row(
+            f"{n} templates, repeated identical inputs s (ours: default memo)",
+            {
+                "ours": stage["ours"]["memoized"],
+                **{s: v["repeated"] for s, v in stage.items() if s != "ours"},
+            },
+        ),
+        row("peak RSS MiB of the stage (process, both from their loaded base pipeline)", peak, 0),
+    ]
+    info = "; ".join(f"{LABELS[s]}: {workers[s].info}" for s in systems if workers[s].info)
+    return "\n".join(
+        [
+            "## Template stage (benchmarks/compare_reference.py --stage-only)",
+            "",
+            f"Machine: {machine_description(args.device, args.dtype)}. {info}",
+            "",
+            f"{n} lazily loaded `value_kv` templates ({args.kv_length} KV tokens per block, 8 heads x 64, "
+            f"2 double + 6 single blocks), each system in its own process, calls interleaved system by "
+            f"system (first calls, then {args.repeats} repeated, then ours with its memo); medians. "
+            + (args.note or ""),
+            "",
+            "| measure | ours | DiffSynth-Studio | ours / DiffSynth |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
 
 
 def measure(args, workers: dict, systems: list[str], tmp: Path) -> tuple[str, float]:
@@ -878,6 +931,11 @@ def main() -> None:
     )
     p.add_argument("--no-diffsynth", action="store_true", help="compare ours with diffusers only")
     p.add_argument(
+        "--stage-only",
+        action="store_true",
+        help="only the 11-template stage (ours vs DiffSynth), its own section",
+    )
+    p.add_argument(
         "--max-diff", type=float, default=None, help="exit 1 when ours and a reference differ more (CI)"
     )
     p.add_argument("--note", default="", help="a sentence about the run written under the settings")
@@ -898,7 +956,8 @@ def main() -> None:
         p.error("--sizes must be multiples of 16")
     table, worst = run_benchmark(args)
     print(table)
-    write_section(args.out, "Ours vs DiffSynth-Studio vs diffusers", table)
+    heading = "Template stage" if args.stage_only else "Ours vs DiffSynth-Studio vs diffusers"
+    write_section(args.out, heading, table)
     if args.max_diff is not None and worst > args.max_diff:
         sys.exit(f"images disagree: max abs difference {worst:.3g} > --max-diff {args.max_diff:g}")
     print(f"written to {args.out}", file=sys.stderr)

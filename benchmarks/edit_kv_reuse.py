@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -119,6 +120,7 @@ def main() -> None:
     edit = reference_image(args.size)
     for cfg in (1.0, 4.0):
         t = timing(big, args.size, args.steps, cfg, edit, args.repeats, args.device)
+        print(f"timed cfg {cfg:g}: {t}", file=sys.stderr, flush=True)
         e, r, k = t["exact"], t["reuse_edit_kv=True"], t["KV-model mode"]
         lines.append(f"| {cfg:g} | {e:.3f} | {r:.3f} | {e / r:.2f}x | {k:.3f} | {e / k:.2f}x |")
     lines += [
@@ -132,6 +134,7 @@ def main() -> None:
              ("random (above)", big, args.size, args.steps, 4.0)]  # fmt: skip
     for name, pipe, size, steps, cfg in cases:
         mean, worst, diff = quality(pipe, size, steps, cfg, reference_image(size))
+        print(f"quality {name} cfg {cfg:g}: {mean:.1f} {worst:.1f} {diff:.4f}", file=sys.stderr, flush=True)
         lines.append(f"| {name} | {size} px, {steps}, {cfg:g} | {mean:.1f} | {worst:.1f} | {diff:.4f} |")
     section = "\n".join(lines) + "\n"
     print(section)

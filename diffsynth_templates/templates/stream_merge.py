@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from ..loading.mapped import prefault
 from ..pipelines.kv_schedule import broadcast_cat, token_bias
 from .cache import TemplateOutput, apply_strength
 
@@ -75,6 +76,7 @@ def _new_buffers(kv: dict, known: dict, outputs: int) -> dict[str, BlockBuffer]:
         return {name: BlockBuffer(k, k.shape[1] * outputs) for name, k in new.items()}
     sizes = {name: k[:, :1].numel() * k.shape[1] * outputs for name, k in new.items()}
     arena = torch.empty(2 * sum(sizes.values()), dtype=first.dtype, device=first.device)
+    prefault(arena)  # every byte of it is written: page it in at once, not fault by fault
     buffers, offset = {}, 0
     for name, k in new.items():
         n = sizes[name]
