@@ -23,6 +23,8 @@ from pathlib import Path
 
 from diffsynth_templates.errors import DiffSynthTemplatesError
 
+# --weight_dtype: loading.quantize.STORAGE_FORMATS (named here so --help needs no torch import)
+WEIGHT_DTYPES = ("float8_e4m3fn", "float8_e5m2", "int8", "nf4")
 DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DEFAULT_TOY_MODEL = Path(__file__).resolve().parent / "models" / "toy" / "base"
 TOY_TEMPLATES = DEFAULT_TOY_MODEL.parent / "templates"
@@ -86,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--offload",
         action="store_true",
         help="keep components on the CPU; each visits the GPU only while it runs",
+    )
+    g.add_argument(
+        "--weight_dtype",
+        default=None,
+        choices=WEIGHT_DTYPES,
+        help="store the DiT's, text encoder's and templates' large Linear weights in this format and "
+        "compute in --dtype (float8_e4m3fn: about half the bf16 bytes; int8/nf4 need torchao)",
+    )
+    g.add_argument(
+        "--vram_limit",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="keep at most GB GiB of DiT weights on the device; the other blocks stream from host memory "
+        "(same images); the text encoder and VAE visit the device only for their phase",
     )
     g.add_argument(
         "--vae_tile_size", type=int, default=None, help="decode the VAE in tiles of this many latent pixels"
@@ -275,11 +292,14 @@ def generate(argv: list[str]) -> list[Path]:
         **overrides,
         offline=offline,
         **({"variant": args.variant} if backbone == "zimage" else {}),
+        weight_dtype=args.weight_dtype,
     )
     for i, (path, scale) in enumerate(loras):
         pipe.load_lora(path, scale, adapter_name=f"lora_{i}")
     if args.offload:
         pipe.enable_model_cpu_offload(args.device or "cuda")
+    if args.vram_limit is not None:
+        pipe.enable_block_offload(vram_limit_gb=args.vram_limit)
     if args.vae_tile_size:
         pipe.enable_vae_tiling(args.vae_tile_size)
 
@@ -314,6 +334,10 @@ def generate(argv: list[str]) -> list[Path]:
             trust_remote_code=args.trust_remote_code,
             offline=True if args.offline else None,
         )
+        if args.weight_dtype:
+            from diffsynth_templates.templates.storage import store_template_weights
+
+            store_template_weights(template_pipe, args.weight_dtype)
 
         def run(**kw):
             return template_pipe(
@@ -371,6 +395,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise InferError(
             "--inpaint_mask needs --input_image: the mask marks which of its pixels to regenerate"
         )
+    if args.vram_limit is not None:
+        _check_float("--vram_limit", args.vram_limit, "a number of GiB > 0", lambda v: v > 0)
+        if args.offload:
+            raise InferError("--vram_limit and --offload are two offload modes: pass one of them")
     if args.height is not None or args.width is not None:  # the rest once the model's defaults are known
         check_size(args.height, args.width, args.max_size, args.max_pixels)
 

@@ -11,6 +11,10 @@ brightness or tint), and the generated image is measured:
 - color: mean absolute error between requested and measured mean RGB, on [0, 1];
 - structure: IoU between the control silhouette and the generated shapes (pixels that differ from
   the scene's background color);
+- structure with a foreign silhouette: the control map of another scene (the one overlapping the
+  scene's own shapes least) with the scene's own prompt, which names other positions: IoU with that
+  foreign silhouette, next to the base model's IoU with it (what the prompt alone draws there); and,
+  with ``--strengths``, the same IoU at each template strength (it must not decrease);
 - inpainting (``force_inpaint``): PSNR outside the mask against the input, and the mean change inside;
 - super-resolution: PSNR against the ground truth, next to bicubic upsampling of the same input and
   the ground truth's own VAE round trip (the most any generated latent can reach through this VAE);
@@ -18,7 +22,8 @@ brightness or tint), and the generated image is measured:
 - composition: the metrics again with two and three templates combined, and their ratio to solo.
 
 Targets (issue 7): brightness >= 0.9, color MAE <= 0.1, IoU >= 0.6, inpainting PSNR >= 35 dB,
-super-resolution above bicubic, composed metrics within 20% of solo.
+super-resolution above bicubic, composed metrics within 20% of solo; (issue 25) foreign-silhouette IoU
+>= 0.5 and >= 2x the base model's, and non-decreasing in strength.
 """
 
 from __future__ import annotations
@@ -42,8 +47,10 @@ from diffsynth_templates.toy import world as toy_world
 from diffsynth_templates.toy.metrics import (
     COMPOSED_TOLERANCE,
     composed_ok,
+    foreign_partners,
     interior,
     iou,
+    monotone,
     named_color,
     psnr,
     shape_mask,
@@ -195,6 +202,60 @@ def eval_sharpness(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], e
     return {"sharpness_order": float(np.mean(wins)), "sharpness_ratio": float(np.median(ratios))}
 
 
+FOREIGN_IOU_TARGET = 0.5  # and at least FOREIGN_BASE_RATIO x the base model's IoU with the same map
+FOREIGN_BASE_RATIO = 2.0
+# a knob may dip by this much IoU between neighbouring strengths and still count as monotone (noise of a
+# few dozen images)
+MONOTONE_TOLERANCE = 0.01
+
+
+def control_map(mask: np.ndarray) -> Image.Image:
+    """A silhouette as the structure template's input: white shapes on black, RGB."""
+    return Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
+
+
+def eval_foreign_structure(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], strength: float | None = None, base: bool = True) -> dict[str, float]:  # fmt: skip
+    """Each scene's prompt with the silhouette of another scene (``foreign_partners``) as the control:
+    IoU of the generated shapes with that foreign silhouette, and (``base``) the base model's IoU with
+    it for the same prompt and seed. ``strength`` is passed to the template when given."""
+    partners = foreign_partners([scene.mask for scene in scenes])
+    ours, theirs = [], []
+    for scene, j in zip(scenes, partners):
+        foreign = scenes[j].mask
+        control = {"model_id": "structure", "image": control_map(foreign)}
+        if strength is not None:
+            control["strength"] = strength
+        for seed in seeds:
+            ours.append(iou(shape_mask(world.generate([scene.prompt], seed, [control])[0]), foreign))
+            if base:
+                theirs.append(iou(shape_mask(world.generate([scene.prompt], seed)[0]), foreign))
+    values = {"foreign_iou": float(np.mean(ours))}
+    if base:
+        values["base_foreign_iou"] = float(np.mean(theirs))
+    return values
+
+
+def foreign_rows(world: ToyWorld, scenes: list[Scene], seeds: Sequence[int], strengths: Sequence[float]) -> tuple[list[list[str]], bool]:  # fmt: skip
+    """The foreign-silhouette rows: the measure and its target, then IoU against strength (if asked)."""
+    values = eval_foreign_structure(world, scenes, seeds)
+    ours, base = values["foreign_iou"], values["base_foreign_iou"]
+    ok = ours >= FOREIGN_IOU_TARGET and ours >= FOREIGN_BASE_RATIO * base
+    rows = [["structure", "foreign silhouette", f"foreign_iou {ours:.3f}, base_foreign_iou {base:.3f}",
+             f"foreign_iou >= {FOREIGN_IOU_TARGET:g} and >= {FOREIGN_BASE_RATIO:g}x base", "pass" if ok else "MISS"]]  # fmt: skip
+    logger.info("structure, foreign silhouette: %s", values)
+    if strengths:
+        sweep = [
+            eval_foreign_structure(world, scenes, seeds, s, base=False)["foreign_iou"] for s in strengths
+        ]
+        good = monotone(sweep, MONOTONE_TOLERANCE)
+        ok &= good
+        shown = ", ".join(f"{s:g}: {v:.3f}" for s, v in zip(strengths, sweep))
+        rows.append(["structure", "foreign silhouette, strength", f"foreign_iou at strength {shown}",
+                     "non-decreasing in strength", "pass" if good else "MISS"])  # fmt: skip
+        logger.info("structure, foreign silhouette against strength: %s", shown)
+    return rows, ok
+
+
 SOLO: dict[str, Callable] = {
     "brightness": eval_brightness,
     "color": eval_color,
@@ -206,10 +267,7 @@ SOLO: dict[str, Callable] = {
 
 
 def structure_input(scene: Scene) -> dict:
-    return {
-        "model_id": "structure",
-        "image": Image.fromarray((scene.mask * 255).astype(np.uint8)).convert("RGB"),
-    }
+    return {"model_id": "structure", "image": control_map(scene.mask)}
 
 
 def brightness_input(scene: Scene) -> dict:
@@ -256,10 +314,12 @@ def run(
     seeds: Sequence[int],
     known_miss: Sequence[str] = (),
     tasks: Sequence[str] = TEMPLATES,
+    strengths: Sequence[float] = (),
 ) -> tuple[list[list[str]], bool]:
     """The table rows and whether every target was met (a miss of a template in ``known_miss`` is still
     measured and shown, as "MISS (known)", but does not count). ``tasks`` limits the templates
-    measured, and the compositions to those among them."""
+    measured, and the compositions to those among them; ``strengths`` adds the structure template's
+    foreign-silhouette IoU at each strength."""
     rows, ok = [], True
     solo: dict[str, dict[str, float]] = {}
     base = eval_base(world, scenes, seeds)
@@ -285,6 +345,10 @@ def run(
         goal = "-" if target_value is None else f"{metric} {op} {target_value:.3g}"
         rows.append([name, "alone", shown, goal, verdict])
         logger.info("%s: %s (%.0f s)", name, shown, time.time() - start)
+        if name == "structure":
+            foreign, good = foreign_rows(world, scenes, seeds, strengths)
+            rows += foreign
+            ok &= good or "structure" in known_miss
     for name, added, extra in COMPOSITIONS:
         if name not in solo or any(a not in world.names or a not in tasks for a in added):
             continue
@@ -330,6 +394,20 @@ def main(argv: list[str] | None = None) -> int:
         choices=TEMPLATES,
         help="measure only these templates (and the compositions among them)",
     )
+    p.add_argument(
+        "--weight_dtype",
+        default=None,
+        choices=("float8_e4m3fn", "float8_e5m2", "int8", "nf4"),
+        help="store the base model's and the templates' large Linear weights in this format",
+    )
+    p.add_argument(
+        "--strengths",
+        nargs="*",
+        type=float,
+        default=[],
+        help="also measure the structure template's foreign-silhouette IoU at these strengths "
+        "(e.g. 0 0.25 0.5 1 1.5); it must not decrease",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
@@ -337,15 +415,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         world = ToyWorld.load(args.model, args.templates, args.steps)
+        if args.weight_dtype:
+            from diffsynth_templates.templates.storage import store_template_weights
+
+            world.pipe.enable_layerwise_casting(args.weight_dtype)
+            store_template_weights(world.templates, args.weight_dtype)
         scenes = [Scene(prompt, spec) for prompt, spec in toy_world.fixed_eval_prompts(args.num_prompts)]
         seeds = list(range(args.num_seeds))
         start = time.time()
-        rows, ok = run(world, scenes, seeds, args.known_miss, args.tasks)
+        rows, ok = run(world, scenes, seeds, args.known_miss, args.tasks, args.strengths)
     except DiffSynthTemplatesError as e:  # a missing or broken model folder: one line, no traceback
         sys.stderr.write(f"error: {e}\n")
         return 2
     settings = {"prompts": len(scenes), "seeds": len(seeds), "steps": args.steps, "cfg_scale": 1.0,
                 "size": world.size, "seconds": round(time.time() - start)}  # fmt: skip
+    if args.weight_dtype:
+        settings["weight_dtype"] = args.weight_dtype
     table = markdown(rows, settings)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

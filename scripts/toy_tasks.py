@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 Row = dict[str, Any]
+UNALIGNED_SEED = 25  # the stream of the unaligned prompts' draws (issue 25)
 
 
 def _brightness(row: Row) -> dict[str, Any]:
@@ -49,6 +53,28 @@ def _sharpness(row: Row) -> dict[str, Any]:
     return {"lora_ids": [int(row["sharpness_level"] > 0)], "lora_scales": [1.0]}  # 0 sharp, 1 blurred
 
 
+def _unaligned_prompt(row: Row, index: int) -> dict[str, Any]:
+    """A prompt that does not describe the row's layout (``train.py --unaligned_prompt``): half the rows
+    without positions, half with every shape placed elsewhere, drawn from the row's index."""
+    from diffsynth_templates.toy import world
+
+    spec, rng = world.SceneSpec.from_dict(row["spec"]), np.random.default_rng([UNALIGNED_SEED, index])
+    if rng.random() < 0.5:
+        return {"prompt_unaligned": world.caption_without_layout(spec)}
+    return {"prompt_unaligned": world.misplaced_caption(spec, rng)}
+
+
+@dataclass
+class FineTune:
+    """A second phase: the task's template, published (bf16) after its first phase, trained further
+    from that folder (``train.py --template``) with its own metadata columns and flags."""
+
+    steps: int
+    learning_rate: float
+    columns: Callable[[Row, int], dict[str, Any]] | None = None  # metadata columns from (row, row index)
+    train_flags: tuple[str, ...] = ()  # further train.py flags (both stages), e.g. condition dropout
+
+
 @dataclass
 class ToyTask:
     """One toy template: its zoo architecture, config overrides, inputs and training schedule."""
@@ -67,12 +93,15 @@ class ToyTask:
     # captions); None trains on the base model's dataset.
     max_tint: float | None = None
     description: str = ""
+    finetune: FineTune | None = None
 
     def card_description(self) -> str:
         """The published template's one-line description; says so when it trained on wider tints."""
         text = f"Toy world {self.name} template: {self.description}"
         if self.max_tint is not None:
             text += f"; trained on tints of strength up to {self.max_tint:g}"
+        if self.finetune is not None:
+            text += "; fine-tuned with condition dropout so that its input wins over the prompt"
         return text
 
 
@@ -102,6 +131,14 @@ TASKS: dict[str, ToyTask] = {
             _structure,
             {"num_single_blocks": 2, "key_norm": True},
             steps=4000,
+            # then the map must win over the prompt (issue 25): 30% of the samples without a prompt, 50% with
+            # one that does not describe the layout (no positions, or wrong ones), 20% with their own
+            finetune=FineTune(
+                steps=1200,
+                learning_rate=5e-4,
+                columns=_unaligned_prompt,
+                train_flags=("--caption_dropout", "0.3", "--unaligned_prompt", "0.5"),
+            ),
             description="silhouette map of the shapes -> KV tokens (structure control)",
         ),
         ToyTask(
@@ -144,12 +181,22 @@ def architecture_config(task: ToyTask, base: Path) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(config_class.for_dit(dit_config, **task.config))))
 
 
-def write_metadata(task: ToyTask, data: Path, out: Path) -> Path:
-    """The toy rows with ``template_inputs`` replaced by the task's inputs (paths stay relative to data)."""
+def write_metadata(
+    task: ToyTask, data: Path, out: Path, columns: Callable[[Row, int], dict[str, Any]] | None = None
+) -> Path:
+    """The toy rows with ``template_inputs`` replaced by the task's inputs (paths stay relative to data),
+    plus ``columns(row, index)`` when given."""
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
     lines = [
-        json.dumps({"image": r["image"], "prompt": r["prompt"], "template_inputs": task.inputs(r)})
-        for r in rows
+        json.dumps(
+            {
+                "image": r["image"],
+                "prompt": r["prompt"],
+                "template_inputs": task.inputs(r),
+                **(columns(r, i) if columns else {}),
+            }
+        )
+        for i, r in enumerate(rows)
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -161,6 +208,8 @@ def write_metadata(task: ToyTask, data: Path, out: Path) -> Path:
 def prepare(task: ToyTask, data: Path, base: Path, work: Path) -> dict[str, str]:
     folder = work / task.name
     metadata = write_metadata(task, data, folder / "metadata.jsonl")
+    if task.finetune is not None:
+        write_metadata(task, data, folder / "finetune.jsonl", task.finetune.columns)
     config_path = folder / "architecture_config.json"
     config_path.write_text(json.dumps(architecture_config(task, base), indent=1))
     paths = {"metadata": str(metadata), "architecture_config": str(config_path)}
@@ -205,18 +254,41 @@ def main(argv: list[str] | None = None) -> None:
     prep.add_argument("--data", default="datasets/toy")
     prep.add_argument("--base", default="models/toy/base")
     prep.add_argument("--work", default="outputs/toy_work")
+    prep.add_argument(
+        "--phase",
+        choices=("train", "finetune"),
+        default="train",
+        help="finetune: the flags of the task's second phase (train.py --template gives its start)",
+    )
+    sub.add_parser("has_finetune", help="exit 0 when the task has a fine-tuning phase").add_argument(
+        "--task", required=True, choices=sorted(TASKS)
+    )
     args = p.parse_args(argv)
     if args.command == "list":
         print("\n".join(TASKS))
         return
     if args.command == "describe":
-        print(f"Toy world {args.task} template: {TASKS[args.task].description}")
+        print(TASKS[args.task].card_description())
         return
     task = TASKS[args.task]
+    if args.command == "has_finetune":
+        sys.exit(0 if task.finetune is not None else 1)
     if args.command == "dataset":
         print(task_dataset(task, Path(args.data), args.num_samples, args.seed, args.size))
         return
     paths = prepare(task, Path(args.data), Path(args.base), Path(args.work))
+    if args.phase == "finetune":
+        if task.finetune is None:
+            sys.exit(f"error: the {task.name} task has no fine-tuning phase")
+        print(" ".join([
+            f"--dataset_metadata_path {Path(paths['metadata']).with_name('finetune.jsonl')}",
+            f"--template_name toy-{task.name}",
+            f"--learning_rate {task.finetune.learning_rate}",
+            f"--max_steps {task.finetune.steps}",
+            f"--condition_size {task.condition_size}",
+            *task.finetune.train_flags,
+        ]))  # fmt: skip
+        return
     flags = [
         f"--dataset_metadata_path {paths['metadata']}",
         f"--architecture {task.architecture}",

@@ -12,7 +12,10 @@
 #
 # --cache_path, --output_path and the dataset must be on a filesystem every node sees: stage I ranks
 # write shards there and rank 0 merges them; checkpoints are assembled there by all ranks.
-# DeepSpeed: ACCELERATE_CONFIG=scripts/accelerate_deepspeed_zero2.yaml (needs pip install -e .[deepspeed]).
+# FSDP2: ACCELERATE_CONFIG=scripts/accelerate_fsdp2.yaml. DeepSpeed: ACCELERATE_CONFIG=scripts/accelerate_deepspeed_zero2.yaml
+# (or zero3; needs pip install --no-build-isolation -e .[deepspeed]). One machine, two "nodes" (what the tests run):
+#   NUM_MACHINES=2 MACHINE_RANK=0 MAIN_PROCESS_IP=127.0.0.1 GPUS_PER_NODE=1 bash scripts/train_multinode.sh ... &
+#   NUM_MACHINES=2 MACHINE_RANK=1 MAIN_PROCESS_IP=127.0.0.1 GPUS_PER_NODE=1 bash scripts/train_multinode.sh ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the toy world from scratch, with this repository's own tools:
 #   dataset (diffsynth_templates/toy/world.py) -> VAE (scripts/train_toy_vae.py) -> base model whose DiT is trained
-#   by train.py (--trainable_models dit, two-stage) -> six templates trained by train.py (two-stage)
+#   by train.py (--trainable_models dit, two-stage) -> six templates trained by train.py (two-stage; structure
+#   then fine-tuned from its published folder with condition dropout, scripts/toy_tasks.py says how)
 #   -> packaged in models/toy/ (declarative folders with model cards) -> scripts/eval_controls.py.
 #
 #   bash scripts/train_toy.sh                 # the shipped models: a few hours on 2 CPU cores
@@ -72,10 +73,28 @@ for task in $TASKS; do
     $PY train.py --task data_process "${T_ARGS[@]}"
     $PY train.py --task train "${T_ARGS[@]}" --resume auto --batch_size 8 --lr_scheduler cosine --warmup_steps 20 \
         --save_steps 200 --save_total_limit 1 --log_steps 25
-    $PY -m diffsynth_templates publish "$(latest "$WORK/templates/$task/run")" --repo "diffsynth-templates/toy-$task" \
+    RESULT=$(latest "$WORK/templates/$task/run")
+    if $PY scripts/toy_tasks.py has_finetune --task "$task"; then
+        # phase 2 (structure): the phase-1 template, published in bf16 like every shipped one, trained further
+        # with condition dropout so that its map wins over a prompt that places the shapes elsewhere
+        ALIGNED="$WORK/templates/$task/aligned"
+        [ -f "$ALIGNED/template.json" ] || $PY -m diffsynth_templates publish "$RESULT" --repo "diffsynth-templates/toy-$task" \
+            --dry-run --out "$ALIGNED" --dtype bfloat16 --base_model "$OUT/base" --verify_base "$OUT/base" \
+            --description "$($PY scripts/toy_tasks.py describe --task "$task")"
+        read -r -a FT <<< "$($PY scripts/toy_tasks.py prepare --task "$task" --phase finetune --data "$TDATA" --base "$OUT/base" --work "$WORK/templates")"
+        [ -n "$TEMPLATE_STEPS" ] && FT+=(--max_steps "$TEMPLATE_STEPS")
+        F_ARGS=(--model "$OUT/base" --template "$ALIGNED" --dataset_base_path "$TDATA" --cache_path "$WORK/templates/$task/finetune-cache"
+                --output_path "$WORK/templates/$task/finetune" "${COMMON[@]}" "${FT[@]}")
+        $PY train.py --task data_process "${F_ARGS[@]}"
+        $PY train.py --task train "${F_ARGS[@]}" --resume auto --batch_size 8 --lr_scheduler cosine --warmup_steps 20 \
+            --save_steps 200 --save_total_limit 1 --log_steps 25
+        RESULT=$(latest "$WORK/templates/$task/finetune")
+    fi
+    $PY -m diffsynth_templates publish "$RESULT" --repo "diffsynth-templates/toy-$task" \
         --dry-run --out "$OUT/templates/$task" --dtype bfloat16 --base_model "$OUT/base" \
         --verify_base "$OUT/base" --description "$($PY scripts/toy_tasks.py describe --task "$task")"
 done
 
 echo "== 5. evaluation"
-$PY scripts/eval_controls.py --model "$OUT/base" --templates "$OUT/templates" --out "$OUT/eval_controls.md" $EVAL
+$PY scripts/eval_controls.py --model "$OUT/base" --templates "$OUT/templates" --out "$OUT/eval_controls.md" $EVAL \
+    --strengths 0 0.25 0.5 1 1.5

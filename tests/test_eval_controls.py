@@ -11,8 +11,10 @@ from scipy import ndimage, stats  # installed with scikit-image (the test extra)
 from diffsynth_templates.toy import world as toy_world
 from diffsynth_templates.toy.metrics import (
     composed_ok,
+    foreign_partners,
     interior,
     iou,
+    monotone,
     named_color,
     psnr,
     shape_mask,
@@ -79,3 +81,26 @@ def test_interior_matches_scipy_binary_erosion():
     lone = np.zeros((5, 5), bool)
     lone[2, 2] = True
     assert np.array_equal(interior(lone), lone)  # nothing would remain: the silhouette itself
+
+
+def test_foreign_partners_pick_another_scene_whose_shapes_are_elsewhere():
+    """The foreign-silhouette measure pairs each fixed scene's prompt with another scene's map; on the
+    evaluation's scenes the two silhouettes never overlap, so following the prompt scores 0 IoU with
+    the map and only a template that moves the shapes can score."""
+    masks = [toy_world.render(spec).mask > 127 for _, spec in toy_world.fixed_eval_prompts(8)]
+    partners = foreign_partners(masks)
+    assert all(j != i for i, j in enumerate(partners)) and len(set(partners)) > 4
+    assert all(iou(masks[i], masks[j]) == 0 for i, j in enumerate(partners))
+    # the ground truth of the measure: the foreign scene itself scores 1, the prompt's own scene 0
+    for i, j in enumerate(partners):
+        foreign = toy_world.render(toy_world.fixed_eval_prompts(8)[j][1])
+        assert iou(shape_mask(foreign.image), masks[j]) > 0.8
+        assert iou(masks[i], masks[j]) == 0
+    assert foreign_partners(masks[:2]) == [1, 0]
+    with pytest.raises(ValueError, match="at least 2 scenes"):
+        foreign_partners(masks[:1])
+
+
+def test_monotone_allows_only_the_tolerance():
+    assert monotone([0.1, 0.3, 0.3, 0.6]) and not monotone([0.1, 0.3, 0.29, 0.6])
+    assert monotone([0.1, 0.3, 0.29, 0.6], tolerance=0.01) and not monotone([0.5, 0.4], tolerance=0.01)

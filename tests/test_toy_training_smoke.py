@@ -48,8 +48,26 @@ def test_train_toy_smoke(tmp_path):
         dict(zip("RGB", r["mean_rgb"])) for r in read(tint_copy)
     ]
 
+    # structure's second phase: fine-tuned from its published phase-1 folder with condition dropout, on
+    # rows that carry a prompt not describing their layout; the shipped folder is the fine-tuned one
+    structure = tmp_path / "work" / "templates" / "structure"
+    assert (structure / "aligned" / "template.json").is_file()
+    assert json.loads((structure / "finetune" / "latest.json").read_text())["step"] == 2
+    finetune_rows = [json.loads(r) for r in (structure / "finetune.jsonl").read_text().splitlines()]
+    assert all(r["prompt_unaligned"] != r["prompt"] for r in finetune_rows)
+    fingerprint = json.loads((structure / "finetune-cache" / "index.json").read_text())["fingerprint"]
+    assert (
+        fingerprint["dataset"]["caption_dropout"] == 0.3 and fingerprint["dataset"]["unaligned_prompt"] == 0.5
+    )
+    args = json.loads((structure / "finetune" / "checkpoint-2" / "training_args.json").read_text())
+    assert args["template"] == str(structure / "aligned") and args["caption_dropout"] == 0.3
+
     # the evaluation ran every template alone and composed, and wrote its table
     table = (models / "eval_controls.md").read_text()
     for task in TASKS:
         assert f"| {task} | alone |" in table, table
     assert "| structure | + brightness + sharpness |" in table
+    assert (
+        "| structure | foreign silhouette |" in table
+        and "| structure | foreign silhouette, strength |" in table
+    )

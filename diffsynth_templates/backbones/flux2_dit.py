@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..loading.model_loading import PretrainedModule
 from .attention import (
@@ -29,6 +28,7 @@ from .attention import (
     rope_cos_sin,
     validate_kv_cache,
 )
+from .checkpointing import RecomputeContext, run_block
 
 
 @dataclass
@@ -346,6 +346,8 @@ class Flux2DiT(PretrainedModule, nn.Module):
         self.norm_out = OutputHead(cfg)
         self.proj_out = nn.Linear(dim, cfg.out_channels, bias=False)
         self.gradient_checkpointing = False
+        # entered around each checkpointed block's recomputation (backbones/checkpointing.py)
+        self.recompute_context: RecomputeContext | None = None
 
     # -- the KV door ------------------------------------------------------------------------------
 
@@ -452,9 +454,9 @@ class Flux2DiT(PretrainedModule, nn.Module):
         return self.proj_out(self.norm_out(img, temb))
 
     def _run(self, block: nn.Module, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(
+            block, *args, enabled=self.gradient_checkpointing, recompute_context=self.recompute_context
+        )
 
     def _check_inputs(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids) -> None:
         cfg = self.config

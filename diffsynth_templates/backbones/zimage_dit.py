@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.checkpoint import checkpoint
 
 from ..loading.model_loading import PretrainedModule
 from .attention import (
@@ -35,6 +34,7 @@ from .attention import (
     check_rope_axes,
     validate_kv_cache,
 )
+from .checkpointing import RecomputeContext, run_block
 from .flux2_dit import timestep_embedding
 
 SEQ_MULTIPLE = 32  # captions and images are each padded to a multiple of this many tokens
@@ -320,6 +320,8 @@ class ZImageDiT(PretrainedModule, nn.Module):
         self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
         self.layers = nn.ModuleList(ZImageBlock(cfg, modulation=True) for _ in range(cfg.num_layers))
         self.gradient_checkpointing = False
+        # entered around each checkpointed block's recomputation (backbones/checkpointing.py)
+        self.recompute_context: RecomputeContext | None = None
 
     # -- the KV door ------------------------------------------------------------------------------
 
@@ -403,9 +405,9 @@ class ZImageDiT(PretrainedModule, nn.Module):
         ]
 
     def _run(self, block: nn.Module, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(
+            block, *args, enabled=self.gradient_checkpointing, recompute_context=self.recompute_context
+        )
 
     # -- sequence layout --------------------------------------------------------------------------
 

@@ -120,6 +120,7 @@ class Flux2ImagePipeline(FamilyPipeline):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         offline: bool | None = None,
+        weight_dtype: torch.dtype | str | None = None,
     ) -> Flux2ImagePipeline:
         """Load the official layout (``transformer/``, ``text_encoder/``, ``vae/``, ``tokenizer/``).
 
@@ -131,7 +132,7 @@ class Flux2ImagePipeline(FamilyPipeline):
             source, torch_dtype, device, revision, cache_dir, offline,
             transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
         )  # fmt: skip
-        pipe = cls.from_folders(folders, device, torch_dtype)
+        pipe = cls.from_folders(folders, device, torch_dtype, weight_dtype=weight_dtype)
         pipe.name_or_path = str(transformer or source)
         if is_reference_kv_model(_model_index(folders.roots["transformer"])):
             pipe.reference_kv_model = True

@@ -42,10 +42,11 @@ from .image_io import ImageLike, image_to_tensor, inpaint_pair, paste_unmasked, 
 from .kv_schedule import ScheduledKVCache
 from .lora import LoRACache, validate_lora
 from .lora_adapters import LoRAAdaptersMixin
+from .memory import LowMemoryMixin, load_stored
 from .single_file import load_family_dit
 
 
-class FamilyPipeline(LoRAAdaptersMixin, PipelineBase):
+class FamilyPipeline(LowMemoryMixin, LoRAAdaptersMixin, PipelineBase):
     """What both pipelines share; subclasses set the class attributes and fill the hooks."""
 
     family: ClassVar[Family]
@@ -81,14 +82,28 @@ class FamilyPipeline(LoRAAdaptersMixin, PipelineBase):
 
     @classmethod
     def load_components(
-        cls, folders: ComponentFolders | Mapping[str, Path], device, torch_dtype, dit: Any = "load"
+        cls,
+        folders: ComponentFolders | Mapping[str, Path],
+        device,
+        torch_dtype,
+        dit: Any = "load",
+        weight_dtype: torch.dtype | str | None = None,
     ) -> dict[str, Any]:
         """The constructor's components from their folders, resolved already: what ``from_pretrained``
         (so ``infer.py``), the trainer's stage I (``dit=None``: no DiT weights) and stage II all load
-        through."""
+        through. ``weight_dtype`` (e.g. ``torch.float8_e4m3fn``) stores the DiT's and the text
+        encoder's large Linear weights compactly (``loading.quantize``), converted on the host."""
         if isinstance(dit, str):  # its folder, or the one file --transformer named
-            dit = load_family_dit(cls.family, folders, torch_dtype, device)
-        te = Qwen3TextEncoder.from_pretrained(folders["text_encoder"], torch_dtype=torch_dtype, device=device)
+            dit = load_stored(
+                lambda at: load_family_dit(cls.family, folders, torch_dtype, at), device, weight_dtype
+            )
+        te = load_stored(
+            lambda at: Qwen3TextEncoder.from_pretrained(
+                folders["text_encoder"], torch_dtype=torch_dtype, device=at
+            ),
+            device,
+            weight_dtype,
+        )
         vae = cls.vae_class.from_pretrained(folders["vae"], torch_dtype=torch_dtype, device=device)
         tok = load_tokenizer(folders["tokenizer"])
         pad_token, padding_side = read_tokenizer_settings(folders["tokenizer"])
@@ -100,7 +115,13 @@ class FamilyPipeline(LoRAAdaptersMixin, PipelineBase):
 
     @classmethod
     def from_folders(
-        cls, folders: ComponentFolders, device, torch_dtype, dit: Any = "load", name: str | None = None
+        cls,
+        folders: ComponentFolders,
+        device,
+        torch_dtype,
+        dit: Any = "load",
+        name: str | None = None,
+        weight_dtype: torch.dtype | str | None = None,
     ) -> FamilyPipeline:
         """The pipeline from component folders resolved already: ``from_pretrained`` (so ``infer.py``)
         and both training stages build through here. ``dit=None`` (stage I, which never runs the DiT)
@@ -110,7 +131,7 @@ class FamilyPipeline(LoRAAdaptersMixin, PipelineBase):
             config = cls.family.dit_config_class.from_diffusers(read_config(folders["transformer"]))
             with torch.device("meta"):
                 dit = cls.family.dit_class(config)
-        components = cls.load_components(folders, device, torch_dtype, dit)
+        components = cls.load_components(folders, device, torch_dtype, dit, weight_dtype)
         return cls(**components, **cls._folder_settings(folders, name or str(folders)))
 
     @classmethod

@@ -281,6 +281,7 @@ class ZImagePipeline(FamilyPipeline):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         offline: bool | None = None,
+        weight_dtype: torch.dtype | str | None = None,
     ) -> ZImagePipeline:
         """Load the official layout (``transformer/``, ``text_encoder/``, ``vae/``, ``tokenizer/``,
         ``scheduler/``) from a local folder or a ModelScope id (e.g. ``Tongyi-MAI/Z-Image-Turbo``).
@@ -292,7 +293,7 @@ class ZImagePipeline(FamilyPipeline):
             source, torch_dtype, device, revision, cache_dir, offline,
             transformer=transformer, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
         )  # fmt: skip
-        pipe = cls.from_folders(folders, device, torch_dtype, name=str(source))
+        pipe = cls.from_folders(folders, device, torch_dtype, name=str(source), weight_dtype=weight_dtype)
         if variant is not None:
             pipe.variant, pipe.defaults = cls._checked_variant(variant)
         logger.info("Z-Image %s defaults %s, shift %s", pipe.variant, pipe.defaults, pipe.shift)

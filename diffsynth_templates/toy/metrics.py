@@ -87,3 +87,23 @@ def composed_ok(metric: str, solo: float, composed: float) -> bool:
     if metric.endswith("_mae"):
         return composed <= solo + margin
     return composed >= solo - margin
+
+
+def foreign_partners(masks: Sequence[np.ndarray]) -> list[int]:
+    """For each silhouette, the index of another one that overlaps it least (ties: the next one after
+    it, cyclically, so the maps vary): the control map a foreign-silhouette test pairs with its
+    scene's prompt, so that following the prompt and following the map draw different pixels."""
+    if len(masks) < 2:
+        raise ValueError(f"a foreign silhouette needs at least 2 scenes, got {len(masks)}")
+    return [
+        min(
+            (j for j in range(len(masks)) if j != i),
+            key=lambda j: (iou(masks[i], masks[j]), (j - i) % len(masks)),
+        )
+        for i in range(len(masks))
+    ]
+
+
+def monotone(values: Sequence[float], tolerance: float = 0.0) -> bool:
+    """Non-decreasing, allowing each step to drop by at most ``tolerance``."""
+    return all(b >= a - tolerance for a, b in zip(values, values[1:]))

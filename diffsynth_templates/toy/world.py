@@ -263,18 +263,42 @@ def sample_scene(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _shape_phrase(shape: ShapeSpec) -> str:
-    return f"a {shape.size} {shape.color} {shape.kind} at the {shape.position}"
+def _shape_phrase(shape: ShapeSpec, position: str | None) -> str:
+    where = "" if position is None else f" at the {position}"
+    return f"a {shape.size} {shape.color} {shape.kind}{where}"
 
 
-def caption(spec: SceneSpec) -> str:
-    """Deterministic English caption of the scene content (not brightness, blur or tint)."""
-    shapes = " and ".join(_shape_phrase(s) for s in spec.shapes)
+def caption(spec: SceneSpec, *, positions: Sequence[str | None] | None = None) -> str:
+    """Deterministic English caption of the scene content (not brightness, blur or tint).
+
+    ``positions`` overrides where the caption puts each shape (``None``: say nowhere); the default is
+    where they are. Captions that do not describe the layout train controls that must carry it.
+    """
+    if positions is None:
+        positions = [s.position for s in spec.shapes]
+    if len(positions) != len(spec.shapes):
+        raise ValueError(f"{len(positions)} positions for {len(spec.shapes)} shapes")
+    shapes = " and ".join(_shape_phrase(s, p) for s, p in zip(spec.shapes, positions))
     if spec.background_bottom is None:
         background = f"a {spec.background} background"
     else:
         background = f"a {spec.background} to {spec.background_bottom} gradient background"
     return f"{shapes} on {background}"
+
+
+def caption_without_layout(spec: SceneSpec) -> str:
+    """The caption with no position at all: "a small red circle and ... on a white background"."""
+    return caption(spec, positions=[None] * len(spec.shapes))
+
+
+def misplaced_caption(spec: SceneSpec, rng: np.random.Generator) -> str:
+    """The caption with every shape moved to another cell (none where it is, no two in one cell): a
+    prompt that contradicts the image's layout, as a foreign control map does at inference."""
+    cells = list(POSITIONS)
+    moved: list[str] = []
+    for shape in spec.shapes:
+        moved.append(str(rng.choice([c for c in cells if c != shape.position and c not in moved])))
+    return caption(spec, positions=moved)
 
 
 # ---------------------------------------------------------------------------------------------------

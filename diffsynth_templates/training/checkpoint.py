@@ -53,6 +53,16 @@ from ..loading.write_safety import (
 from ..templates.folder import TemplateSpec, save_template_folder
 from .components import TemplateHandle
 from .config import TrainConfig
+from .distributed import (
+    gather_optimizer_state,
+    gather_tensors,
+    is_deepspeed,
+    is_fsdp,
+    is_zero3,
+    main_process_error,
+    shard_optimizer_state,
+    shard_state_dict,
+)
 from .dit_lora import export_dit_lora
 
 logger = logging.getLogger(__name__)
@@ -223,13 +233,13 @@ def _saved_tensors(full: dict[str, Tensor], config: TrainConfig, template) -> di
     return {k: v for k, v in full.items() if k.startswith(tuple(prefixes))}
 
 
-def _check_finite_before_saving(final: Path, weights: dict[str, Tensor], optimizer_state) -> None:
+def _check_finite_before_saving(
+    final: Path, weights: dict[str, Tensor], optimizer_tensors: dict[str, Tensor] | None
+) -> None:
     try:
         check_finite_state(weights, f"refusing to write {final}: the trained weights")
-        if optimizer_state is not None:
-            check_finite_state(
-                flatten_optimizer_state(optimizer_state)[0], f"refusing to write {final}: the optimizer state"
-            )
+        if optimizer_tensors is not None:
+            check_finite_state(optimizer_tensors, f"refusing to write {final}: the optimizer state")
     except NonFiniteError as e:
         raise NonFiniteError(
             f"{e}. Training diverged: lower --learning_rate (or raise --warmup_steps) and resume from the last "
@@ -256,10 +266,10 @@ def save_checkpoint(
     from accelerate.utils import broadcast_object_list
 
     final = output_path / f"checkpoint-{state.step}"
-    full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state_dict otherwise
-    optimizer_state = optimizer.state_dict() if save_optimizer else None
     check_checkpoint_targets(output_path, [state.step])
-    _check_finite_before_saving(final, _saved_tensors(full, config, template), optimizer_state)
+    full, optimizer_state = _trained_state(
+        accelerator, model, optimizer, save_optimizer, config, template, final
+    )
     main = accelerator.is_main_process
     staging = [None]
     if main:
@@ -308,6 +318,46 @@ def save_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _trained_state(accelerator, model, optimizer, save_optimizer: bool, config, template, final: Path):
+    """The module's state dict and the optimizer's, whole and checked finite on every rank.
+
+    Under FSDP2 only the trained tensors are gathered, one at a time, and only rank 0 keeps them (the
+    other ranks get empty dicts after checking every tensor too).
+    """
+    if not is_fsdp(accelerator):
+        full = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; a plain state_dict otherwise
+        optimizer_state = optimizer.state_dict() if save_optimizer and not is_deepspeed(accelerator) else None
+        if save_optimizer and is_deepspeed(accelerator):  # gathered whole, in one process's layout
+            from .zero_state import gather_zero_optimizer_state, trainable
+
+            params = trainable(accelerator.unwrap_model(model))
+            keep = accelerator.is_main_process
+            check = lambda k, v: _check_finite_before_saving(final, {}, {k: v})  # noqa: E731  every rank
+            optimizer_state = gather_zero_optimizer_state(optimizer, params, keep, check) or None
+        flat = None if optimizer_state is None else flatten_optimizer_state(optimizer_state)[0]
+        error = None
+        try:
+            if full is not None:
+                _check_finite_before_saving(final, _saved_tensors(full, config, template), flat)
+        except NonFiniteError as e:
+            error = e
+        if is_zero3(accelerator):  # the weights were gathered on rank 0 only: its verdict is every rank's
+            error = main_process_error(accelerator, error)
+        if error is not None:
+            raise error
+        return full or {}, optimizer_state
+    main = accelerator.is_main_process
+    trained = _saved_tensors(accelerator.unwrap_model(model).state_dict(), config, template)
+    full = gather_tensors(
+        trained.items(), main, lambda k, v: _check_finite_before_saving(final, {k: v}, None)
+    )
+    optimizer_state = None
+    if save_optimizer:
+        check = lambda k, v: _check_finite_before_saving(final, {}, {k: v})  # noqa: E731
+        optimizer_state = gather_optimizer_state(optimizer.state_dict(), main, check) or None
+    return full, optimizer_state
 
 
 def copy_spec(template: TemplateHandle) -> TemplateSpec:
@@ -469,6 +519,44 @@ def _load_into(module, tensors: dict[str, Tensor], path: Path) -> None:
         raise DamagedCheckpointError(f"{str(path)!r} does not fit the model being trained: {e}") from e
 
 
+def _load_module_and_optimizer(
+    accelerator, optimizer, unwrapped, loaded, optimizer_state, optimizer_path
+) -> None:
+    sharded = is_fsdp(accelerator)  # whole tensors are cut into this rank's shards
+    with torch.no_grad():
+        for name, (tensors, path) in loaded.items():
+            module = getattr(unwrapped, name)
+            _load_into(module, shard_state_dict(module, tensors) if sharded else tensors, path)
+    try:
+        optimizer.load_state_dict(
+            shard_optimizer_state(optimizer, optimizer_state) if sharded else optimizer_state
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise DamagedCheckpointError(f"{str(optimizer_path)!r} does not fit the optimizer: {e}") from e
+
+
+def _load_zero(accelerator, optimizer, unwrapped, loaded, optimizer_state, optimizer_path) -> None:
+    """ZeRO: the names checked like ``load_state_dict`` would, then written into this rank's partitions."""
+    from .zero_state import load_zero_state, trainable
+
+    weights = {}
+    for name, (tensors, path) in loaded.items():
+        expected = set(getattr(unwrapped, name).state_dict())
+        if set(tensors) != expected:
+            missing, unexpected = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
+            raise DamagedCheckpointError(
+                f"{str(path)!r} does not fit the model being trained: missing {missing}, unexpected {unexpected}"
+            )
+        weights.update({f"{name}.{k}": v for k, v in tensors.items()})
+    count = len(trainable(unwrapped))
+    if sorted(optimizer_state["state"]) != list(range(count)):
+        raise DamagedCheckpointError(
+            f"{str(optimizer_path)!r} holds state for {len(optimizer_state['state'])} parameters; "
+            f"{count} are trained"
+        )
+    load_zero_state(optimizer, unwrapped, weights, optimizer_state)
+
+
 def load_checkpoint(folder: Path, accelerator, model, optimizer, config: TrainConfig) -> TrainingState:
     """Restore weights, optimizer, data position and this rank's RNG from ``folder``.
 
@@ -507,13 +595,10 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, config: TrainCo
             rng[int(index)] = (_read_tensors(json_path.with_suffix(".safetensors")), _read_json(json_path))
 
     unwrapped = accelerator.unwrap_model(model)
-    with torch.no_grad():
-        for name, (tensors, path) in loaded.items():
-            _load_into(getattr(unwrapped, name), tensors, path)
-    try:
-        optimizer.load_state_dict(optimizer_state)
-    except (ValueError, KeyError, TypeError) as e:
-        raise DamagedCheckpointError(f"{str(optimizer_path)!r} does not fit the optimizer: {e}") from e
+    if is_deepspeed(accelerator):
+        _load_zero(accelerator, optimizer, unwrapped, loaded, optimizer_state, optimizer_path)
+    else:
+        _load_module_and_optimizer(accelerator, optimizer, unwrapped, loaded, optimizer_state, optimizer_path)
     state = TrainingState(**{k: saved[k] for k in ("step", "epoch", "batch_in_epoch", "num_processes")})
     if state.num_processes != accelerator.num_processes:
         logger.warning(

@@ -26,11 +26,13 @@ from torch import nn
 
 from ..errors import DiffSynthTemplatesError
 from ..loading import CheckpointError
+from ..loading.integrity import SHA256_KEY
 from ..loading.json_io import to_json_value
 from ..loading.resolve import ModelNotFoundError, resolve_model_path
 from ..pipelines.auto import BACKBONE_TITLES
 from ..pipelines.common import COMPONENTS, ComponentFolders, component_folders
 from ..pipelines.families import family_of_folder
+from ..pipelines.memory import load_stored
 from ..pipelines.single_file import load_family_dit
 from ..templates import TemplateSpec, build_architecture, load_template_folder
 from ..templates.folder import fingerprint_callable
@@ -143,9 +145,14 @@ def load_dit(
 ) -> nn.Module:
     folders = folders or resolve_base(config)
     backbone = backbone or training_backbone(config, folders)
-    if folders.single_files.get("transformer"):  # --transformer FILE.safetensors
-        return load_family_dit(backbone.family, folders, dtype, device)
-    return backbone.load_dit(folders["transformer"], device, dtype)
+
+    def load(at: torch.device) -> nn.Module:
+        if folders.single_files.get("transformer"):  # --transformer FILE.safetensors
+            return load_family_dit(backbone.family, folders, dtype, at)
+        return backbone.load_dit(folders["transformer"], at, dtype)
+
+    # --base_weight_dtype: converted on the host, so the device never holds the frozen DiT's wide copy
+    return load_stored(load, device, config.base_weight_dtype)
 
 
 def load_pipeline(
@@ -223,6 +230,8 @@ def build_template(config: TrainConfig, seed: int, backbone: str | None = None) 
                 "declarative format, so start from a declarative folder or pass --architecture NAME"
             )
         model, spec = loaded.model, copy.deepcopy(loaded.spec)
+        # the start's digests: checkpoints hold other weights, and a stale digest fails their loading
+        spec.extra.pop(SHA256_KEY, None)
         if config.template_name:
             spec.name = config.template_name
         declared = spec.data_processor

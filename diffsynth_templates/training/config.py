@@ -21,8 +21,10 @@ TASKS = ("data_process", "train", "full")
 TRAINABLE = ("template", "dit", "dit_lora")
 SCHEDULERS = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16")
+BASE_WEIGHT_DTYPES = ("float8_e4m3fn", "float8_e5m2")  # --base_weight_dtype (loading.quantize.FP8_FORMATS)
 CONDITION_SIZES = ("target", "original")
 TEMPLATE_INITS = ("dit", "random")
+CONDITION_DROPOUTS = ("caption_dropout", "unaligned_prompt", "template_dropout")
 LORA_EXPORT_FORMATS = ("comfyui", "diffusers")  # pipelines.lora_files.EXPORT_FORMATS
 # Linear layers of the FLUX.2 DiT that get a LoRA by default (suffixes of module paths); the same set
 # DiffSynth-Studio trains for klein: attention projections and both MLPs of every block. On Z-Image
@@ -55,6 +57,12 @@ class TrainConfig:
     cache_path: str | None = None  # stage I output, stage II input
     shared_feature_cache: str | None = None  # content store shared by several caches (text, latents)
     cache_chunk_size: int = 64  # samples per committed shard: the most a killed stage I loses
+    # condition dropout (ControlNet-style training for controls that win over the prompt): shares of the
+    # samples, each drawn from the sample's own seed, so stage I and --task full make the same choices
+    caption_dropout: float = 0.0  # the prompt is replaced by ""
+    unaligned_prompt: float = 0.0  # the prompt is the row's --unaligned_prompt_field instead
+    unaligned_prompt_field: str = "prompt_unaligned"
+    template_dropout: float = 0.0  # the template's input images are replaced by black ones
 
     # base model
     model: str | None = None
@@ -63,6 +71,7 @@ class TrainConfig:
     vae: str | None = None
     tokenizer: str | None = None
     offline: bool = False
+    base_weight_dtype: str | None = None  # stage II's frozen DiT stored in FP8 (loading.quantize)
 
     # template
     template: str | None = None  # a declarative template folder (or ModelScope id) to start from
@@ -114,6 +123,14 @@ class TrainConfig:
     def uses_template(self) -> bool:
         return self.template is not None or self.architecture is not None
 
+    def condition_dropout(self) -> dict[str, Any]:
+        """The condition-dropout settings that are on (``{}`` when none is): the dataset's keyword
+        arguments and part of the feature cache's fingerprint (caches made without them stay valid)."""
+        on = {name: getattr(self, name) for name in CONDITION_DROPOUTS if getattr(self, name) > 0}
+        if self.unaligned_prompt > 0:
+            on["unaligned_prompt_field"] = self.unaligned_prompt_field
+        return on
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -151,6 +168,7 @@ class TrainConfig:
         for name in ("dataset_num_workers", "warmup_steps", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        self._validate_condition_dropout()
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if self.max_grad_norm == 0:  # 0 turns clipping off (the default clips at 1.0)
@@ -159,6 +177,7 @@ class TrainConfig:
             raise ConfigError(f"--max_grad_norm must be > 0, or 0 for no clipping; got {self.max_grad_norm}")
 
         self._validate_models()
+        self._validate_base_weight_dtype()
         needs_dataset = self.task in ("data_process", "full")
         if needs_dataset and not self.dataset_metadata_path:
             raise ConfigError(
@@ -203,6 +222,35 @@ class TrainConfig:
                 raise ConfigError(f"--{f.name} must be an integer, got {value!r} ({type(value).__name__})")
             elif kind in ("str", "bool") and not isinstance(value, {"str": str, "bool": bool}[kind]):
                 raise ConfigError(f"--{f.name} must be a {kind}, got {value!r} ({type(value).__name__})")
+
+    def _validate_base_weight_dtype(self) -> None:
+        if self.base_weight_dtype is None:
+            return
+        _choice("base_weight_dtype", self.base_weight_dtype, BASE_WEIGHT_DTYPES)
+        if "dit" in self.trainable_models:
+            raise ConfigError(
+                f"--base_weight_dtype {self.base_weight_dtype} stores the frozen DiT compactly, but "
+                "--trainable_models has dit (full fine-tuning trains those weights): drop one of them "
+                "(dit_lora works with it)"
+            )
+
+    def _validate_condition_dropout(self) -> None:
+        for name in CONDITION_DROPOUTS:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(
+                    f"--{name} is a share of the samples, from 0 to 1; got {getattr(self, name)}"
+                )
+        if self.caption_dropout + self.unaligned_prompt > 1:
+            raise ConfigError(
+                f"--caption_dropout {self.caption_dropout} + --unaligned_prompt {self.unaligned_prompt} is "
+                "over 1: a sample gets one prompt (empty, unaligned or its own); lower one of them"
+            )
+        if self.template_dropout > 0 and not self.uses_template:
+            raise ConfigError(
+                "--template_dropout drops a template's inputs: pass --template or --architecture"
+            )
+        if not self.unaligned_prompt_field.strip():
+            raise ConfigError("--unaligned_prompt_field must name a metadata column, e.g. prompt_unaligned")
 
     def _validate_models(self) -> None:
         models = self.trainable_models
@@ -314,7 +362,7 @@ def _number(name: str, value: Any, kind: type) -> Any:
         ) from None
 
 
-_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "lora_alpha")
+_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "lora_alpha", *CONDITION_DROPOUTS)
 
 
 def _normalize(name: str, value: Any) -> Any:
@@ -343,6 +391,13 @@ _HELP = {
     "condition_size": "target (default): images in template_inputs and edit_image are cover-cropped to the "
     "training image's size, so aligned maps (depth, edges, masks) stay aligned; original: their own size "
     "(e.g. the low-resolution input of super-resolution)",
+    "caption_dropout": "share of the samples (0 to 1) trained with an empty prompt, so a template must carry "
+    "the image alone (ControlNet drops half); drawn from each sample's seed",
+    "unaligned_prompt": "share of the samples (0 to 1) whose prompt is the row's --unaligned_prompt_field: a "
+    "caption that does not describe the control's layout, so the template learns to win over the prompt",
+    "unaligned_prompt_field": "metadata column holding the unaligned prompt of each row",
+    "template_dropout": "share of the samples (0 to 1) whose template-input images are replaced by black "
+    "ones: the template learns the unconditional case (templates without image inputs cannot drop)",
     "max_sequence_length": "prompt tokens (padded/truncated)",
     "dataset_num_workers": "DataLoader worker processes",
     "cache_path": "feature cache folder (stage I writes it, stage II reads it)",
@@ -356,6 +411,8 @@ _HELP = {
     "vae": "take the VAE from this folder or id instead",
     "tokenizer": "take the tokenizer from this folder or id instead",
     "offline": "never touch the network; use only cached downloads",
+    "base_weight_dtype": "store the frozen DiT's large Linear weights in this format (float8_e4m3fn: about "
+    "half the bf16 bytes) while the template (and a dit_lora) train in full precision",
     "template": "declarative template folder (or ModelScope id) to start from",
     "architecture": "build a fresh template of this registered architecture instead",
     "architecture_config": "JSON object (inline or a .json file) configuring --architecture",
@@ -396,6 +453,10 @@ _HELP = {
 _FLAGS = {"offline", "use_gradient_checkpointing", "gradient_checkpointing_offload", "find_unused_parameters"}
 
 
+CHOICES = {"task": TASKS, "lr_scheduler": SCHEDULERS, "mixed_precision": PRECISIONS,
+           "lora_export_format": LORA_EXPORT_FORMATS, "base_weight_dtype": BASE_WEIGHT_DTYPES}  # fmt: skip
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises ``ConfigError`` (train.py reports it like any other bad argument)."""
 
@@ -423,12 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{f.name}",
             type=str if f.name == "seed" else types.get(kind, str),  # seed: checked with its range later
             default=None,
-            choices={
-                "task": TASKS,
-                "lr_scheduler": SCHEDULERS,
-                "mixed_precision": PRECISIONS,
-                "lora_export_format": LORA_EXPORT_FORMATS,
-            }.get(f.name),  # fmt: skip
+            choices=CHOICES.get(f.name),
             help=f"{help_text} (default: {shown})" if shown not in (None, "", {}) else help_text,
         )
     return parser
@@ -480,6 +536,10 @@ def reject_trust_keys(data: Any, where: str) -> None:
             reject_trust_keys(value, where)
 
 
+# flags that run code (like trust_remote_code): a config file may not set them
+COMMAND_LINE_ONLY = ("import_modules",)
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     data = read_data_file(path, "--config")
     if data is None:
@@ -491,7 +551,14 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise ConfigError(f"--config {path}: keys must be flag names, got {bad}")
-    return {k.lstrip("-").replace("-", "_"): v for k, v in data.items()}
+    values = {k.lstrip("-").replace("-", "_"): v for k, v in data.items()}
+    for key in COMMAND_LINE_ONLY:
+        if key in values:
+            raise ConfigError(
+                f"--config {path} sets {key!r}: importing modules runs their code, so --{key} is accepted only "
+                "on the command line, never from a file; remove the key and pass the flag"
+            )
+    return values
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

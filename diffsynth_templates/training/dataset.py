@@ -38,6 +38,7 @@ from .samples import (
     Sample,
     SampleLoadError,
     Size,
+    sample_draw,
     sample_seed,
 )
 
@@ -63,6 +64,7 @@ __all__ = [
     "load_image",
     "make_buckets",
     "read_metadata",
+    "sample_draw",
     "sample_seed",
     "to_rgb",
 ]
@@ -79,6 +81,11 @@ class DatasetConfig:
     # "target": edit images and template-input images are cover-cropped to the target's size, so
     # spatially aligned inputs (depth, edges, masks) stay aligned; "original": RGB at native size
     condition_size: Literal["target", "original"] = "target"
+    # condition dropout (``TrainConfig`` has the meanings): shares of the samples, drawn per sample seed
+    caption_dropout: float = 0.0
+    unaligned_prompt: float = 0.0
+    unaligned_prompt_field: str = "prompt_unaligned"
+    template_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.multiple < 1 or self.max_pixels < self.multiple**2:
@@ -118,6 +125,8 @@ class TemplateDataset(torch.utils.data.Dataset):
             self.buckets = None
             self.sizes = [fit_to_pixel_budget(*s.size, cfg.max_pixels, cfg.multiple) for s in self.samples]
         warn_upscaling(self.samples, self.sizes, cfg.max_pixels)
+        if cfg.unaligned_prompt > 0:
+            self._check_unaligned_prompts()
 
     @classmethod
     def from_report(cls, report: MetadataReport, config: DatasetConfig | None = None) -> TemplateDataset:
@@ -132,14 +141,41 @@ class TemplateDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample, size = self.samples[index], self.sizes[index]
         condition_size = size if self.config.condition_size == "target" else None
-        return {
+        seed = sample_seed(sample.id, self.config.seed)
+        item = {
             "id": sample.id,
             "image": self._load(sample, sample.image, size),
-            "prompt": sample.prompt,
+            "prompt": self._prompt(sample, seed),
             "edit_images": [self._load(sample, path, condition_size) for path in sample.edit_images],
             "template_inputs": self._load_inputs(sample, sample.template_inputs, condition_size),
-            "seed": sample_seed(sample.id, self.config.seed),
+            "seed": seed,
         }
+        if self.config.template_dropout > 0:  # only then: items stay as they were with the option off
+            item["drop_template"] = sample_draw(seed, "template_dropout") < self.config.template_dropout
+        return item
+
+    def _prompt(self, sample: Sample, seed: int) -> str:
+        """The sample's prompt, or (condition dropout) the empty one or its unaligned one; one draw
+        decides both, so the two shares never overlap."""
+        cfg = self.config
+        if cfg.caption_dropout == 0 and cfg.unaligned_prompt == 0:
+            return sample.prompt
+        draw = sample_draw(seed, "prompt")
+        if draw < cfg.caption_dropout:
+            return ""
+        if draw < cfg.caption_dropout + cfg.unaligned_prompt:
+            return sample.extra[cfg.unaligned_prompt_field]
+        return sample.prompt
+
+    def _check_unaligned_prompts(self) -> None:
+        name = self.config.unaligned_prompt_field
+        bad = [s.line for s in self.samples if not isinstance(s.extra.get(name), str)]
+        if bad:
+            where = f"{self.source}" if self.source else "the metadata"
+            raise DatasetError(
+                f"--unaligned_prompt needs a {name!r} string in every row; {where} lines {bad[:10]} "
+                f"({len(bad)} rows) have none. Add the column or pass --unaligned_prompt_field NAME"
+            )
 
     def _load_inputs(self, sample: Sample, value: Any, size: Size | None) -> Any:
         if isinstance(value, dict):

@@ -239,7 +239,11 @@ class FeatureExtractor:
                 inputs = self.processor(row, item["image"], item["seed"])
             else:
                 inputs = dict(item["template_inputs"])
+            if item.get("drop_template"):
+                inputs = blank_images(inputs, where)
             features = self.template.process_inputs(pipe=self.pipe, **inputs)
+        except FeatureError:
+            raise
         except Exception as e:  # a row the processor or template cannot use: skip it, say which and why
             raise SampleSkipped(
                 f"{where}: the data processor / process_inputs failed: {type(e).__name__}: {e}"
@@ -250,6 +254,31 @@ class FeatureExtractor:
             raise FeatureError(f"process_inputs returned {type(features).__name__}; it must return a dict")
         flatten_features(features, {}, "check/")  # reject what cannot be cached, in both modes alike
         return detached_cpu(features)
+
+
+def blank_images(inputs: dict[str, Any], where: str) -> dict[str, Any]:
+    """Template dropout: every image among the template's inputs replaced by a black one of its size
+    and mode, the "no condition" a map-reading template learns to pass through. A template that reads
+    no image has no such case: an error, rather than training on unchanged inputs."""
+    found = []
+
+    def blank(value: Any) -> Any:
+        if isinstance(value, Image.Image):
+            found.append(value)
+            return Image.new(value.mode, value.size)
+        if isinstance(value, dict):
+            return {k: blank(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(blank(v) for v in value)
+        return value
+
+    blanked = blank(inputs)
+    if not found:
+        raise FeatureError(
+            f"{where}: --template_dropout replaces a template's input images by black ones, but its inputs "
+            f"{sorted(inputs)} hold no image; train this template with --template_dropout 0"
+        )
+    return blanked
 
 
 class SafeItems(torch.utils.data.Dataset):

@@ -16,7 +16,9 @@ the DiT's class.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -182,15 +184,39 @@ class TrainingModule(nn.Module):
             name: tuple(torch.cat([s.kv[name][i].expand(1, -1, -1, -1) for s in group]) for i in (0, 1))
             for name in first.kv
         }
-        with contextlib.ExitStack() as stack:
-            if self.dit_lora is not None:
-                stack.enter_context(applied_lora(self.dit, self.dit_lora.cache()))
-            for row, sample in enumerate(group):
-                if sample.lora:
-                    rows = None if len(group) == 1 else slice(row, row + 1)
-                    stack.enter_context(applied_lora(self.dit, sample.lora, rows=rows, source="the template"))
+        branches = []  # (lora, rows, source): the DiT LoRA and each sample's template LoRA
+        if self.dit_lora is not None:
+            branches.append((self.dit_lora.cache(), None, None))
+        for row, sample in enumerate(group):
+            if sample.lora:
+                branches.append(
+                    (sample.lora, None if len(group) == 1 else slice(row, row + 1), "the template")
+                )
+        scope = functools.partial(_lora_branches, self.dit, branches)
+        with scope(), _recomputed_with(self.dit, scope):
             prediction, target = self.objective.predict(self.dit, group, kv or None)
         return F.mse_loss(prediction.float(), target.float())
+
+
+@contextlib.contextmanager
+def _lora_branches(dit: nn.Module, branches: list[tuple[Any, slice | None, str | None]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for lora, rows, source in branches:
+            stack.enter_context(applied_lora(dit, lora, rows=rows, source=source))
+        yield
+
+
+@contextlib.contextmanager
+def _recomputed_with(dit: nn.Module, scope) -> Iterator[None]:
+    """Gradient checkpointing recomputes blocks in backward, after ``scope`` closed: the DiT reopens
+    it around each recomputation (``backbones.checkpointing``), so the LoRA branches are there too."""
+    module = getattr(dit, "module", dit)  # under DDP the wrapper holds the DiT
+    previous = getattr(module, "recompute_context", None)
+    module.recompute_context = scope
+    try:
+        yield
+    finally:
+        module.recompute_context = previous
 
 
 def _batchable_groups(samples: list[PreparedSample]) -> list[list[PreparedSample]]:

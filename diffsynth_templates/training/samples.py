@@ -111,3 +111,13 @@ def sample_seed(sample_id: str, seed: int) -> int:
     """
     digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def sample_draw(seed: int, purpose: str) -> float:
+    """A uniform number in [0, 1) from a per-sample seed, one independent stream per ``purpose``.
+
+    The same sample gets the same draw in every run, rank, worker and stage (stage I, ``--task full``),
+    and different purposes (caption dropout, template dropout) never share one.
+    """
+    digest = hashlib.sha256(f"{purpose}:{seed}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2.0**53

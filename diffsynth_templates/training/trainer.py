@@ -11,12 +11,17 @@
 The base model's backbone (FLUX.2-klein or Z-Image) is read from its folder (``backbones``); it picks
 the loaders, the text encoding and the objective, and is part of the cache fingerprint.
 
-Multi-process runs go through ``accelerate`` (DDP; DeepSpeed when the accelerate config selects it,
-in which case accelerate imports ``deepspeed``, nothing here does).
+Multi-process runs go through ``accelerate``: DDP, FSDP2 (``distributed``: sharded weights, gradients and
+optimizer state, checkpoints gathered to rank 0) or DeepSpeed when the accelerate config selects it (then
+accelerate imports ``deepspeed``, nothing here does). With ``W`` processes and ``A`` accumulation steps,
+rank ``r``'s micro-batch ``m`` draws its noise as micro-batch ``m * W + r`` of a one-process run with
+``W * A`` accumulation steps, which sees the same samples in the same order: every mode trains the same
+model as one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -60,6 +65,17 @@ from .components import (
 )
 from .config import ConfigError, TrainConfig
 from .dataset import BucketBatchSampler, DatasetConfig, DatasetError, TemplateDataset, read_metadata
+from .distributed import (
+    check_fsdp,
+    enable_cpu_fsdp,
+    is_deepspeed,
+    is_fsdp,
+    local_norm,
+    log_shares,
+    prepare_distributed,
+    process_group_backend,
+    unsharded_root,
+)
 from .dit_lora import DiTLoRA
 from .feature_cache import (
     ContentStore,
@@ -144,25 +160,32 @@ def make_accelerator(config: TrainConfig):
     GradientState._reset_state()
 
     # stage-I ranks may finish far apart; the default 30-minute collective timeout is too short
-    handlers: list[Any] = [InitProcessGroupKwargs(timeout=timedelta(hours=4))]
+    handlers: list[Any] = [
+        InitProcessGroupKwargs(timeout=timedelta(hours=4), backend=process_group_backend())
+    ]
     if config.find_unused_parameters:
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=handlers,
     )
-
-
-def _is_deepspeed(accelerator) -> bool:
-    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    enable_cpu_fsdp(accelerator)  # CPU runs launched with an FSDP config: accelerate's FSDP2 path, on gloo
+    if is_fsdp(accelerator):
+        check_fsdp(accelerator)
+    return accelerator
 
 
 def _dataset(config: TrainConfig):
     report = read_metadata(config.dataset_metadata_path, config.dataset_base_path, on_bad_row="skip")
     dataset = TemplateDataset.from_report(
         report,
-        DatasetConfig(max_pixels=config.max_pixels, seed=config.seed, condition_size=config.condition_size),
+        DatasetConfig(
+            max_pixels=config.max_pixels,
+            seed=config.seed,
+            condition_size=config.condition_size,
+            **config.condition_dropout(),
+        ),
     )
     return report, dataset
 
@@ -177,6 +200,7 @@ def dataset_fingerprint(config: TrainConfig) -> dict[str, Any]:
     }
     if config.condition_size != "target":  # only when set, so caches written before the option stay valid
         fingerprint["condition_size"] = config.condition_size
+    fingerprint.update(config.condition_dropout())  # likewise: only the settings that are on
     return fingerprint
 
 
@@ -351,7 +375,7 @@ def _total_steps(config: TrainConfig, sizes: list, world: int) -> int:
 
 def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> TrainResult:
     accelerator = make_accelerator(config)
-    main, world = accelerator.is_main_process, accelerator.num_processes
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     device, dtype = accelerator.device, model_dtype(config)
     _seed_everything(config.seed)
     output_path = Path(config.output_path)
@@ -378,7 +402,7 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
     train_dit = "dit" in config.trainable_models
     dit = load_dit(config, device, torch.float32 if train_dit else dtype, backbone, folders)
     extractor, pipe = None, None
-    if config.task == "full" or (config.validation_steps and main):
+    if config.task == "full" or (config.validation_steps and (main or is_fsdp(accelerator))):
         # text encoder + VAE (features, validation images)
         pipe = load_pipeline(config, device, dtype, backbone=backbone, folders=folders)
     if config.task == "full":
@@ -390,9 +414,10 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
     model, optimizer = _build_training_module(config, dit, template, device)
     if on_model_built is not None:
         on_model_built(model, optimizer)
-    if _is_deepspeed(accelerator):
-        _fill_deepspeed_config(accelerator, config)
+    prepare_distributed(accelerator, model, dit, config.batch_size, config.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if is_fsdp(accelerator):
+        log_shares(model, rank)
     params = [p for p in model.parameters() if p.requires_grad]
 
     sampler = BucketBatchSampler(
@@ -429,14 +454,19 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
             epoch, batch_index, batch_items = next(stream)
             batch = _features(batch_items, extractor)
             micro_ids.append((epoch, batch_index, [f.id for f in batch]))
-            seeds = [noise_seed(config.seed, state.step, micro, f.id) for f in batch]
+            # micro-batch ``micro * world + rank`` of the equivalent one-process run (see the module doc)
+            seeds = [noise_seed(config.seed, state.step, micro * world + rank, f.id) for f in batch]
             with accelerator.accumulate(model):
                 loss = model(batch, seeds)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    grad_norm = checked_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                elif accelerator.sync_gradients and not _is_deepspeed(accelerator):
-                    checked_norm = _gradient_norm(params)  # only checked, not logged: clipping is off
+                    grad_norm = checked_norm = local_norm(
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    )
+                elif accelerator.sync_gradients and not is_deepspeed(accelerator):
+                    checked_norm = local_norm(
+                        _gradient_norm(params)
+                    )  # only checked, not logged: clipping is off
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(loss.detach().float())
@@ -456,7 +486,7 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
         if config.save_steps and state.step % config.save_steps == 0 or state.step == total_steps:
             checkpoint = save_checkpoint(
                 accelerator, model, optimizer, output_path, state, config, template,
-                dit.config.to_diffusers(), save_optimizer=not _is_deepspeed(accelerator),
+                dit.config.to_diffusers(),
             )  # fmt: skip
         if config.validation_steps and state.step % config.validation_steps == 0:
             _validate(accelerator, model, pipe, backbone, config, state.step, output_path)
@@ -506,19 +536,6 @@ def _check_finite_step(
     raise NonFiniteError(
         f"training stopped: {what}. No checkpoint was written for this step. Check those samples' "
         "features, lower --learning_rate or keep --max_grad_norm on, and resume from the last checkpoint"
-    )
-
-
-def _fill_deepspeed_config(accelerator, config: TrainConfig) -> None:
-    """Our arguments for the ``"auto"`` entries accelerate cannot fill without a prepared DataLoader."""
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
-    if ds_config.get("gradient_clipping", "auto") == "auto":  # DeepSpeed clips inside its own step
-        ds_config["gradient_clipping"] = config.max_grad_norm or 0.0
-    logger.warning(
-        "DeepSpeed: checkpoints hold the trained weights but no exact-resume state (the optimizer is "
-        "sharded); this path is not covered by the test suite"
     )
 
 
@@ -605,7 +622,8 @@ def _features(items: list, extractor: FeatureExtractor | None) -> list[SampleFea
 def _validate(
     accelerator, model, pipe, backbone: TrainingBackbone, config: TrainConfig, step: int, output_path: Path
 ) -> None:
-    if accelerator.is_main_process:
+    sharded = is_fsdp(accelerator)  # the sharded DiT runs on every rank together; rank 0 writes the grid
+    if accelerator.is_main_process or sharded:
         unwrapped = accelerator.unwrap_model(model)
         dit, template = unwrapped.dit, unwrapped.template
         runner = backbone.runner(dit, pipe)
@@ -614,10 +632,12 @@ def _validate(
         for m in modules:
             m.eval()
         try:
-            images = render_validation(runner, config.validation_inputs, template, unwrapped.dit_lora)
+            with unsharded_root(model) if sharded else contextlib.nullcontext():
+                images = render_validation(runner, config.validation_inputs, template, unwrapped.dit_lora)
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)
-        path = save_grid(images, output_path / "validation" / f"step-{step}.png")
-        logger.info("validation images: %s", path)
+        if accelerator.is_main_process:
+            path = save_grid(images, output_path / "validation" / f"step-{step}.png")
+            logger.info("validation images: %s", path)
     accelerator.wait_for_everyone()

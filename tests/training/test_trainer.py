@@ -297,13 +297,14 @@ def test_full_dit_training_from_scratch_reduces_the_loss(base_model, dataset, tm
 def test_config_file_validation_images_and_logs(base_model, dataset, tmp_path):
     (tmp_path / "run.yaml").write_text(
         f"task: full\nmodel: {base_model}\ndataset_metadata_path: {dataset}\noutput_path: {tmp_path / 'out'}\n"
-        "max_steps: 50\nmax_pixels: 1024\nmax_sequence_length: 24\nimport_modules: tests.training.archs\n"
+        "max_steps: 50\nmax_pixels: 1024\nmax_sequence_length: 24\n"
         "architecture: test_scalar_kv\narchitecture_config: {block_names: [single_0]}\ndata_processor: brightness\n"
         "validation_steps: 2\nvalidation_inputs:\n"
         "  - {prompt: a red circle, template_inputs: {scale: 0.2}, height: 32, width: 32, num_inference_steps: 2}\n"
         "  - {prompt: a blue square, template_inputs: {scale: 0.9}, height: 32, width: 48, num_inference_steps: 2}\n"
     )
-    result = run(parse_args(["--config", str(tmp_path / "run.yaml"), "--max_steps", "2"]))  # flags win
+    # flags win; --import_modules runs code, so only the command line may give it
+    result = run(parse_args(["--config", str(tmp_path / "run.yaml"), "--max_steps", "2", "--import_modules", "tests.training.archs"]))  # fmt: skip
     assert result.step == 2
     from PIL import Image
 
