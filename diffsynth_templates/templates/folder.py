@@ -398,9 +398,9 @@ def _meta_skeleton(architecture: str, config: dict, where: str) -> nn.Module:
         if any(not t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
             return skeleton  # built off the meta device (it ignored the default device): not shared
         _SKELETONS[key] = skeleton
-        while len(_SKELETONS) > SKELETON_CACHE_SIZE:
-            _SKELETONS.popitem(last=False)
     _SKELETONS.move_to_end(key)
+    while len(_SKELETONS) > SKELETON_CACHE_SIZE:
+        _SKELETONS.popitem(last=False)
     return copy.deepcopy(skeleton)
 
 
