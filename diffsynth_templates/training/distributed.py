@@ -118,9 +118,20 @@ def check_fsdp(accelerator) -> None:
 
 
 def prepare_distributed(
-    accelerator, model: nn.Module, dit: nn.Module, batch_size: int, max_grad_norm: float | None
+    accelerator,
+    model: nn.Module,
+    dit: nn.Module,
+    batch_size: int,
+    max_grad_norm: float | None,
+    validation: bool = False,
 ) -> None:
-    """What accelerate needs before ``prepare``: FSDP2's shard groups, DeepSpeed's ``"auto"`` entries."""
+    """What accelerate needs before ``prepare``: FSDP2's shard groups, DeepSpeed's ``"auto"`` entries.
+    ``validation``: the run renders validation images (refused under ZeRO-3, before any step)."""
+    if validation and is_zero3(accelerator):
+        raise UnsupportedFeatureError(
+            "validation images need the whole DiT on one process, which ZeRO-3 partitions: use "
+            "scripts/accelerate_deepspeed_zero2.yaml or scripts/accelerate_fsdp2.yaml, or drop --validation_steps"
+        )
     if is_fsdp(accelerator):
         mark_shard_groups(model, dit)
         plugin = accelerator.state.fsdp_plugin

@@ -414,7 +414,9 @@ def train(config: TrainConfig, on_model_built: ModelBuiltHook | None = None) -> 
     model, optimizer = _build_training_module(config, dit, template, device)
     if on_model_built is not None:
         on_model_built(model, optimizer)
-    prepare_distributed(accelerator, model, dit, config.batch_size, config.max_grad_norm)
+    prepare_distributed(
+        accelerator, model, dit, config.batch_size, config.max_grad_norm, bool(config.validation_steps)
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     if is_fsdp(accelerator):
         log_shares(model, rank)
