@@ -22,8 +22,9 @@ runs one by one, interleaving systems run by run (A B C A B C ...), and reports 
 - template-stage seconds for 11 templates with lazy loading (running the templates and merging their
   caches: DiffSynth's ``call_single_side``, our ``TemplatePipeline.prepare``, i.e. what ``__call__``
   does before denoising): first call (from disk) and repeated calls (memo off; DiffSynth re-reads
-  every template from disk on every call by design), plus ours with its default output memo when the
-  inputs repeat (then the merged cache is reused too);
+  every template from disk on every call by design), the systems interleaved call by call, plus ours
+  with its default output memo when the inputs repeat (then the merged cache is reused too; run
+  after the memo-off calls, so its memo is not held during them);
 - peak host RSS per phase of runs (``VmHWM``, reset with ``/proc/self/clear_refs`` at each phase
   start, so it includes the loaded weights once touched) and CUDA max allocated on a GPU;
 - output agreement: max abs difference of the images in [0, 1] before 8-bit quantization, ours vs
@@ -357,34 +358,28 @@ class OursWorker(Worker):
             return self.pipe(**call)
         return self.tps[n_templates](self.pipe, template_inputs=self.template_inputs(n_templates), **call)
 
-    def template_stage(self, repeats: int) -> dict:
+    def stage_call(self, kind: str) -> dict:
+        """One timed template-stage call: ``first`` (a new lazy pipeline and host store: read from
+        disk), ``repeated`` (that pipeline again, memo off) or ``memoized`` (default memo, filled)."""
         folders = [t["ours"] for t in self.stage_templates]
         inputs = self.template_inputs(len(folders))
-        store = self.HostStore()
-        cold = self.TemplatePipeline.from_pretrained(
-            folders,
-            torch_dtype=self.dtype,
-            device=self.device,
-            lazy_loading=True,
-            memo_size=0,
-            host_store=store,
-        )
-
-        def run(tp):  # what TemplatePipeline.__call__ does before denoising: run, validate, merge
-            return lambda: tp.prepare(self.pipe, inputs, prompt=PROMPT, cfg_scale=1.0)
-
-        first = self.timed(run(cold))
-        repeated = [self.timed(run(cold)) for _ in range(repeats)]
-        memo = self.TemplatePipeline.from_pretrained(
-            folders, torch_dtype=self.dtype, device=self.device, lazy_loading=True, host_store=store
-        )
-        run(memo)()  # fills the output memo
-        memoized = [self.timed(run(memo)) for _ in range(repeats)]
-        return {
-            "first": first,
-            "repeated": statistics.median(repeated),
-            "memoized": statistics.median(memoized),
-        }
+        if kind == "first":
+            self.cold = self.TemplatePipeline.from_pretrained(
+                folders, torch_dtype=self.dtype, device=self.device, lazy_loading=True, memo_size=0,
+                host_store=self.HostStore(),
+            )  # fmt: skip
+        if kind == "memoized" and getattr(self, "warm", None) is None:
+            self.warm = self.TemplatePipeline.from_pretrained(
+                folders,
+                torch_dtype=self.dtype,
+                device=self.device,
+                lazy_loading=True,
+                host_store=self.cold.store,
+            )
+            self.warm.prepare(self.pipe, inputs, prompt=PROMPT, cfg_scale=1.0)  # fills the output memo
+        tp = self.warm if kind == "memoized" else self.cold
+        # what TemplatePipeline.__call__ does before denoising: run, validate, merge
+        return {"seconds": self.timed(lambda: tp.prepare(self.pipe, inputs, prompt=PROMPT, cfg_scale=1.0))}
 
 
 class DiffusersWorker(Worker):
@@ -465,17 +460,17 @@ class DiffSynthWorker(Worker):
             return self.pipe(**call)
         return self.tps[n_templates](self.pipe, template_inputs=self.template_inputs(n_templates), **call)
 
-    def template_stage(self, repeats: int) -> dict:
+    def stage_call(self, kind: str) -> dict:
+        """One timed template-stage call (lazy: DiffSynth reads every template on every call)."""
+        if kind == "memoized":
+            raise ValueError("DiffSynth-Studio has no output memo")
         configs = [self.ModelConfig(path=t["diffsynth"]) for t in self.stage_templates]
-        tp = self.TemplatePipeline.from_pretrained(
-            torch_dtype=self.dtype, device=str(self.device), model_configs=configs, lazy_loading=True
-        )
+        if kind == "first":
+            self.stage_tp = self.TemplatePipeline.from_pretrained(
+                torch_dtype=self.dtype, device=str(self.device), model_configs=configs, lazy_loading=True
+            )
         inputs = self.template_inputs(len(configs))
-        first = self.timed(lambda: tp.call_single_side(pipe=self.pipe, inputs=inputs))
-        repeated = [
-            self.timed(lambda: tp.call_single_side(pipe=self.pipe, inputs=inputs)) for _ in range(repeats)
-        ]
-        return {"first": first, "repeated": statistics.median(repeated)}
+        return {"seconds": self.timed(lambda: self.stage_tp.call_single_side(pipe=self.pipe, inputs=inputs))}
 
 
 def register_diffsynth_configs(root: Path) -> list:
@@ -669,13 +664,16 @@ def run_benchmark(args) -> tuple[str, float]:
     """The markdown report and the largest image difference between ours and a reference."""
     device, dtype = args.device, args.dtype
     systems = [s for s in SYSTEMS if not (s == "diffsynth" and args.no_diffsynth)]
+    if args.stage_only:  # diffusers has no templates
+        systems = [s for s in systems if s != "diffusers"]
     pythons = {"ours": sys.executable, "diffusers": sys.executable, "diffsynth": args.diffsynth_python}
     with tempfile.TemporaryDirectory(prefix="compare-reference-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
         dit = bench_dit_config()
         build_model_folder(tmp / "model", dit)
-        templates = build_templates(tmp / "templates", dit, max(KV_COUNTS), args.kv_length, "kv")
+        kv_count = 0 if args.stage_only else max(KV_COUNTS)
+        templates = build_templates(tmp / "templates", dit, kv_count, args.kv_length, "kv")
         stage = build_templates(tmp / "templates", dit, STAGE_TEMPLATES, args.kv_length, "stage")
         spec = {
             "root": str(tmp / "model"),
@@ -703,10 +701,77 @@ def run_benchmark(args) -> tuple[str, float]:
                             "or run with --no-diffsynth)"
                         )
                     raise RuntimeError(f"{s} worker could not load: {workers[s].error}{hint}")
+            if args.stage_only:
+                return stage_report(args, workers, systems), 0.0
             return measure(args, workers, systems, tmp)
         finally:
             for w in workers.values():
                 w.close()
+
+
+def measure_stage(systems: list[str], workers: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """The lazy template stage, systems interleaved call by call (first calls, then repeated ones):
+    ``{system: {"first", "repeated", "memoized" (ours)}}`` in seconds (medians)."""
+    first = {s: workers[s].call("stage_call", kind="first")["seconds"] for s in systems}
+    runs: dict[tuple[str, str], list[float]] = {}
+    kinds = [(s, "repeated") for s in systems] + [(s, "memoized") for s in systems if s == "ours"]
+    for kind in ("repeated", "memoized"):  # the memo's outputs are not held during memo-off calls
+        for _ in range(repeats):
+            for s, k in kinds:
+                if k == kind:
+                    runs.setdefault((s, k), []).append(workers[s].call("stage_call", kind=k)["seconds"])
+    return {
+        s: {"first": first[s], **{kind: statistics.median(runs[(s, kind)]) for t, kind in kinds if t == s}}
+        for s in systems
+    }
+
+
+def stage_report(args, workers: dict, systems: list[str]) -> str:
+    """``--stage-only``: the lazy 11-template stage alone, with its peak RSS, as a markdown section."""
+    for s in systems:
+        workers[s].call("memory", reset=True)
+    stage = measure_stage(systems, workers, args.repeats)
+    peak = {s: workers[s].call("memory", reset=True)["peak_rss_mib"] for s in systems}
+    other = next((s for s in systems if s != "ours"), None)
+
+    def row(name: str, values: dict, digits: int = 4) -> str:
+        theirs = values.get(other) if other else None
+        return f"| {name} | {fmt(values.get('ours'), digits)} | {fmt(theirs, digits)} | {ratio(values.get('ours'), theirs)} |"
+
+    n = STAGE_TEMPLATES
+    rows = [
+        row(f"{n} templates, lazy, first call s", {s: v["first"] for s, v in stage.items()}),
+        row(
+            f"{n} templates, lazy, repeated call s (ours: memo off)",
+            {s: v["repeated"] for s, v in stage.items()},
+        ),
+        row(
+            f"{n} templates, repeated identical inputs s (ours: default memo)",
+            {
+                "ours": stage["ours"]["memoized"],
+                **{s: v["repeated"] for s, v in stage.items() if s != "ours"},
+            },
+        ),
+        row("peak RSS MiB of the stage (process, both from their loaded base pipeline)", peak, 0),
+    ]
+    info = "; ".join(f"{LABELS[s]}: {workers[s].info}" for s in systems if workers[s].info)
+    return "\n".join(
+        [
+            "## Template stage (benchmarks/compare_reference.py --stage-only)",
+            "",
+            f"Machine: {machine_description(args.device, args.dtype)}. {info}",
+            "",
+            f"{n} lazily loaded `value_kv` templates ({args.kv_length} KV tokens per block, 8 heads x 64, "
+            f"2 double + 6 single blocks), each system in its own process, calls interleaved system by "
+            f"system (first calls, then {args.repeats} repeated, then ours with its memo); medians. "
+            + (args.note or ""),
+            "",
+            "| measure | ours | DiffSynth-Studio | ours / DiffSynth |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
 
 
 def measure(args, workers: dict, systems: list[str], tmp: Path) -> tuple[str, float]:
@@ -745,11 +810,9 @@ def measure(args, workers: dict, systems: list[str], tmp: Path) -> tuple[str, fl
         for s in systems:
             memory[(phase, s)] = workers[s].call("memory", reset=True)
 
-    stage = {}
-    for s in systems:
-        if s != "diffusers":
-            stage[s] = workers[s].call("template_stage", repeats=args.repeats)
-            memory[("template stage", s)] = workers[s].call("memory", reset=True)
+    stage = measure_stage([s for s in systems if s != "diffusers"], workers, args.repeats)
+    for s in stage:
+        memory[("template stage", s)] = workers[s].call("memory", reset=True)
 
     # ---- table -----------------------------------------------------------------------------------
     def cell(values: dict[str, float | None], digits: int = 4) -> str:
@@ -868,6 +931,11 @@ def main() -> None:
     )
     p.add_argument("--no-diffsynth", action="store_true", help="compare ours with diffusers only")
     p.add_argument(
+        "--stage-only",
+        action="store_true",
+        help="only the 11-template stage (ours vs DiffSynth), its own section",
+    )
+    p.add_argument(
         "--max-diff", type=float, default=None, help="exit 1 when ours and a reference differ more (CI)"
     )
     p.add_argument("--note", default="", help="a sentence about the run written under the settings")
@@ -888,7 +956,8 @@ def main() -> None:
         p.error("--sizes must be multiples of 16")
     table, worst = run_benchmark(args)
     print(table)
-    write_section(args.out, "Ours vs DiffSynth-Studio vs diffusers", table)
+    heading = "Template stage" if args.stage_only else "Ours vs DiffSynth-Studio vs diffusers"
+    write_section(args.out, heading, table)
     if args.max_diff is not None and worst > args.max_diff:
         sys.exit(f"images disagree: max abs difference {worst:.3g} > --max-diff {args.max_diff:g}")
     print(f"written to {args.out}", file=sys.stderr)

@@ -9,7 +9,9 @@ official diffusers ``transformer/`` checkpoints so they load without renaming.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -181,11 +183,26 @@ def _layer_norm(x: Tensor, eps: float) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
+class KVTail:
+    """Keeps the last ``tokens`` keys and values (after QK-norm and RoPE: what attention sees) of each
+    block a forward runs, in block order; only that slice is kept, never a whole sequence's."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+        self.entries: list[tuple[Tensor, Tensor]] = []
+
+    def __call__(self, k: Tensor, v: Tensor) -> None:
+        tail = slice(k.shape[1] - self.tokens, None)
+        self.entries.append((k[:, tail].contiguous(), v[:, tail].contiguous()))
+
+
 # --- blocks ---------------------------------------------------------------------------------------
 
 
 class JointAttention(nn.Module):
     """Double-stream attention: image and text have their own projections, attend jointly."""
+
+    kv_recorder: KVTail | None = None  # set by ``Flux2DiT.recording_kv``
 
     def __init__(self, cfg: Flux2DiTConfig):
         super().__init__()
@@ -213,6 +230,8 @@ class JointAttention(nn.Module):
                        self.norm_k(self.to_k(img).unflatten(-1, heads))], dim=1)  # fmt: skip
         v = torch.cat([self.add_v_proj(txt).unflatten(-1, heads), self.to_v(img).unflatten(-1, heads)], dim=1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kv_recorder is not None:
+            self.kv_recorder(k, v)
         out = attention(q, k, v, extra_kv)
         txt_out, img_out = out.split([txt.shape[1], img.shape[1]], dim=1)
         return self.to_out[0](img_out), self.to_add_out(txt_out)
@@ -250,6 +269,8 @@ class DoubleStreamBlock(nn.Module):
 class FusedSelfAttention(nn.Module):
     """Single-stream: one projection yields Q, K, V and the MLP input; one projection merges both outputs."""
 
+    kv_recorder: KVTail | None = None  # set by ``Flux2DiT.recording_kv``
+
     def __init__(self, cfg: Flux2DiTConfig):
         super().__init__()
         dim, self.head_dim, self.mlp_hidden = cfg.hidden_size, cfg.head_dim, cfg.mlp_hidden
@@ -266,7 +287,10 @@ class FusedSelfAttention(nn.Module):
         heads = (-1, self.head_dim)
         q = apply_rope(self.norm_q(q.unflatten(-1, heads)), *rope)
         k = apply_rope(self.norm_k(k.unflatten(-1, heads)), *rope)
-        out = attention(q, k, v.unflatten(-1, heads), extra_kv)
+        v = v.unflatten(-1, heads)
+        if self.kv_recorder is not None:
+            self.kv_recorder(k, v)
+        out = attention(q, k, v, extra_kv)
         return self.to_out(torch.cat([out, swiglu(mlp_in)], dim=-1))
 
 
@@ -337,6 +361,48 @@ class Flux2DiT(PretrainedModule, nn.Module):
 
     def validate_kv_cache(self, kv_cache: KVCache | None, batch_size: int | None = None, source=None) -> None:
         validate_kv_cache(kv_cache, self.kv_block_specs, batch_size, source)
+
+    @contextlib.contextmanager
+    def recording_kv(self, tokens: int) -> Iterator[KVTail]:
+        """Inside, every block's attention hands its last ``tokens`` keys and values to the yielded
+        ``KVTail`` (``kv_of_record`` names them like a KV cache)."""
+        recorder = KVTail(tokens)
+        modules = [b.attn for b in (*self.transformer_blocks, *self.single_transformer_blocks)]
+        for module in modules:
+            module.kv_recorder = recorder
+        try:
+            yield recorder
+        finally:
+            for module in modules:
+                module.kv_recorder = None
+
+    def kv_of_record(self, recorder: KVTail) -> dict[str, tuple[Tensor, Tensor]] | None:
+        """A whole forward's recording as a KV cache, or None when it did not run every block."""
+        names = list(self.kv_block_specs)
+        return dict(zip(names, recorder.entries)) if len(recorder.entries) == len(names) else None
+
+    @torch.no_grad()
+    def reference_kv(
+        self, tokens: Tensor, ids: Tensor, timestep: float = 0.0
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each block's keys and values of reference tokens ``[B, M, C]`` (position ids ``[M, 4]``) that
+        attend only to themselves, modulated at a fixed ``timestep`` (klein-9B-KV: 0): what such a model
+        appends to every denoising step's attention. They never see the text or the latents, so one
+        pass serves every step, both CFG sides and any batch."""
+        dtype = tokens.dtype
+        sigma = torch.full((tokens.shape[0],), timestep, dtype=dtype, device=tokens.device)
+        temb = self.time_guidance_embed(sigma * 1000, None)
+        mod_img = self.double_stream_modulation_img(temb)
+        (mod_single,) = self.single_stream_modulation(temb)
+        img = self.x_embedder(tokens)
+        no_text = img[:, :0]  # an empty text stream: reference tokens attend to each other only
+        rope = rope_cos_sin(ids, self.config.axes_dims_rope, self.config.rope_theta)
+        with self.recording_kv(tokens.shape[1]) as recorder:
+            for block in self.transformer_blocks:
+                img, no_text = block(img, no_text, mod_img, mod_img, rope)
+            for block in self.single_transformer_blocks:
+                img = block(img, mod_single, rope)
+        return self.kv_of_record(recorder)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""

@@ -52,12 +52,14 @@ def load_module_from_files(
     key_map: Callable[[str], str | None] | None = None,
     ignore_keys: Callable[[str], bool] | None = None,
     keep_fp32: Callable[[str], bool] | None = None,
+    reader: Callable[[list[Path]], Iterable[tuple[str, torch.Tensor]]] | None = None,
 ) -> M:
     """Create ``build()`` on the meta device and load ``files`` into it.
 
     ``key_map`` renames checkpoint keys (return None to drop one); ``ignore_keys`` marks checkpoint
     keys that may be present without a matching parameter (e.g. an unused ``lm_head``);
-    ``keep_fp32`` names parameters kept in float32 whatever ``torch_dtype`` is.
+    ``keep_fp32`` names parameters kept in float32 whatever ``torch_dtype`` is; ``reader`` yields the
+    files' tensors instead of ``iter_tensors`` (``loading.mapped.MappedWeights``: views, no copy).
     Missing, unexpected or mis-shaped keys raise ``CheckpointError`` listing all of them; weights that
     hold NaN or inf (as stored, or after the cast to ``torch_dtype``) raise ``NonFiniteError`` naming them
     and their file.
@@ -91,7 +93,7 @@ def load_module_from_files(
     loaded: dict[str, torch.Tensor] = {}
     bad_shapes: list[str] = []
     nonfinite: list[str] = []  # checked once per tensor as it arrives: no second pass over the model
-    for ckpt_key, tensor in iter_tensors(files, device="cpu"):
+    for ckpt_key, tensor in (reader or iter_tensors)(files):
         name = mapped.get(ckpt_key)
         if name is None:
             continue

@@ -9,6 +9,7 @@ into one DiT call when they fit) -> FLUX.2 VAE decode. Template caches arrive as
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from ..backbones.flux2_dit import Flux2DiT
 from ..backbones.flux2_vae import Flux2VAE
 from ..backbones.qwen3 import Qwen3TextEncoder
 from .common import batch_side_kv, conditioning_loras, side_lora_rows
+from .edit_kv import KV_MODEL_PIPELINE, REFERENCE_TIMESTEP, EditPositions, is_reference_kv_model
 from .families.flux2 import EDIT_TIME_STEP, FLUX2
 from .flow_match import klein_schedule
 from .flux2_prompt import Flux2PromptEncoder
@@ -78,6 +80,9 @@ class Flux2ImagePipeline(FamilyPipeline):
     conditioning_class = Conditioning
     scheduler_config = KLEIN_SCHEDULER_CONFIG
     model_index = MODEL_INDEX
+    # klein-9B-KV: reference tokens attend only to themselves, their K/V computed once per call
+    # (``pipelines/edit_kv.py``); from_pretrained sets it from the folder's model_index.json
+    reference_kv_model: bool = False
 
     def __init__(
         self,
@@ -129,6 +134,9 @@ class Flux2ImagePipeline(FamilyPipeline):
         )  # fmt: skip
         pipe = cls.from_folders(folders, device, torch_dtype, weight_dtype=weight_dtype)
         pipe.name_or_path = str(transformer or source)
+        if is_reference_kv_model(_model_index(folders.roots["transformer"])):
+            pipe.reference_kv_model = True
+            pipe.model_index = {**MODEL_INDEX, "_class_name": KV_MODEL_PIPELINE, "is_distilled": True}
         return pipe
 
     # -- memory modes -----------------------------------------------------------------------------
@@ -197,12 +205,18 @@ class Flux2ImagePipeline(FamilyPipeline):
         with self._on_device(self.vae):
             return self.vae.unpatchify(self.vae.denormalize(latents.to(self.device)))
 
-    def _positions(self, h: int, w: int, edit_image):
-        """Image position ids, then each reference image's tokens and ids (t = 10, 20, ...)."""
+    def _positions(self, h: int, w: int, edit_image, reuse_edit_kv: bool = False) -> EditPositions:
+        """Image position ids, then each reference image's tokens and ids (t = 10, 20, ...); for the KV
+        model the reference tokens' keys/values instead, computed here once."""
         img_ids = FLUX2.adapter.grid_ids(h, w, t=0).to(self.device)
         edit_tokens, edit_ids = self._edit_tokens(edit_image)
-        ids = img_ids if edit_ids is None else torch.cat([img_ids, edit_ids])
-        return ids, edit_tokens, h * w
+        if edit_ids is None:
+            return EditPositions(img_ids, None, h * w)
+        if self.reference_kv_model:
+            with self._on_device(self.dit):
+                kv = self.dit.reference_kv(edit_tokens.to(self.torch_dtype), edit_ids, REFERENCE_TIMESTEP)
+            return EditPositions(img_ids, None, h * w, reference_kv=kv)
+        return EditPositions(torch.cat([img_ids, edit_ids]), edit_tokens, h * w, reuse=reuse_edit_kv)
 
     def _edit_tokens(self, edit_image) -> tuple[Tensor | None, Tensor | None]:
         if edit_image is None:
@@ -215,8 +229,8 @@ class Flux2ImagePipeline(FamilyPipeline):
             latents.append(self.encode_image(image, height, width, f"edit_image[{index}]"))
         return FLUX2.adapter.reference_tokens(latents, self.device)
 
-    def _hidden(self, x: Tensor, positions) -> Tensor:
-        edit_tokens = positions[1]
+    def _hidden(self, x: Tensor, positions: EditPositions) -> Tensor:
+        edit_tokens = positions.edit_tokens
         hidden = x if edit_tokens is None else torch.cat([x, edit_tokens.expand(x.shape[0], -1, -1)], dim=1)
         return hidden.to(self.torch_dtype)
 
@@ -229,13 +243,14 @@ class Flux2ImagePipeline(FamilyPipeline):
     def _batch_sides(self, cond, uncond, own_tokens):
         return _batch_sides(cond, uncond, own_tokens)
 
-    def _model(self, hidden: Tensor, timestep: Tensor, c: Conditioning, positions) -> Tensor:
-        ids, _, n_img = positions
-        with conditioning_loras(self.dit, c.lora, c.lora_rows):
-            out = FLUX2.adapter.forward(
-                self.dit, hidden, timestep, ids, c.prompt_embeds, c.text_ids, c.kv_cache
-            )
-        return out[:, :n_img].float()
+    def _model(self, hidden: Tensor, timestep: Tensor, c: Conditioning, positions: EditPositions) -> Tensor:
+        hidden, ids, kv, record = positions.call_parts(hidden, c.kv_cache, c.prompt_embeds)
+        with (
+            conditioning_loras(self.dit, c.lora, c.lora_rows),
+            positions.recording(self.dit, record, c.prompt_embeds),
+        ):
+            out = FLUX2.adapter.forward(self.dit, hidden, timestep, ids, c.prompt_embeds, c.text_ids, kv)
+        return out[:, : positions.n_img].float()
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -243,6 +258,15 @@ class Flux2ImagePipeline(FamilyPipeline):
 # the family's layout helpers under their old names (``from flux2_pipeline import _pack`` keeps working)
 _pack, _unpack, _grid_ids = FLUX2.adapter.pack, FLUX2.adapter.unpack, FLUX2.adapter.grid_ids
 _append_text_tokens = FLUX2.adapter.append_text_tokens
+
+
+def _model_index(root) -> dict:
+    """A folder's ``model_index.json`` object (``{}`` when it has none or it is not an object)."""
+    try:
+        data = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _batch_sides(cond: Conditioning, uncond: Conditioning, image_tokens: int = 0) -> Conditioning | None:

@@ -228,6 +228,7 @@ class FamilyPipeline(LowMemoryMixin, LoRAAdaptersMixin, PipelineBase):
         max_pixels: int | None = None,
         callback_on_step_end: Callable[[FamilyPipeline, int, Tensor, dict], dict | None] | None = None,
         step_cache: str | StepCacheConfig | None = None,
+        reuse_edit_kv: bool = False,
     ):
         """Generate images; returns a list of PIL images, a float array ``[B, H, W, 3]`` in [0, 1]
         (``output_type="np"``) or latents (``output_type="latent"``: FLUX.2 the VAE's ``[B, 32, H/8,
@@ -242,6 +243,8 @@ class FamilyPipeline(LowMemoryMixin, LoRAAdaptersMixin, PipelineBase):
         ``step_cache`` (``"quality"``, ``"balanced"``, ``"fast"`` or a ``StepCacheConfig``) forecasts
         the DiT's block work on some steps instead of computing it (``pipelines/step_cache.py``; what
         it skipped is in ``pipe.step_cache_stats``); None, the default, computes every step.
+        ``reuse_edit_kv=True`` computes the ``edit_image`` tokens' keys/values on the first step only and
+        reuses them after (approximate; ``pipelines/edit_kv.py``); klein-9B-KV always does, exactly.
         """
         steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
         cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
@@ -250,6 +253,7 @@ class FamilyPipeline(LowMemoryMixin, LoRAAdaptersMixin, PipelineBase):
             input_image, denoising_strength, inpaint_mask, resize_mask, kv_cache, negative_kv_cache, lora,
             negative_lora, extra_text_embedding, negative_extra_text_embedding, output_type, progress,
             max_pixels, callback_on_step_end, edit_image=edit_image, step_cache=step_cache,
+            reuse_edit_kv=reuse_edit_kv,
         )  # fmt: skip
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -281,6 +285,7 @@ class FamilyPipeline(LowMemoryMixin, LoRAAdaptersMixin, PipelineBase):
         callback_on_step_end: Callable | None,
         edit_image=None,
         step_cache: str | StepCacheConfig | None = None,
+        reuse_edit_kv: bool = False,
     ):
         """Every argument checked once, both CFG sides' conditioning built and validated once, then
         Euler steps of the family's velocity (inpainting: steered onto the input outside the mask)."""
@@ -306,6 +311,8 @@ class FamilyPipeline(LowMemoryMixin, LoRAAdaptersMixin, PipelineBase):
         )
         seed = check_seed(seed)
         step_cache = resolve_step_cache(step_cache)
+        if not isinstance(reuse_edit_kv, bool):
+            raise PipelineInputError(f"reuse_edit_kv must be True or False, got {reuse_edit_kv!r}")
         if edit_image is not None and not self.family.supports_edit_images:
             raise PipelineInputError(
                 f"{type(self).__name__} takes no edit_image: {self.family.edit_images_unsupported}"
@@ -335,7 +342,7 @@ class FamilyPipeline(LowMemoryMixin, LoRAAdaptersMixin, PipelineBase):
         schedule = self._schedule(num_inference_steps, h, w, strength)
         x = self._tokens(noise if clean is None else add_noise(clean, noise, schedule.sigmas[0]))
         clean_tokens = None if clean is None else self._tokens(clean)
-        positions = self._positions(h, w, edit_image)
+        positions = self._positions(h, w, edit_image, reuse_edit_kv)
         mask = None  # placed on the latent grid exactly where the image lands
         if pair is not None:
             mask = self._tokens(place_mask(pair[1], height, width, grid=(h, w)).to(self.device))
@@ -441,8 +448,9 @@ class FamilyPipeline(LowMemoryMixin, LoRAAdaptersMixin, PipelineBase):
     def _untokens(self, x: Tensor, h: int, w: int) -> Tensor:
         return x
 
-    def _positions(self, h: int, w: int, edit_image) -> Any:
-        """Whatever ``_model`` needs besides the conditioning, computed once per call."""
+    def _positions(self, h: int, w: int, edit_image, reuse_edit_kv: bool = False) -> Any:
+        """Whatever ``_model`` needs besides the conditioning, computed once per call (``reuse_edit_kv``:
+        the reference tokens' keys/values may be reused across steps)."""
         return None
 
     def _hidden(self, x: Tensor, positions) -> Tensor:

@@ -15,13 +15,14 @@ DiffSynth-compatible: ``model.py`` defining ``TEMPLATE_MODEL`` (a class), ``TEMP
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -31,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..loading import CheckpointError, load_module_from_files, save_safetensors_atomic, write_json_atomic
-from ..loading.finite import check_finite_state
+from ..loading import CheckpointError, load_module_from_files, write_json_atomic
 from ..loading.integrity import SHA256_KEY, verify_sha256
 from ..loading.json_io import to_json_value
+from ..loading.mapped import MappedWeights, save_aligned_safetensors
 from ..loading.paths import resolve_inside
 from ..loading.write_safety import write_folder
 from .base import TemplateError, check_template_model
@@ -312,6 +313,9 @@ class LoadedTemplate:
     schema: InputSchema | None = None
     data_processor: Any = None
     spec: TemplateSpec | None = None
+    # the weight files' memory maps when the tensors are used in place (``map_weights=True``)
+    mapped: MappedWeights | None = None
+    host_state: dict | None = None  # pinned host copies of the weights, made on the first GPU move
 
     @property
     def base_model(self) -> str | None:
@@ -334,21 +338,28 @@ def load_template_folder(
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    map_weights: bool = False,
 ) -> LoadedTemplate:
+    """Read a template folder (either format). ``map_weights``: the weights stay views of their files'
+    memory maps where they can (aligned, already in ``torch_dtype``, on the CPU), not copies; the
+    returned ``mapped`` can drop their resident pages while the template is not used (the host store
+    does, between calls)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TemplateError(f"template folder {str(folder)!r} does not exist")
     kind = detect_format(folder)
+    reader = MappedWeights() if map_weights and torch.device(device).type == "cpu" else None
     loaded = (
-        _load_declarative(folder, torch_dtype, device)
+        _load_declarative(folder, torch_dtype, device, reader)
         if kind == "declarative"
-        else _load_diffsynth(folder, torch_dtype, device, trust_remote_code)
+        else _load_diffsynth(folder, torch_dtype, device, trust_remote_code, reader)
     )
+    loaded.mapped = reader
     check_template_model(loaded.model, loaded.name)
     return loaded
 
 
-def _load_declarative(folder: Path, torch_dtype, device) -> LoadedTemplate:
+def _load_declarative(folder: Path, torch_dtype, device, reader=None) -> LoadedTemplate:
     where = str(folder / TEMPLATE_JSON)
     spec = read_template_json(folder)
     verify_sha256(folder)  # a no-op unless template.json pins digests; a mismatch means a corrupt download
@@ -360,21 +371,37 @@ def _load_declarative(folder: Path, torch_dtype, device) -> LoadedTemplate:
     # fields added after folders were first written: a folder without one gets the value it was made with
     saved = {**getattr(config_class, "SAVED_BEFORE", {}), **spec.config} if spec.config else {}
     model = load_module_from_files(
-        lambda: build_architecture(spec.architecture, saved, where=f"{where} 'config'"),
+        lambda: _meta_skeleton(spec.architecture, saved, where),
         files,
         torch_dtype=torch_dtype,
         device=device,
+        reader=reader,
     )
-    _check_loaded_weights(model, folder, spec.weights)
+    _own_aligned_memory(model)
     model.eval().requires_grad_(False)
     schema = spec.schema or getattr(model, "input_schema", None)  # instances may derive it from their config
     return LoadedTemplate(spec.name or folder.name, model, folder, "declarative", schema, processor, spec)
 
 
-def _check_loaded_weights(model: nn.Module, folder: Path, weights: list[str]) -> None:
-    """Refuse NaN/inf weights (they make all-black images) and own the memory (see _own_aligned_memory)."""
-    check_finite_state(model.state_dict(), f"template folder {str(folder)!r}, weight file(s) {weights}")
-    _own_aligned_memory(model)
+_SKELETONS: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()
+SKELETON_CACHE_SIZE = 8
+
+
+def _meta_skeleton(architecture: str, config: dict, where: str) -> nn.Module:
+    """A fresh ``build_architecture`` module on the meta device (the loader fills its weights). Many
+    templates share an architecture and config (one per value, per subject): building one runs every
+    submodule's initializer, copying a built one only clones the tree, so the build is done once."""
+    key = (architecture, json.dumps(config, sort_keys=True, default=repr))
+    skeleton = _SKELETONS.get(key)
+    if skeleton is None:
+        skeleton = build_architecture(architecture, config, where=f"{where} 'config'")
+        if any(not t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
+            return skeleton  # built off the meta device (it ignored the default device): not shared
+        _SKELETONS[key] = skeleton
+    _SKELETONS.move_to_end(key)
+    while len(_SKELETONS) > SKELETON_CACHE_SIZE:
+        _SKELETONS.popitem(last=False)
+    return copy.deepcopy(skeleton)
 
 
 def _declared_processor(entry: dict | None, where: str):
@@ -402,7 +429,9 @@ def _exec_model_py(folder: Path) -> ModuleType:
     return _CODE_CACHE[key]
 
 
-def _load_diffsynth(folder: Path, torch_dtype, device, trust_remote_code: bool) -> LoadedTemplate:
+def _load_diffsynth(
+    folder: Path, torch_dtype, device, trust_remote_code: bool, reader=None
+) -> LoadedTemplate:
     if not trust_remote_code:
         raise TemplateTrustError(
             f"{str(folder)!r} is a DiffSynth-format template: loading it executes {MODEL_PY}, arbitrary Python code. "
@@ -436,8 +465,10 @@ def _load_diffsynth(folder: Path, torch_dtype, device, trust_remote_code: bool) 
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"TEMPLATE_MODEL_PATH names {missing}, which are not in {str(folder)!r}")
-        model = load_module_from_files(lambda: cls(**config), files, torch_dtype=torch_dtype, device=device)
-        _check_loaded_weights(model, folder, [str(f.relative_to(folder)) for f in files])
+        model = load_module_from_files(
+            lambda: cls(**config), files, torch_dtype=torch_dtype, device=device, reader=reader
+        )
+        _own_aligned_memory(model)
     if isinstance(model, nn.Module):
         model.eval().requires_grad_(False)
     processor = getattr(module, "TEMPLATE_DATA_PROCESSOR", None)
@@ -471,7 +502,8 @@ def write_template_files(folder: Path, model: nn.Module, spec: TemplateSpec, rea
     if not spec.config and is_dataclass(getattr(model, "config", None)):
         spec.config = to_json_value(asdict(model.config), fallback=None)
     spec.weights = ["model.safetensors"]
-    save_safetensors_atomic(model.state_dict(), folder / "model.safetensors")
+    # aligned, so a host store can use the weights in place (loading/mapped.py); any reader reads it
+    save_aligned_safetensors(model.state_dict(), folder / "model.safetensors")
     write_json_atomic(spec.to_json(), folder / TEMPLATE_JSON)
     (folder / "README.md").write_text(readme)
 

@@ -17,7 +17,7 @@ import math
 import numbers
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from .cache import (
 from .folder import LoadedTemplate
 from .residency import HOST_STORE, HostStore, OutputMemo, ResidencyScheduler, hash_inputs
 from .schema import RESERVED_KEYS, TemplateInputError, check_finite_inputs, read_strength
+from .stream_merge import StreamedKV
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +160,14 @@ class TemplatePipeline:
         )
 
     def run_templates(
-        self, pipe, template_inputs: Sequence[dict], negative_template_inputs: Sequence[dict] = ()
+        self,
+        pipe,
+        template_inputs: Sequence[dict],
+        negative_template_inputs: Sequence[dict] = (),
+        on_output: Callable[[str, TemplateOutput], TemplateOutput] | None = None,
     ) -> tuple[list[TemplateOutput], list[TemplateOutput]]:
-        """Run every input through its template; returns the outputs of each CFG side, in input order."""
+        """Run every input through its template; returns the outputs of each CFG side, in input order.
+        ``on_output(side, output)``, called as each output is made (in merge order), may replace it."""
         _check_pipe(pipe)
         sides = {
             "positive": _input_list(template_inputs, "template_inputs"),
@@ -181,11 +187,13 @@ class TemplatePipeline:
         results: dict[str, list[TemplateOutput | None]] = {s: [None] * len(v) for s, v in sides.items()}
         order: dict[str, list[tuple[int, int]]] = {s: [] for s in sides}  # (slot index, position) per output
         try:
-            for name, items in jobs.items():  # one visit per template, in order of first use
+            # one visit per template, in slot order: each side's outputs come in the merge's order
+            for name, items in sorted(jobs.items(), key=lambda job: job[1][0][2].index):
                 slot = items[0][2]
                 template = self.scheduler.acquire(name, self._load(slot))
                 for side, position, _, item in items:
-                    results[side][position] = self._run_one(pipe, slot, template, item)
+                    out = self._run_one(pipe, slot, template, item)
+                    results[side][position] = on_output(side, out) if on_output else out
                     order[side].append((slot.index, position))
         finally:
             if self.lazy_loading:
@@ -238,16 +246,25 @@ class TemplatePipeline:
         if cfg_scale is None:  # the pipeline's own default (Z-Image: per variant)
             cfg_scale = pipe.default_cfg_scale
         negative = negative_template_inputs if cfg_scale != 1.0 else None  # the negative side would be unused
-        positive_out, negative_out = self.run_templates(pipe, template_inputs or [], negative or [])
-        kwargs = dict(pipe_kwargs)
         batch = _batch_size(pipe_kwargs.get("prompt"))
-        sides = (
-            ("", positive_out, pipe.accepted_cache_keys),
-            ("negative_", negative_out, pipe.negative_cache_keys),
+        accepted = {"positive": pipe.accepted_cache_keys, "negative": pipe.negative_cache_keys}
+        inputs = {"positive": template_inputs or [], "negative": negative or []}
+        stream = None  # memo off: nothing keeps an output, so KV is merged as each one arrives
+        if self.memo.max_entries == 0:
+            stream = StreamedKV(
+                {side: len(items) for side, items in inputs.items()},
+                lambda side, out: validate_output(out, pipe.dit, set(accepted[side]), batch),
+            )
+        positive_out, negative_out = self.run_templates(
+            pipe, inputs["positive"], inputs["negative"], stream.add if stream else None
         )
-        for prefix, outputs, accepted in sides:
+        kwargs = dict(pipe_kwargs)
+        sides = (("", "positive", positive_out), ("negative_", "negative", negative_out))
+        for prefix, side, outputs in sides:
             for out in outputs:
-                validate_output(out, pipe.dit, set(accepted), batch)
+                validate_output(out, pipe.dit, set(accepted[side]), batch)
+            if stream is not None:
+                outputs = stream.outputs(side, outputs)
             for key, value in self._merged(outputs).items():
                 name = prefix + key
                 if kwargs.get(name) is not None:  # passing None is not passing a value

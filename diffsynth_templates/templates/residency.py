@@ -2,9 +2,14 @@
 
 - ``HostStore``: each template folder is read from disk (code executed, weights loaded) at most once
   per process and kept in host memory; with a host capacity, least-recently-used templates are
-  dropped and re-read from disk when needed again.
+  dropped and re-read from disk when needed again. The weights are views of their files' memory maps
+  (``loading/mapped.py``: parsed once, never copied), so a template not in use holds no resident
+  pages: they stay in the page cache and map back on the next use.
 - ``ResidencyScheduler``: at most ``max_resident`` templates on the accelerator; one more needed
-  evicts the least recently used back to the host. Its ``stats`` are the accounting tests check.
+  evicts the least recently used back to the host. On a GPU the host copies are pinned once and
+  moved with non-blocking copies; moving back re-points the weights at the host copies (weights are
+  read-only at inference: nothing is copied back). On the CPU nothing moves: an evicted template's
+  mapped pages are handed back. Its ``stats`` are the accounting tests check.
 - ``OutputMemo``: caches of identical inputs are reused across calls (keyed by the template and a
   hash of its inputs), with a size bound.
 """
@@ -44,7 +49,11 @@ class HostStore:
             self._items.move_to_end(key)
             return self._items[key]
         loaded = load_template_folder(
-            folder, torch_dtype=torch_dtype, device="cpu", trust_remote_code=trust_remote_code
+            folder,
+            torch_dtype=torch_dtype,
+            device="cpu",
+            trust_remote_code=trust_remote_code,
+            map_weights=True,
         )
         self.disk_loads[key[0]] += 1
         self._items[key] = loaded
@@ -92,10 +101,10 @@ class ResidencyScheduler:
             return template
         while self.max_resident is not None and len(self.resident) >= self.max_resident:
             old_key, old = self.resident.popitem(last=False)
-            self._move(old, torch.device("cpu"))
+            _to_host(old)
             self.stats.to_host[old_key] += 1
             self.stats.residency_log.append(("off", tuple(self.resident)))
-        self._move(template, self.device)
+        _to_device(template, self.device)
         self.resident[key] = template
         self.stats.to_device[key] += 1
         self.stats.max_resident = max(self.stats.max_resident, len(self.resident))
@@ -105,15 +114,49 @@ class ResidencyScheduler:
     def release_all(self) -> None:
         """Move every resident template back to the host (lazy mode ends each call this way)."""
         for key, template in list(self.resident.items()):
-            self._move(template, torch.device("cpu"))
+            _to_host(template)
             self.stats.to_host[key] += 1
         self.resident.clear()
         self.stats.residency_log.append(("off", ()))
 
-    @staticmethod
-    def _move(template: LoadedTemplate, device: torch.device) -> None:
-        if isinstance(template.model, nn.Module):
-            template.model.to(device)
+
+def _to_device(template: LoadedTemplate, device: torch.device) -> None:
+    model = template.model
+    if not isinstance(model, nn.Module):
+        return
+    if _is_on(model, device):  # the CPU: the host copy is the working copy
+        if template.mapped is not None:
+            template.mapped.populate()
+        return
+    if device.type == "cuda" and template.host_state is None:  # pinned once: later copies are async
+        template.host_state = {k: v.pin_memory() for k, v in model.state_dict().items()}
+        model.load_state_dict(template.host_state, assign=True)
+        if template.mapped is not None:  # the pinned copies replaced the mapped views
+            template.mapped.drop_pages()
+            template.mapped = None
+    model.to(device, non_blocking=True)
+
+
+def _to_host(template: LoadedTemplate) -> None:
+    model = template.model
+    if not isinstance(model, nn.Module):
+        return
+    if not _is_on(model, torch.device("cpu")):
+        if template.host_state is not None:  # back to the host copies: no device-to-host copy
+            model.load_state_dict(template.host_state, assign=True)
+        model.to("cpu")
+    if template.mapped is not None:
+        template.mapped.drop_pages()
+
+
+def _is_on(model: nn.Module, device: torch.device) -> bool:
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    if first is None:
+        return True
+    here = first.device
+    return here.type == device.type and (device.index is None or here.index in (None, device.index))
 
 
 def hash_inputs(value: Any) -> str:

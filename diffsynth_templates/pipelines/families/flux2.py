@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ...backbones.flux2_dit import Flux2DiT, Flux2DiTConfig
 from ..common import PipelineInputError
+from ..edit_kv import KV_MODEL_PIPELINE
 from ..flow_match import TRAINING_MU, add_noise
 from ..flux2_prompt import text_position_ids
 from .base import Family, KVLayout
@@ -45,10 +46,14 @@ def attention_modules(config: Flux2DiTConfig, double_blocks=None, single_blocks=
 
 KLEIN_BASE_SAMPLING = (50, 4.0, "FLUX.2-klein base model")
 KLEIN_DISTILLED_SAMPLING = (4, 1.0, "distilled FLUX.2-klein model")
+KLEIN_KV_SAMPLING = (4, 1.0, "FLUX.2-klein KV model (distilled)")
 
 
 def recommended_sampling(index: dict, classes: set, name: str, variant: str | None):
-    """Released klein pipelines: distilled (``is_distilled``) 4 steps without CFG, base 50 with cfg 4."""
+    """Released klein pipelines: distilled (``is_distilled``) 4 steps without CFG, base 50 with cfg 4;
+    the KV model (``Flux2KleinKVPipeline``, distilled) 4 steps without CFG."""
+    if index.get("_class_name") == KV_MODEL_PIPELINE:
+        return KLEIN_KV_SAMPLING
     if index.get("_class_name") != "Flux2KleinPipeline":
         return None
     return KLEIN_DISTILLED_SAMPLING if index.get("is_distilled") is True else KLEIN_BASE_SAMPLING
@@ -236,7 +241,7 @@ class Flux2Adapter:
 FLUX2 = Family(
     name="flux2",
     title="FLUX.2",
-    class_names=("Flux2KleinPipeline", "Flux2Pipeline", "Flux2Transformer2DModel"),
+    class_names=("Flux2KleinPipeline", KV_MODEL_PIPELINE, "Flux2Pipeline", "Flux2Transformer2DModel"),
     dit_class=Flux2DiT,
     dit_config_class=Flux2DiTConfig,
     pipeline="diffsynth_templates.pipelines.flux2_pipeline:Flux2ImagePipeline",
