@@ -28,7 +28,7 @@ FAMILY_NAMES = sorted(FAMILIES)
 # what TemplatePipeline used to read off ``pipe.__call__``'s signature: every argument but these
 NOT_CACHE_KEYS = {"self", "prompt", "negative_prompt", "output_type", "progress", "callback_on_step_end",
                   "max_pixels", "resize_mask"}  # fmt: skip
-NOT_CACHE_KEYS |= {"reuse_edit_kv"}  # a speed option of the call, not something a template sets
+NOT_CACHE_KEYS |= {"reuse_edit_kv", "step_cache"}  # speed options of the call, not set by templates
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
