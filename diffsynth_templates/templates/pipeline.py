@@ -42,7 +42,15 @@ from .cache import (
     validate_output,
 )
 from .folder import LoadedTemplate
-from .residency import HOST_STORE, HostStore, OutputMemo, ResidencyScheduler, hash_inputs
+from .residency import (
+    HOST_STORE,
+    STAGE_THREADS,
+    HostStore,
+    OutputMemo,
+    ResidencyScheduler,
+    hash_inputs,
+    stage_threads,
+)
 from .schema import RESERVED_KEYS, TemplateInputError, check_finite_inputs, read_strength
 from .stream_merge import StreamedKV
 
@@ -71,6 +79,7 @@ class TemplatePipeline:
         max_resident: int | None = None,
         memo_size: int = 32,
         host_store: HostStore | None = None,
+        stage_threads: int | None = STAGE_THREADS,
     ):
         for flag, value in (("trust_remote_code", trust_remote_code), ("lazy_loading", lazy_loading)):
             if not isinstance(value, bool):
@@ -81,6 +90,13 @@ class TemplatePipeline:
             raise TemplateArgumentError(f"max_resident must be an integer >= 1 or None, got {max_resident!r}")
         if isinstance(memo_size, bool) or not isinstance(memo_size, int) or memo_size < 0:
             raise TemplateArgumentError(f"memo_size must be an integer >= 0 (0: no memo), got {memo_size!r}")
+        if stage_threads is not None and (
+            isinstance(stage_threads, bool) or not isinstance(stage_threads, int) or stage_threads < 1
+        ):
+            raise TemplateArgumentError(
+                f"stage_threads must be an integer >= 1 or None (torch's own setting), got {stage_threads!r}"
+            )
+        self.stage_threads = stage_threads
         names = [s.name for s in slots]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -101,8 +117,9 @@ class TemplatePipeline:
         self.memo = OutputMemo(memo_size)
         self._merge_memo: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         if not lazy_loading:  # eager: everything read now and kept on the device
-            for slot in slots:
-                self.scheduler.acquire(slot.name, self._load(slot))
+            with self._threads():
+                for slot in slots:
+                    self.scheduler.acquire(slot.name, self._load(slot))
 
     @classmethod
     def from_pretrained(
@@ -120,6 +137,7 @@ class TemplatePipeline:
         cache_dir: str | os.PathLike | None = None,
         offline: bool | None = None,
         host_store: HostStore | None = None,
+        stage_threads: int | None = STAGE_THREADS,
     ) -> TemplatePipeline:
         """``sources``: local template folders or ModelScope ids; ``names`` override the folder names."""
         sources = _as_list(sources, "sources", (str, os.PathLike), "template folders or ModelScope ids")
@@ -134,10 +152,22 @@ class TemplatePipeline:
             folder = resolve_model_path(source, revision=revision, cache_dir=cache_dir, offline=offline)
             slots.append(TemplateSlot(i, names[i] if names else _default_name(source, folder), folder))
         return cls(
-            slots, torch_dtype, device, lazy_loading, trust_remote_code, max_resident, memo_size, host_store
+            slots,
+            torch_dtype,
+            device,
+            lazy_loading,
+            trust_remote_code,
+            max_resident,
+            memo_size,
+            host_store,
+            stage_threads,
         )
 
     # -- running ----------------------------------------------------------------------------------
+
+    def _threads(self):
+        """The stage's CPU thread limit (``stage_threads``) as a context."""
+        return stage_threads(self.device, self.stage_threads)
 
     def _load(self, slot: TemplateSlot) -> LoadedTemplate:
         return self.store.get(slot.folder, self.torch_dtype, self.trust_remote_code)
@@ -187,14 +217,14 @@ class TemplatePipeline:
         results: dict[str, list[TemplateOutput | None]] = {s: [None] * len(v) for s, v in sides.items()}
         order: dict[str, list[tuple[int, int]]] = {s: [] for s in sides}  # (slot index, position) per output
         try:
-            # one visit per template, in slot order: each side's outputs come in the merge's order
-            for name, items in sorted(jobs.items(), key=lambda job: job[1][0][2].index):
-                slot = items[0][2]
-                template = self.scheduler.acquire(name, self._load(slot))
-                for side, position, _, item in items:
-                    out = self._run_one(pipe, slot, template, item)
-                    results[side][position] = on_output(side, out) if on_output else out
-                    order[side].append((slot.index, position))
+            with self._threads():  # one visit per template, in slot order: outputs come in the merge's order
+                for name, items in sorted(jobs.items(), key=lambda job: job[1][0][2].index):
+                    slot = items[0][2]
+                    template = self.scheduler.acquire(name, self._load(slot))
+                    for side, position, _, item in items:
+                        out = self._run_one(pipe, slot, template, item)
+                        results[side][position] = on_output(side, out) if on_output else out
+                        order[side].append((slot.index, position))
         finally:
             if self.lazy_loading:
                 self.scheduler.release_all()
@@ -241,6 +271,10 @@ class TemplatePipeline:
     def prepare(self, pipe, template_inputs: Sequence[dict] | None = None, negative_template_inputs: Sequence[dict] | None = None, **pipe_kwargs) -> dict[str, Any]:  # fmt: skip
         """The template stage alone: ``pipe_kwargs`` with the templates' merged caches added (what
         ``__call__`` passes to ``pipe``); useful to reuse caches or time the stage."""
+        with self._threads():
+            return self._prepare(pipe, template_inputs, negative_template_inputs, pipe_kwargs)
+
+    def _prepare(self, pipe, template_inputs, negative_template_inputs, pipe_kwargs: dict) -> dict[str, Any]:
         _check_pipe(pipe)
         cfg_scale = pipe_kwargs.get("cfg_scale")
         if cfg_scale is None:  # the pipeline's own default (Z-Image: per variant)

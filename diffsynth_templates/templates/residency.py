@@ -12,6 +12,9 @@
   mapped pages are handed back. Its ``stats`` are the accounting tests check.
 - ``OutputMemo``: caches of identical inputs are reused across calls (keyed by the template and a
   hash of its inputs), with a size bound.
+- ``stage_threads``: the CPU intra-op thread count while the stage runs (its ops are many small,
+  memory-bound copies, sums and adds: more threads buy nothing and, on a busy machine, each op waits
+  for a descheduled worker thread at its barrier).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,3 +223,23 @@ class OutputMemo:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+#: intra-op threads of the template stage on the CPU (``TemplatePipeline(stage_threads=...)``)
+STAGE_THREADS = 1
+
+
+@contextmanager
+def stage_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    """At most ``threads`` CPU intra-op threads inside (None, or a template stage off the CPU:
+    unchanged); the process's setting is restored after. Results do not depend on it: the stage's
+    ops split their output, never a reduction's order, across threads (tested bit-identical)."""
+    before = torch.get_num_threads()
+    if threads is None or device.type != "cpu" or before <= threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
