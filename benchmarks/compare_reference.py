@@ -21,8 +21,8 @@ runs one by one, interleaving systems run by run (A B C A B C ...), and reports 
   the first step's one-time costs and the VAE decode are not counted;
 - template-stage seconds for 11 templates with lazy loading (running the templates and merging their
   caches: DiffSynth's ``call_single_side``, our ``TemplatePipeline.prepare``, i.e. what ``__call__``
-  does before denoising): first call (from disk) and repeated calls (memo off; DiffSynth re-reads
-  every template from disk on every call by design), the systems interleaved call by call, plus ours
+  does before denoising): first call (from disk) and repeated calls (memo off, new inputs each call;
+  DiffSynth re-reads every template from disk on every call by design), the systems interleaved call by call, plus ours
   with its default output memo when the inputs repeat (then the merged cache is reused too; run
   after the memo-off calls, so its memo is not held during them);
 - peak host RSS per phase of runs (``VmHWM``, reset with ``/proc/self/clear_refs`` at each phase
@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ holds results.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed one
 import numpy as np
 import torch
 from results import write_section  # noqa: E402
@@ -318,8 +319,14 @@ class Worker:
         self.sync()
         return time.perf_counter() - start
 
-    def template_inputs(self, n: int) -> list[dict]:
-        return [{"model_id": i, "scale": round(0.25 + 0.05 * i, 2)} for i in range(n)]
+    def template_inputs(self, n: int, call: int = 0) -> list[dict]:
+        """``n`` inputs; ``call`` > 0 shifts every value (new inputs for each repeated stage call)."""
+        return [{"model_id": i, "scale": round(0.25 + 0.05 * i + 0.001 * call, 3)} for i in range(n)]
+
+    def stage_inputs(self, kind: str) -> list[dict]:
+        """The stage's inputs: new ones for every ``repeated`` call (the same sequence in every worker)."""
+        self.stage_calls = getattr(self, "stage_calls", 0) + (kind == "repeated")
+        return self.template_inputs(len(self.stage_templates), self.stage_calls if kind == "repeated" else 0)
 
 
 class OursWorker(Worker):
@@ -362,7 +369,7 @@ class OursWorker(Worker):
         """One timed template-stage call: ``first`` (a new lazy pipeline and host store: read from
         disk), ``repeated`` (that pipeline again, memo off) or ``memoized`` (default memo, filled)."""
         folders = [t["ours"] for t in self.stage_templates]
-        inputs = self.template_inputs(len(folders))
+        inputs = self.stage_inputs(kind)
         if kind == "first":
             self.cold = self.TemplatePipeline.from_pretrained(
                 folders, torch_dtype=self.dtype, device=self.device, lazy_loading=True, memo_size=0,
@@ -469,7 +476,7 @@ class DiffSynthWorker(Worker):
             self.stage_tp = self.TemplatePipeline.from_pretrained(
                 torch_dtype=self.dtype, device=str(self.device), model_configs=configs, lazy_loading=True
             )
-        inputs = self.template_inputs(len(configs))
+        inputs = self.stage_inputs(kind)
         return {"seconds": self.timed(lambda: self.stage_tp.call_single_side(pipe=self.pipe, inputs=inputs))}
 
 
