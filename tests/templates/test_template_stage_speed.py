@@ -76,3 +76,34 @@ def test_the_limit_holds_inside_and_is_undone_after_an_error(pipes, tmp_path, tw
 def test_bad_stage_threads_are_refused(tmp_path, bad):
     with pytest.raises(TemplateArgumentError, match="stage_threads"):
         TemplatePipeline([], device="cpu", stage_threads=bad)
+
+
+def test_skeleton_clone_matches_deepcopy_and_shares_nothing_mutable():
+    import copy
+
+    from diffsynth_templates.templates.folder import _clone_tree
+
+    class Twice(torch.nn.Module):  # one submodule under two names, a config shared with a child
+        def __init__(self):
+            super().__init__()
+            self.config = {"dims": [4, 8]}
+            self.a = torch.nn.Linear(4, 8)
+            self.b = self.a
+            self.seq = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.SiLU())
+            self.seq.config = self.config
+            self.register_buffer("scale", torch.ones(3), persistent=False)
+
+    with torch.device("meta"):
+        skeleton = Twice()
+    clone, reference = _clone_tree(skeleton, {}), copy.deepcopy(skeleton)
+    assert [type(m) for m in clone.modules()] == [type(m) for m in reference.modules()]
+    assert {k: (v.shape, v.dtype, v.is_meta) for k, v in clone.state_dict(keep_vars=True).items()} == {
+        k: (v.shape, v.dtype, v.is_meta) for k, v in reference.state_dict(keep_vars=True).items()
+    }
+    assert clone.b is clone.a and clone.seq.config is clone.config and clone.config == skeleton.config
+    assert clone.config is not skeleton.config and clone.a is not skeleton.a
+    assert all(p is not q for p, q in zip(clone.parameters(), skeleton.parameters()))
+    assert clone.scale is not skeleton.scale and "scale" in clone._non_persistent_buffers_set
+    assert clone._non_persistent_buffers_set is not skeleton._non_persistent_buffers_set
+    clone.register_forward_hook(lambda *a: None)  # hooks of one copy are not the skeleton's
+    assert clone._forward_hooks and not skeleton._forward_hooks
