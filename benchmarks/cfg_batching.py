@@ -8,7 +8,6 @@ proportions (8 heads x 64, 2 double + 6 single blocks) and prints a markdown tab
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ holds step_timing.py
-from step_timing import realistic_pipeline, step_timing_parser  # noqa: E402
+from step_timing import print_ratio_table, realistic_pipeline, step_timing_parser  # noqa: E402
 
 
 def main() -> None:
@@ -49,12 +48,7 @@ def main() -> None:
     print(f"\nCFG batching, {args.size}x{args.size} ({tokens} image + {args.text_len} text tokens), "
           f"{args.device} {args.dtype}, median of {args.repeats} runs x {args.steps} steps "
           f"(whole step incl. text encoding amortized)\n")  # fmt: skip
-    print("| variant | s / step | ratio to batched |")
-    print("|---|---|---|")
-    base = statistics.median(times[next(iter(variants))])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {med:.4f} | {med / base:.2f} |")
+    print_ratio_table(times, next(iter(variants)))
 
 
 if __name__ == "__main__":

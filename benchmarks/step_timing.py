@@ -4,6 +4,7 @@ proportions they time (8 heads x 64, 2 double + 6 single blocks)."""
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -31,3 +32,13 @@ def realistic_pipeline(args: argparse.Namespace):
     return random_flux2_pipeline(
         RandomPipelineSpec(dit=dit), device=args.device, torch_dtype=getattr(torch, args.dtype)
     )
+
+
+def print_ratio_table(times: dict[str, list[float]], base: str) -> None:
+    """Median seconds per step of each variant and its ratio to ``base``, as a markdown table."""
+    print(f"| variant | s / step | ratio to {base} |")
+    print("|---|---|---|")
+    reference = statistics.median(times[base])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.4f} | {med / reference:.2f} |")

@@ -10,7 +10,6 @@ one DiT call), and prints a markdown table of medians.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ holds step_timing.py
-from step_timing import realistic_pipeline, step_timing_parser  # noqa: E402
+from step_timing import print_ratio_table, realistic_pipeline, step_timing_parser  # noqa: E402
 
 from diffsynth_templates.pipelines.kv_schedule import with_log_strength
 
@@ -60,12 +59,7 @@ def main() -> None:
           f"{args.tokens} template tokens per block), {args.device} {args.dtype}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), median of {args.repeats} runs x "
           f"{args.steps} steps\n")  # fmt: skip
-    print("| variant | s / step | ratio to strength 1 |")
-    print("|---|---|---|")
-    base = statistics.median(times["strength 1"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"| {name} | {med:.4f} | {med / base:.2f} |")
+    print_ratio_table(times, "strength 1")
 
 
 if __name__ == "__main__":
