@@ -24,6 +24,21 @@ SCHEDULER = {
 }
 
 
+# the tiny Z-Image VAE (diffusers AutoencoderKL, no quant convs, as Z-Image ships it)
+TINY_VAE = dict(
+    block_out_channels=(16, 32),
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=16,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
 def _randomize(model, scale: float) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -62,18 +77,7 @@ def build_tiny_zimage(root: Path) -> Path:
     ).eval()
     _randomize(transformer, 0.05)
     transformer.save_pretrained(root / "transformer", max_shard_size="50KB")
-    diffusers.AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=16,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).save_pretrained(root / "vae")
+    diffusers.AutoencoderKL(**TINY_VAE).save_pretrained(root / "vae")
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
     return root

@@ -10,22 +10,15 @@ import torch
 from diffsynth_templates.backbones.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 
 diffusers = pytest.importorskip("diffusers")
+from tests.tiny_zimage import TINY_VAE  # noqa: E402
+
 TOL = 1e-4
 
 
 def tiny_reference(quant_convs: bool, seed: int = 0):
     torch.manual_seed(seed)
     vae = diffusers.AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        layers_per_block=1,
-        norm_num_groups=8,
-        latent_channels=16,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=quant_convs,
-        use_post_quant_conv=quant_convs,
+        **{**TINY_VAE, "use_quant_conv": quant_convs, "use_post_quant_conv": quant_convs}
     ).eval()
     with torch.no_grad():  # GroupNorm affines start at 1 / 0: move them so a wrong one shows
         for name, p in vae.named_parameters():
