@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .finite import NonFiniteError, nonfinite_names
+from .meta_init import meta_build
 from .safetensors_io import CheckpointError, find_weight_files, iter_tensors, read_header_keys
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def load_module_from_files(
     keep_fp32: Callable[[str], bool] | None = None,
     reader: Callable[[list[Path]], Iterable[tuple[str, torch.Tensor]]] | None = None,
 ) -> M:
-    """Create ``build()`` on the meta device and load ``files`` into it.
+    """Create ``build()`` on the meta device (``meta_build``: its initializers skipped) and load ``files`` into it.
 
     ``key_map`` renames checkpoint keys (return None to drop one); ``ignore_keys`` marks checkpoint
     keys that may be present without a matching parameter (e.g. an unused ``lm_head``);
@@ -64,7 +65,7 @@ def load_module_from_files(
     hold NaN or inf (as stored, or after the cast to ``torch_dtype``) raise ``NonFiniteError`` naming them
     and their file.
     """
-    with torch.device("meta"):
+    with meta_build():
         model = build()
     expected = dict(model.state_dict(keep_vars=True))
     header = read_header_keys(files)
@@ -220,7 +221,7 @@ def load_module_from_state_dict(
 ) -> M:
     """``load_module_from_files`` for tensors already in memory under the module's own names (a
     converted single-file checkpoint): the same key, shape and finite checks, then frozen in eval mode."""
-    with torch.device("meta"):
+    with meta_build():
         model = build()
     expected = dict(model.state_dict(keep_vars=True))
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)

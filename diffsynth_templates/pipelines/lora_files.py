@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..loading.meta_init import meta_build
 from ..loading.paths import resolve_inside
 from ..loading.resolve import resolve_model_path
 from ..loading.safetensors_io import load_safetensors, save_safetensors_atomic
@@ -161,7 +162,7 @@ def _unmatched_message(source, family: Family, unmatched: list[str], matched: in
     for other in FAMILIES.values():
         if other is family:
             continue
-        with torch.device("meta"):
+        with meta_build():
             dit = other.dit_class(other.tiny_config())
         names = linear_modules(dit)
         layout = other.checkpoint_layout

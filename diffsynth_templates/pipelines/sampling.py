@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..backbones.attention import KVCache, kv_cache_prevalidated
 from ..backbones.qwen3 import Qwen3TextEncoder
 from ..loading import read_config, write_json_atomic
+from ..loading.meta_init import meta_build
 from .common import (
     ComponentFolders,
     PipelineBase,
@@ -134,7 +135,7 @@ class FamilyPipeline(LowMemoryMixin, LoRAAdaptersMixin, PipelineBase):
         families read their variant from it; default: the folders' source)."""
         if dit is None:
             config = cls.family.dit_config_class.from_diffusers(read_config(folders["transformer"]))
-            with torch.device("meta"):
+            with meta_build():
                 dit = cls.family.dit_class(config)
         components = cls.load_components(folders, device, torch_dtype, dit, weight_dtype)
         return cls(**components, **cls._folder_settings(folders, name or str(folders)))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..loading.meta_init import meta_build
 from ..loading.model_loading import load_module_from_state_dict, read_config
 from ..loading.safetensors_io import CheckpointError, load_safetensors
 from .families import Family
@@ -119,7 +120,7 @@ def load_single_file_dit(
     state = dequantize(load_safetensors(path), source, torch_dtype)
     if config is None:
         config = _config(family, state, config_folder, source)
-    with torch.device("meta"):
+    with meta_build():
         skeleton = family.dit_class(config)
     state = to_our_names(state, family, skeleton, source)
     floats = {v.dtype for v in state.values() if v.is_floating_point()}

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ...backbones.flux2_dit import Flux2DiTConfig
 from ...backbones.zimage_dit import ZImageDiTConfig
+from ...loading.meta_init import meta_build
 from ...pipelines.families import FAMILIES, Family, family_of_config
 from ...pipelines.families.flux2 import FLUX2
 from ...pipelines.families.zimage import ZIMAGE
@@ -98,7 +99,7 @@ def attention_lora_modules(
 
 def linear_shapes(dit_config: DiTConfig, modules: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``(in_features, out_features)`` of each named DiT Linear, read off a DiT built on the meta device."""
-    with torch.device("meta"):
+    with meta_build():
         layers = dict(_family(dit_config).dit_class(dit_config).named_modules())
     ins, outs = [], []
     for name in modules:

@@ -151,7 +151,9 @@ class ValueEncoder(nn.Module):
         super().__init__()
         self.length = length
         self.prefer_value_embedder = nn.Sequential(nn.Linear(dim_in, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.positional_embedding = nn.Parameter(torch.randn(length, dim) * 0.02)
+        # randn(length, dim) * 0.02 as an in-place initializer (bit for bit: normal_(std=0.02) is not,
+        # below 16 elements), so a meta-device build skips it (loading.meta_init)
+        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(length, dim)).mul_(0.02))
         # untrained, the tokens are small and value-independent (see the module docstring)
         nn.init.zeros_(self.prefer_value_embedder[2].weight)
         nn.init.zeros_(self.prefer_value_embedder[2].bias)
