@@ -23,9 +23,27 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, handle_torch_function, has_torch_function_unary
 
-# in-place initializers: they fill their first argument and return it
+
+def scaled_normal_(tensor: Tensor, *, mul: float = 1.0, div: float = 1.0) -> Tensor:
+    """Fill ``tensor`` in place exactly like ``torch.randn(tensor.shape) * mul / div`` (the same draws and
+    roundings, bit for bit; ``normal_(std=mul / div)`` rounds differently). An initializer like
+    ``nn.init.normal_``, so ``meta_build`` skips it on a meta tensor: in-place arithmetic on a meta tensor
+    runs a Python meta kernel (``div_``'s imports sympy, a third of a second on first use)."""
+    if has_torch_function_unary(tensor):
+        return handle_torch_function(scaled_normal_, (tensor,), tensor, mul=mul, div=div)
+    with torch.no_grad():
+        tensor.normal_()
+        if mul != 1.0:
+            tensor.mul_(mul)
+        if div != 1.0:
+            tensor.div_(div)
+    return tensor
+
+
+# in-place initializers: they fill their first argument and return it (the nn.init ones that do not
+# dispatch through handle_torch_function reach the mode as the Tensor methods below)
 _INIT_FUNCTIONS = (
     nn.init.uniform_,
     nn.init.normal_,
@@ -41,6 +59,7 @@ _INIT_FUNCTIONS = (
     nn.init.kaiming_normal_,
     nn.init.orthogonal_,
     nn.init.sparse_,
+    scaled_normal_,
 )
 _TENSOR_METHODS = (
     "normal_",

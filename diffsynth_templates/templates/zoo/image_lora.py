@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...loading.meta_init import scaled_normal_
 from ...pipelines.image_io import fit_to_area, image_to_tensor
 from ..base import TemplateModel
 from ..registry import register_architecture
@@ -86,11 +87,8 @@ class LoRAHead(nn.Module):
     def __init__(self, hidden: int, in_features: int, out_features: int, rank: int):
         super().__init__()
         self.shape_b = (out_features, rank)
-        # randn(rank, in) / sqrt(in) as an in-place initializer (bit for bit: normal_(std=1/sqrt(in)) is
-        # not), so a meta-device build skips it (loading.meta_init)
-        self.lora_A = nn.Parameter(
-            nn.init.normal_(torch.empty(rank, in_features)).div_(math.sqrt(in_features))
-        )
+        # randn(rank, in) / sqrt(in) as an initializer a meta-device build skips (loading.meta_init)
+        self.lora_A = nn.Parameter(scaled_normal_(torch.empty(rank, in_features), div=math.sqrt(in_features)))
         self.to_B = nn.Linear(hidden, out_features * rank)
         nn.init.zeros_(self.to_B.weight)  # B = 0: an untrained template changes nothing
         nn.init.zeros_(self.to_B.bias)

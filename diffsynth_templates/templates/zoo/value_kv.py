@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ...backbones.flux2_dit import Flux2DiTConfig
 from ...backbones.zimage_dit import ZImageDiTConfig
+from ...loading.meta_init import scaled_normal_
 from ..base import TemplateModel
 from ..registry import register_architecture
 from ..schema import RESERVED_KEYS, InputField, InputSchema
@@ -151,9 +152,8 @@ class ValueEncoder(nn.Module):
         super().__init__()
         self.length = length
         self.prefer_value_embedder = nn.Sequential(nn.Linear(dim_in, dim), nn.SiLU(), nn.Linear(dim, dim))
-        # randn(length, dim) * 0.02 as an in-place initializer (bit for bit: normal_(std=0.02) is not,
-        # below 16 elements), so a meta-device build skips it (loading.meta_init)
-        self.positional_embedding = nn.Parameter(nn.init.normal_(torch.empty(length, dim)).mul_(0.02))
+        # randn(length, dim) * 0.02 as an initializer a meta-device build skips (loading.meta_init)
+        self.positional_embedding = nn.Parameter(scaled_normal_(torch.empty(length, dim), mul=0.02))
         # untrained, the tokens are small and value-independent (see the module docstring)
         nn.init.zeros_(self.prefer_value_embedder[2].weight)
         nn.init.zeros_(self.prefer_value_embedder[2].bias)
