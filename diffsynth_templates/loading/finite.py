@@ -47,10 +47,10 @@ def _all_finite(t: torch.Tensor) -> bool:
     """NaN and inf propagate through a sum, so a finite sum proves every element finite in one read
     with no temporary; only a non-finite sum (a NaN / inf inside, or finite values overflowing the
     float32 accumulator) needs the elementwise test."""
-    if t.is_floating_point() and bool(
-        torch.isfinite(t.sum(dtype=torch.float32 if t.element_size() < 4 else None))
+    if t.is_floating_point() and math.isfinite(
+        t.sum(dtype=torch.float32 if t.element_size() < 4 else None).item()
     ):
-        return True
+        return True  # (.item() and math.isfinite: one tensor op per check, not three)
     return bool(torch.isfinite(t).all())
 
 

@@ -39,6 +39,9 @@ class TemplateModel(nn.Module):
     input_schema: ClassVar[InputSchema | None] = None
     #: the cache keys this template emits (documentation and model cards)
     cache_keys: ClassVar[tuple[str, ...]] = ()
+    #: forward() takes ``kv_out`` (a ``stream_merge.KVOut``, or absent): the memory its KV entries will
+    #: be merged into, to write them there instead of into tensors the pipeline then copies
+    writes_kv_out: ClassVar[bool] = False
 
     @torch.no_grad()
     def process_inputs(self, pipe: Any = None, **inputs: Any) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from .residency import (
     stage_threads,
 )
 from .schema import RESERVED_KEYS, TemplateInputError, check_finite_inputs, read_strength
-from .stream_merge import StreamedKV
+from .stream_merge import KVOut, ReusedArena, StreamedKV
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ class TemplatePipeline:
             self.scheduler.max_resident = 1
         self.memo = OutputMemo(memo_size)
         self._merge_memo: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        # memo off: the merge memory of a call, reused by the next once its result is dropped
+        self.merge_arenas = {side: ReusedArena() for side in ("positive", "negative")}
         if not lazy_loading:  # eager: everything read now and kept on the device
             with self._threads():
                 for slot in slots:
@@ -195,9 +197,12 @@ class TemplatePipeline:
         template_inputs: Sequence[dict],
         negative_template_inputs: Sequence[dict] = (),
         on_output: Callable[[str, TemplateOutput], TemplateOutput] | None = None,
+        kv_out: Callable[[str], KVOut] | None = None,
     ) -> tuple[list[TemplateOutput], list[TemplateOutput]]:
         """Run every input through its template; returns the outputs of each CFG side, in input order.
-        ``on_output(side, output)``, called as each output is made (in merge order), may replace it."""
+        ``on_output(side, output)``, called as each output is made (in merge order), may replace it;
+        ``kv_out(side)``: where that output's full-window KV will be merged, handed to template models
+        that write there (``writes_kv_out``)."""
         _check_pipe(pipe)
         sides = {
             "positive": _input_list(template_inputs, "template_inputs"),
@@ -222,7 +227,7 @@ class TemplatePipeline:
                     slot = items[0][2]
                     template = self.scheduler.acquire(name, self._load(slot))
                     for side, position, _, item in items:
-                        out = self._run_one(pipe, slot, template, item)
+                        out = self._run_one(pipe, slot, template, item, kv_out(side) if kv_out else None)
                         results[side][position] = on_output(side, out) if on_output else out
                         order[side].append((slot.index, position))
         finally:
@@ -233,7 +238,9 @@ class TemplatePipeline:
         canonical = {s: [results[s][p] for _, p in sorted(order[s])] for s in sides}
         return canonical["positive"], canonical["negative"]
 
-    def _run_one(self, pipe, slot: TemplateSlot, template: LoadedTemplate, item: dict) -> TemplateOutput:
+    def _run_one(
+        self, pipe, slot: TemplateSlot, template: LoadedTemplate, item: dict, kv_out: KVOut | None = None
+    ) -> TemplateOutput:
         start, end = (_step_fraction(item, key, default, slot.name) for key, default in STEP_KEYS)
         if not 0.0 <= start < end <= 1.0:
             raise TemplateInputError(
@@ -249,9 +256,12 @@ class TemplatePipeline:
         key = (str(slot.folder.resolve()), str(self.torch_dtype), id(pipe), hash_inputs(inputs))
         cache = self.memo.get(key)
         if cache is None:
+            writes = kv_out is not None and getattr(template.model, "writes_kv_out", False)
+            # only KV that is merged as it is may be written in place: a window or strength 0 keeps it apart
+            extra = {"kv_out": kv_out} if writes and (start, end) == (0.0, 1.0) and strength > 0 else {}
             with torch.no_grad():
                 features = template.model.process_inputs(pipe=pipe, **inputs)
-                cache = template.model(pipe=pipe, **features)
+                cache = template.model(pipe=pipe, **features, **extra)
             if not isinstance(cache, dict):
                 raise TemplateCacheError(
                     f"template {slot.name!r} returned {type(cache).__name__}; forward must return a dict"
@@ -288,9 +298,14 @@ class TemplatePipeline:
             stream = StreamedKV(
                 {side: len(items) for side, items in inputs.items()},
                 lambda side, out: validate_output(out, pipe.dit, set(accepted[side]), batch),
+                self.merge_arenas,
             )
         positive_out, negative_out = self.run_templates(
-            pipe, inputs["positive"], inputs["negative"], stream.add if stream else None
+            pipe,
+            inputs["positive"],
+            inputs["negative"],
+            stream.add if stream else None,
+            stream.kv_out if stream else None,
         )
         kwargs = dict(pipe_kwargs)
         sides = (("", "positive", positive_out), ("negative_", "negative", negative_out))

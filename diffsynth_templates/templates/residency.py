@@ -128,10 +128,8 @@ def _to_device(template: LoadedTemplate, device: torch.device) -> None:
     model = template.model
     if not isinstance(model, nn.Module):
         return
-    if _is_on(model, device):  # the CPU: the host copy is the working copy
-        if template.mapped is not None:
-            template.mapped.populate()
-        return
+    if _is_on(model, device):  # the CPU: the host copy is the working copy; handed-back pages of its
+        return  # mapped weights come back as they are read (measured: faster than mapping all at once)
     if device.type == "cuda" and template.host_state is None:  # pinned once: later copies are async
         template.host_state = {k: v.pin_memory() for k, v in model.state_dict().items()}
         model.load_state_dict(template.host_state, assign=True)

@@ -158,9 +158,12 @@ class ValueEncoder(nn.Module):
         nn.init.zeros_(self.prefer_value_embedder[2].weight)
         nn.init.zeros_(self.prefer_value_embedder[2].bias)
 
-    def forward(self, embedding: Tensor) -> Tensor:
+    def forward(self, embedding: Tensor, out: Tensor | None = None) -> Tensor:
+        """``out``: a ``[length, dim]`` tensor to write the tokens into (the same values)."""
         shared = self.prefer_value_embedder(embedding).squeeze(0)  # [dim]
-        return shared.expand(self.length, -1) + self.positional_embedding
+        if out is None:
+            return shared.expand(self.length, -1) + self.positional_embedding
+        return torch.add(self.positional_embedding, shared, out=out)  # IEEE addition commutes: same bits
 
 
 @register_architecture("value_kv")
@@ -176,6 +179,7 @@ class ValueKV(TemplateModel):
     # template.json by ``template_spec``; process_inputs checks the inputs itself too
     input_schema = None
     cache_keys = ("kv_cache",)
+    writes_kv_out = True
 
     def __init__(self, config: ValueKVConfig):
         super().__init__()
@@ -201,7 +205,11 @@ class ValueKV(TemplateModel):
         unit = [(checked[n] - lo) / (hi - lo) for n, (lo, hi) in zip(self.config.values, self.config.ranges)]
         return {"value": torch.tensor(unit, dtype=torch.float32, device=parameter_device(self))}
 
-    def forward(self, pipe: Any = None, value: Tensor | None = None, **features: Any) -> dict[str, Any]:
+    def forward(
+        self, pipe: Any = None, value: Tensor | None = None, kv_out: Any = None, **features: Any
+    ) -> dict[str, Any]:
+        """``kv_out``: where the pipeline merges this output's KV (``templates.stream_merge.KVOut``);
+        tokens are written there when it offers the rows."""
         cfg = self.config
         if value is None or value.numel() != len(cfg.values):
             got = None if value is None else tuple(value.shape)
@@ -215,8 +223,12 @@ class ValueKV(TemplateModel):
         times = value.reshape(-1).to(dtype) * VALUE_TIME_SCALE
         embedding = sinusoidal_embedding(times, cfg.embed_dim).reshape(1, -1).to(dtype)  # [1, n * 256]
         heads = (1, cfg.length, cfg.num_heads, cfg.head_dim)
-        kv_cache = {
-            b: (self.proj_k[b](embedding).reshape(heads), self.proj_v[b](embedding).reshape(heads))
-            for b in cfg.block_names
-        }
+        kv_cache = {}
+        for b in cfg.block_names:
+            entry = []
+            for index, proj in enumerate((self.proj_k[b], self.proj_v[b])):
+                rows = kv_out.rows(b, index, heads, dtype) if kv_out is not None else None
+                tokens = proj(embedding, None if rows is None else rows.view(cfg.length, cfg.dim))
+                entry.append(tokens.reshape(heads) if rows is None else rows)
+            kv_cache[b] = tuple(entry)
         return {"kv_cache": kv_cache}
