@@ -31,8 +31,7 @@ _DTYPES = {
     torch.bool: "BOOL",
 }  # fmt: skip
 _TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
-MADV_POPULATE_READ = 22  # Linux >= 5.14: map a range's pages in one call (not in every Python's mmap)
-MADV_POPULATE_WRITE = 23
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14: back a range with pages in one call (not in every Python's mmap)
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
@@ -99,8 +98,9 @@ class MappedWeights:
                 if size == 0:
                     continue
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            self.maps.append(mapped)
-            _populate(mapped)  # the loader reads every tensor (finite check) next: map them in one call
+            self.maps.append(
+                mapped
+            )  # pages map in as they are read (measured: faster than mapping all first)
             length = int.from_bytes(mapped[:8], "little")
             header = json.loads(bytes(mapped[8 : 8 + length]))
             header.pop("__metadata__", None)
@@ -126,18 +126,6 @@ class MappedWeights:
         if advice is not None:
             for mapped in self.maps:
                 mapped.madvise(advice)
-
-    def populate(self) -> None:
-        """Map every page in one call where the kernel can (else they come back on first touch)."""
-        for mapped in self.maps:
-            _populate(mapped)
-
-
-def _populate(mapped: mmap.mmap) -> None:
-    try:
-        mapped.madvise(MADV_POPULATE_READ)
-    except (OSError, ValueError):
-        pass
 
 
 def _copy(path: Path, name: str) -> Tensor:

@@ -107,10 +107,6 @@ def load_module_from_files(
             dtype = torch.float32
         loaded[name] = tensor.to(device=device, dtype=dtype)
         nonfinite += nonfinite_names([(f"{ckpt_key} ({header[ckpt_key].name})", loaded[name])])
-        if len(bad_shapes) == 0 and len(loaded) % 64 == 0:
-            # assign in batches so the meta placeholders are replaced as we go
-            model.load_state_dict(loaded, strict=False, assign=True)
-            loaded.clear()
     if bad_shapes:
         raise CheckpointError(
             f"checkpoint {[str(f) for f in files]} has mis-shaped tensors for {type(model).__name__}: "
@@ -124,13 +120,18 @@ def load_module_from_files(
             f"weights in {folders} hold NaN or inf values (as stored{cast}): {nonfinite[:5]}{more}; "
             "the checkpoint is damaged or its training diverged: use another checkpoint"
         )
+    # one assignment at the end: each load_state_dict call walks the whole module tree, and holding
+    # the tensors until then costs nothing (they end up in the model either way)
     model.load_state_dict(loaded, strict=False, assign=True)
     _materialize_buffers(model, device, torch_dtype)
     return model
 
 
 def _materialize_buffers(model: nn.Module, device, torch_dtype) -> None:
-    """Non-persistent buffers (e.g. RoPE tables) are not in the checkpoint: rebuild them for real."""
+    """Non-persistent buffers (e.g. RoPE tables) are not in the checkpoint: rebuild them for real.
+    (Parameters and persistent buffers were all assigned: the key check before refuses any missing.)"""
+    if not any(b.is_meta for b in model.buffers()):
+        return
     for module in model.modules():
         if hasattr(module, "reset_buffers") and any(b.is_meta for b in module.buffers(recurse=False)):
             module.reset_buffers(device=device)
