@@ -23,6 +23,7 @@ import argparse
 import torch
 
 from diffsynth_templates.backbones.flux2_dit import Flux2DiT, Flux2DiTConfig
+from diffsynth_templates.loading.meta_init import meta_build
 from diffsynth_templates.templates import build_architecture
 from diffsynth_templates.templates.zoo.image_kv import ImageKVConfig
 from diffsynth_templates.training.config import DEFAULT_LORA_TARGETS
@@ -39,7 +40,7 @@ def _count(module: torch.nn.Module) -> int:
 
 def sizes(preset: str, lora_rank: int) -> dict[str, int]:
     """Parameter counts: the DiT, its largest block, the DiT LoRA, the image_kv template."""
-    with torch.device("meta"):
+    with meta_build():
         dit = Flux2DiT(getattr(Flux2DiTConfig, preset)())
         names = block_class_names(dit)
         blocks = [m for m in dit.modules() if type(m).__name__ in names]

@@ -45,12 +45,13 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from diffsynth_templates import Flux2DiT, Flux2DiTConfig
+    from diffsynth_templates.loading.meta_init import meta_build
 
     cfg = Flux2DiTConfig.klein_4b()
     cfg.num_double_blocks, cfg.num_single_blocks = args.double, args.single
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        with torch.device("meta"):
+        with meta_build():
             shapes = {k: v.shape for k, v in Flux2DiT(cfg).state_dict().items()}
         # write shards of ~200 MB without ever holding the whole model in this process
         index, shard, size, n = {}, {}, 0, 0

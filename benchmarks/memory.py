@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import write_section  # noqa: E402
 from diffsynth_templates.backbones.flux2_dit import Flux2DiT, Flux2DiTConfig  # noqa: E402
+from diffsynth_templates.loading.meta_init import meta_build  # noqa: E402
 from diffsynth_templates.loading.quantize import module_weight_bytes, store_weights  # noqa: E402
 from diffsynth_templates.pipelines.offload import BlockOffload, GiB, find_blocks  # noqa: E402
 
@@ -75,7 +76,7 @@ def build(preset: str, mode: str, device, blocks: tuple[int, int] | None = None)
     cfg = getattr(Flux2DiTConfig, preset)()
     if blocks is not None:
         cfg.num_double_blocks, cfg.num_single_blocks = blocks
-    with torch.device("meta"):
+    with meta_build():
         dit = Flux2DiT(cfg).eval().requires_grad_(False)
     materialize(dit, device, None if mode == "bf16" else "float8_e4m3fn")
     return dit
@@ -138,7 +139,7 @@ def gpu_row(preset: str, mode: str, templates: int, args, device) -> dict:
 
 def cpu_row(preset: str, mode: str, templates: int, args, device) -> dict:
     cfg = getattr(Flux2DiTConfig, preset)()
-    with torch.device("meta"):  # the full model's exact bytes, nothing allocated
+    with meta_build():  # the full model's exact bytes, nothing allocated
         full = Flux2DiT(cfg)
         if mode != "bf16":
             store_weights(full.to(torch.bfloat16), "float8_e4m3fn")

@@ -8,6 +8,11 @@ A template model turns task inputs into a template cache in two steps:
 - ``forward(pipe=None, **features)`` is the trainable path; it returns the cache, a dict whose keys
   are base-pipeline arguments (``kv_cache``, ``lora``, ``extra_text_embedding``, ...).
 
+Optionally, a model that sets ``writes_kv_out = True`` is called, at inference with the output memo
+off, with ``kv_out`` (``templates.stream_merge.KVOut``): ``kv_out.rows(block, 0 or 1, shape, dtype)``
+is the memory that entry of its ``kv_cache`` will be merged into (or None); writing there and
+returning those tensors saves the pipeline a copy of every token (``zoo/value_kv.py`` does).
+
 Both accept ``**kwargs`` so a template ignores what it does not need. This matches DiffSynth-Studio's
 ``TemplateModel``, so models written for it work here unchanged.
 """
