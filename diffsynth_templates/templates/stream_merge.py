@@ -10,9 +10,10 @@ are left to the ordinary merge.
 
 A template model that declares ``writes_kv_out`` is handed a ``KVOut`` and writes its KV straight
 into its rows of the buffers (``BlockBuffer.add`` then finds it in place and copies nothing): its
-outputs are never materialized elsewhere. On the CPU the buffers' memory is kept for the next call (``ReusedArena``) and reused once nothing
-outside holds the previous call's result: fresh memory is paged in (zero-filled by the kernel) on
-every call otherwise, which cost as much as running the templates.
+outputs are never materialized elsewhere. On the CPU the buffers' memory is kept for the next call
+(``ReusedArena``) and reused once nothing outside holds the previous call's result: fresh memory is
+paged in (zero-filled by the kernel) on every call otherwise, which cost as much as running the
+templates.
 """
 
 from __future__ import annotations
@@ -125,7 +126,12 @@ class ReusedArena:
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         kept = self.kept
-        if kept is not None and kept.dtype == dtype and kept.numel() >= numel and _unreferenced(kept):
+        if (
+            kept is not None
+            and (kept.dtype, kept.device) == (dtype, torch.device(device))
+            and kept.numel() >= numel
+            and _unreferenced(kept)
+        ):
             self.reuses += 1
             return kept[:numel]
         arena = torch.empty(numel, dtype=dtype, device=device)

@@ -161,3 +161,9 @@ def test_device_memory_is_never_kept():
     assert cpu.reuses == 1 and b.numel() == 512 and b.data_ptr() == cpu.kept.data_ptr()
     c = cpu.take(4096, torch.float32, torch.device("cpu"))  # larger: new memory, kept instead
     assert cpu.reuses == 1 and cpu.kept.numel() == 4096 and c.data_ptr() == cpu.kept.data_ptr()
+    del b, c
+    other = cpu.take(64, torch.float64, torch.device("cpu"))  # another dtype: never the kept memory
+    assert cpu.reuses == 1 and other.dtype == torch.float64
+    del other  # the kept float64 memory is free now, but on the CPU
+    elsewhere = cpu.take(64, torch.float64, torch.device("meta"))  # another device: never the kept memory
+    assert cpu.reuses == 1 and elsewhere.device.type == "meta"
