@@ -4,6 +4,7 @@ nothing holds the previous result. The caches stay bit-identical to the ordinary
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,3 +168,17 @@ def test_device_memory_is_never_kept():
     del other  # the kept float64 memory is free now, but on the CPU
     elsewhere = cpu.take(64, torch.float64, torch.device("meta"))  # another device: never the kept memory
     assert cpu.reuses == 1 and elsewhere.device.type == "meta"
+
+
+def test_images_through_reused_memory_equal_the_ordinary_stage(pipes, folders):
+    """Whole calls (templates, denoising on both CFG sides, decoding): images from the reused,
+    written-in-place merge memory equal the memo-on stage's, call after call."""
+    pipe = pipes["flux2"]
+    call = dict(prompt="a", height=32, width=32, num_inference_steps=2, cfg_scale=3.0, seed=0, progress=False)
+    streamed, ordinary = stage(folders, 0), stage(folders, 32)
+    for n in range(3):
+        inputs = dict(template_inputs=shifted(POSITIVE, n), negative_template_inputs=shifted(NEGATIVE, n))
+        a = np.asarray(streamed(pipe, **inputs, **call)[0])
+        b = np.asarray(ordinary(pipe, **inputs, **call)[0])
+        assert np.array_equal(a, b)
+    assert streamed.merge_arenas["positive"].reuses == 2 and streamed.merge_arenas["negative"].reuses == 2
