@@ -116,7 +116,7 @@ class TemplatePipeline:
             self.scheduler.max_resident = 1
         self.memo = OutputMemo(memo_size)
         self._merge_memo: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
-        # memo off: the merge memory of a call, reused by the next once its result is dropped
+        # the merge memory of a call that ran templates, reused by the next once its result is dropped
         self.merge_arenas = {side: ReusedArena() for side in ("positive", "negative")}
         if not lazy_loading:  # eager: everything read now and kept on the device
             with self._threads():
@@ -293,13 +293,17 @@ class TemplatePipeline:
         batch = _batch_size(pipe_kwargs.get("prompt"))
         accepted = {"positive": pipe.accepted_cache_keys, "negative": pipe.negative_cache_keys}
         inputs = {"positive": template_inputs or [], "negative": negative or []}
-        stream = None  # memo off: nothing keeps an output, so KV is merged as each one arrives
-        if self.memo.max_entries == 0:
-            stream = StreamedKV(
+
+        def streamed() -> StreamedKV:
+            return StreamedKV(
                 {side: len(items) for side, items in inputs.items()},
                 lambda side, out: validate_output(out, pipe.dit, set(accepted[side]), batch),
                 self.merge_arenas,
             )
+
+        # memo off: nothing keeps an output, so KV is merged as each one arrives (in place where it can)
+        stream = streamed() if self.memo.max_entries == 0 else None
+        computed_before = self.memo.misses
         positive_out, negative_out = self.run_templates(
             pipe,
             inputs["positive"],
@@ -307,6 +311,12 @@ class TemplatePipeline:
             stream.add if stream else None,
             stream.kv_out if stream else None,
         )
+        if stream is None and self.memo.misses > computed_before:
+            # memo on, new inputs: merged into the reused merge memory, not fresh memory, and no merged
+            # copy kept (the merge memo serves calls whose every output came from the memo)
+            stream = streamed()
+            positive_out = [stream.add("positive", out) for out in positive_out]
+            negative_out = [stream.add("negative", out) for out in negative_out]
         kwargs = dict(pipe_kwargs)
         sides = (("", "positive", positive_out), ("negative_", "negative", negative_out))
         for prefix, side, outputs in sides:

@@ -6,7 +6,8 @@ outputs reuse the same host memory instead of every output of the call living (a
 fresh) until one concatenation at the end. The result is the same tensors ``merge_kv_caches`` makes:
 per block, the tokens of every full-window output in canonical order (``TemplatePipeline`` produces
 them in that order), batch-1 entries broadcast to the batch. Windowed KV and every other cache key
-are left to the ordinary merge.
+are left to the ordinary merge. With the memo on, a call that computed outputs feeds them all in
+after running (they stay in the memo), for the reused memory below.
 
 A template model that declares ``writes_kv_out`` is handed a ``KVOut`` and writes its KV straight
 into its rows of the buffers (``BlockBuffer.add`` then finds it in place and copies nothing): its
@@ -197,15 +198,16 @@ class StreamedKV:
         if not out.cache.get("kv_cache") or (out.step_start, out.step_end) != FULL_WINDOW:
             return out
         applied = apply_strength(out)
+        # what is returned is no longer the output its memo key names (its KV went into the buffers)
         if applied is None:  # strength 0: nothing of it is merged
-            return replace(out, cache={}, strength=1.0)
+            return replace(out, cache={}, strength=1.0, key=None)
         kv = applied.cache["kv_cache"]
         blocks = self.blocks[side]
         blocks.update(_new_buffers(kv, blocks, 1 + self.remaining[side], self.arenas[side]))
         for name, entry in kv.items():
             blocks[name].add(entry, entry[0].shape[1] * self.remaining[side])
         rest = {key: value for key, value in applied.cache.items() if key != "kv_cache"}
-        return replace(applied, cache=rest, strength=1.0)
+        return replace(applied, cache=rest, strength=1.0, key=None)
 
     def outputs(self, side: str, outputs: list[TemplateOutput]) -> list[TemplateOutput]:
         """``outputs`` (their full-window KV taken out; those left empty dropped) led by one output

@@ -41,6 +41,13 @@ def stage(folders, memo_size):
     )  # fmt: skip
 
 
+def ordinary_merge(tp, pipe, *args, **kwargs):
+    """The memo-on stage's ordinary merge (``merge_kv_caches``): a second identical call, every output
+    from the memo (a call that computes outputs merges them as they arrive, like the memo-off stage)."""
+    tp.prepare(pipe, *args, **kwargs)
+    return tp.prepare(pipe, *args, **kwargs)
+
+
 def same_kv(a, b) -> bool:
     return a.keys() == b.keys() and all(
         len(a[n]) == len(b[n]) and all(torch.equal(x, y) for x, y in zip(a[n], b[n])) for n in a
@@ -109,7 +116,7 @@ def test_streamed_in_place_stage_equals_the_ordinary_merge(pipes, folders):
     for call in range(3):
         positive, negative = shifted(windowed, call), shifted(NEGATIVE, call)
         a = streamed.prepare(pipe, positive, negative, prompt="a", cfg_scale=3.0)
-        b = ordinary.prepare(pipe, positive, negative, prompt="a", cfg_scale=3.0)
+        b = ordinary_merge(ordinary, pipe, positive, negative, prompt="a", cfg_scale=3.0)
         assert same_kv(a["negative_kv_cache"], b["negative_kv_cache"])
         entries_a, entries_b = a["kv_cache"].entries, b["kv_cache"].entries  # scheduled: the window
         assert [(s, e) for _, s, e in entries_a] == [(s, e) for _, s, e in entries_b]
@@ -130,7 +137,7 @@ def test_merge_memory_is_reused_only_when_nothing_holds_the_previous_result(pipe
         return tp.prepare(pipe, shifted(inputs, n), prompt="a", cfg_scale=1.0)["kv_cache"]
 
     def expected(n):
-        return reference.prepare(pipe, shifted(inputs, n), prompt="a", cfg_scale=1.0)["kv_cache"]
+        return ordinary_merge(reference, pipe, shifted(inputs, n), prompt="a", cfg_scale=1.0)["kv_cache"]
 
     held = call(0)
     snapshot = {n: tuple(t.clone() for t in e) for n, e in held.items()}
@@ -179,6 +186,27 @@ def test_images_through_reused_memory_equal_the_ordinary_stage(pipes, folders):
     for n in range(3):
         inputs = dict(template_inputs=shifted(POSITIVE, n), negative_template_inputs=shifted(NEGATIVE, n))
         a = np.asarray(streamed(pipe, **inputs, **call)[0])
-        b = np.asarray(ordinary(pipe, **inputs, **call)[0])
+        ordinary(pipe, **inputs, **call)
+        b = np.asarray(ordinary(pipe, **inputs, **call)[0])  # every output from the memo: the ordinary merge
         assert np.array_equal(a, b)
     assert streamed.merge_arenas["positive"].reuses == 2 and streamed.merge_arenas["negative"].reuses == 2
+
+
+def test_memo_on_stage_merges_new_inputs_into_reused_memory(pipes, folders):
+    """With the output memo on, a call that computes outputs merges them into the reused merge memory
+    and keeps no merged copy; a call whose outputs all come from the memo keeps its merge for the next
+    identical call. Every result equals the ordinary merge."""
+    pipe = pipes["flux2"]
+    tp, reference = stage(folders, 32), stage(folders, 32)
+    for n in range(3):
+        result = tp.prepare(pipe, shifted(POSITIVE, n), prompt="a", cfg_scale=1.0)["kv_cache"]
+        expected = ordinary_merge(reference, pipe, shifted(POSITIVE, n), prompt="a", cfg_scale=1.0)[
+            "kv_cache"
+        ]
+        assert same_kv(result, expected)
+        del result
+    assert tp.merge_arenas["positive"].reuses == 2 and len(tp._merge_memo) == 0
+    repeat = tp.prepare(pipe, shifted(POSITIVE, 2), prompt="a", cfg_scale=1.0)["kv_cache"]  # all memoized
+    assert len(tp._merge_memo) == 1 and same_kv(repeat, expected)
+    again = tp.prepare(pipe, shifted(POSITIVE, 2), prompt="a", cfg_scale=1.0)["kv_cache"]
+    assert all(again[n][0] is repeat[n][0] for n in again)  # the kept merge itself
