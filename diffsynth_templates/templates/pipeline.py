@@ -311,20 +311,30 @@ class TemplatePipeline:
             stream.add if stream else None,
             stream.kv_out if stream else None,
         )
-        if stream is None and self.memo.misses > computed_before:
-            # memo on, new inputs: merged into the reused merge memory, not fresh memory, and no merged
-            # copy kept (the merge memo serves calls whose every output came from the memo)
-            stream = streamed()
-            positive_out = [stream.add("positive", out) for out in positive_out]
-            negative_out = [stream.add("negative", out) for out in negative_out]
+        outputs = {"positive": positive_out, "negative": negative_out}
+        # a call whose every output came from the memo may find its merge kept from an identical call
+        from_memo = stream is None and self.memo.misses == computed_before
+        keys = {side: _merge_key(outs) if from_memo else None for side, outs in outputs.items()}
+        kept = {side: self._merge_memo.get(key) if key else None for side, key in keys.items()}
+        if stream is None:  # memo on: the outputs stay in the memo; their KV is copied into the reused
+            stream = streamed()  # merge memory, not into fresh memory
+            for side, outs in outputs.items():
+                if kept[side] is None:
+                    outputs[side] = [stream.add(side, out) for out in outs]
         kwargs = dict(pipe_kwargs)
-        sides = (("", "positive", positive_out), ("negative_", "negative", negative_out))
-        for prefix, side, outputs in sides:
-            for out in outputs:
+        for prefix, side in (("", "positive"), ("negative_", "negative")):
+            for out in outputs[side]:  # a kept merge too: this call's pipeline or batch may differ
                 validate_output(out, pipe.dit, set(accepted[side]), batch)
-            if stream is not None:
-                outputs = stream.outputs(side, outputs)
-            for key, value in self._merged(outputs).items():
+            merged = kept[side]
+            if merged is None:
+                merged = _merge_side(stream.outputs(side, outputs[side])) if outputs[side] else {}
+                if keys[side]:
+                    self._merge_memo[keys[side]] = merged
+                    while len(self._merge_memo) > MERGE_MEMO_SIZE:
+                        self._merge_memo.popitem(last=False)
+            else:
+                self._merge_memo.move_to_end(keys[side])
+            for key, value in merged.items():
                 name = prefix + key
                 if kwargs.get(name) is not None:  # passing None is not passing a value
                     kwargs[name] = _merge_with_user(key, kwargs[name], value, name)
@@ -332,23 +342,14 @@ class TemplatePipeline:
                     kwargs[name] = value
         return kwargs
 
-    def _merged(self, outputs: list[TemplateOutput]) -> dict[str, Any]:
-        """``_merge_side(outputs)``, reused when the same memoized outputs come again: merging copies
-        every KV token once, which costs as much as running small templates."""
-        if not outputs:
-            return {}
-        keys = tuple((o.key, o.step_start, o.step_end, o.strength) for o in outputs)
-        if any(o.key is None for o in outputs):
-            return _merge_side(outputs)
-        merged = self._merge_memo.get(keys)
-        if merged is None:
-            merged = _merge_side(outputs)
-            self._merge_memo[keys] = merged
-            while len(self._merge_memo) > MERGE_MEMO_SIZE:
-                self._merge_memo.popitem(last=False)
-        else:
-            self._merge_memo.move_to_end(keys)
-        return dict(merged)
+
+def _merge_key(outputs: list[TemplateOutput]) -> tuple | None:
+    """What determines the merge of ``outputs`` (each output's memo key, window and strength), or None
+    where it is unknown: merging copies every KV token once, which costs as much as running small
+    templates, so the merge of memoized outputs is kept for an identical call."""
+    if not outputs or any(o.key is None for o in outputs):
+        return None
+    return tuple((o.key, o.step_start, o.step_end, o.strength) for o in outputs)
 
 
 MERGE_MEMO_SIZE = 4  # merged caches kept (one per recent combination of template outputs)

@@ -185,3 +185,16 @@ class Emit(TemplateModel):
 def save_declarative(folder: Path, model: TemplateModel, name: str | None = None) -> Path:
     spec = TemplateSpec(architecture=model.architecture, name=name, cache_keys=list(model.cache_keys))
     return save_template_folder(folder, model, spec)
+
+
+def ordinary_merge(tp, pipe, positive, negative=(), cfg_scale: float = 1.0) -> dict:
+    """The ordinary merge (``merge_kv_caches`` per CFG side) of what ``tp``'s templates produce for these
+    inputs, as pipeline arguments: the reference the stage's streamed, reused-memory merge must equal."""
+    from diffsynth_templates.templates.pipeline import _merge_side
+
+    pos, neg = tp.run_templates(pipe, positive, negative if cfg_scale != 1.0 else ())
+    merged = {}
+    for prefix, outputs in (("", pos), ("negative_", neg)):
+        for key, value in (_merge_side(outputs) if outputs else {}).items():
+            merged[prefix + key] = value
+    return merged

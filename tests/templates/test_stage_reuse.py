@@ -13,6 +13,7 @@ from diffsynth_templates.templates.residency import HostStore
 from diffsynth_templates.templates.stream_merge import BlockBuffer, KVOut, ReusedArena
 from diffsynth_templates.templates.zoo import template_spec
 from diffsynth_templates.templates.zoo.value_kv import ValueKVConfig
+from tests.templates.helpers import ordinary_merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,13 +40,6 @@ def stage(folders, memo_size):
         folders, torch_dtype=torch.float32, device="cpu", lazy_loading=True, memo_size=memo_size,
         host_store=HostStore(),
     )  # fmt: skip
-
-
-def ordinary_merge(tp, pipe, *args, **kwargs):
-    """The memo-on stage's ordinary merge (``merge_kv_caches``): a second identical call, every output
-    from the memo (a call that computes outputs merges them as they arrive, like the memo-off stage)."""
-    tp.prepare(pipe, *args, **kwargs)
-    return tp.prepare(pipe, *args, **kwargs)
 
 
 def same_kv(a, b) -> bool:
@@ -116,7 +110,7 @@ def test_streamed_in_place_stage_equals_the_ordinary_merge(pipes, folders):
     for call in range(3):
         positive, negative = shifted(windowed, call), shifted(NEGATIVE, call)
         a = streamed.prepare(pipe, positive, negative, prompt="a", cfg_scale=3.0)
-        b = ordinary_merge(ordinary, pipe, positive, negative, prompt="a", cfg_scale=3.0)
+        b = ordinary_merge(ordinary, pipe, positive, negative, cfg_scale=3.0)
         assert same_kv(a["negative_kv_cache"], b["negative_kv_cache"])
         entries_a, entries_b = a["kv_cache"].entries, b["kv_cache"].entries  # scheduled: the window
         assert [(s, e) for _, s, e in entries_a] == [(s, e) for _, s, e in entries_b]
@@ -137,7 +131,7 @@ def test_merge_memory_is_reused_only_when_nothing_holds_the_previous_result(pipe
         return tp.prepare(pipe, shifted(inputs, n), prompt="a", cfg_scale=1.0)["kv_cache"]
 
     def expected(n):
-        return ordinary_merge(reference, pipe, shifted(inputs, n), prompt="a", cfg_scale=1.0)["kv_cache"]
+        return ordinary_merge(reference, pipe, shifted(inputs, n))["kv_cache"]
 
     held = call(0)
     snapshot = {n: tuple(t.clone() for t in e) for n, e in held.items()}
@@ -186,8 +180,10 @@ def test_images_through_reused_memory_equal_the_ordinary_stage(pipes, folders):
     for n in range(3):
         inputs = dict(template_inputs=shifted(POSITIVE, n), negative_template_inputs=shifted(NEGATIVE, n))
         a = np.asarray(streamed(pipe, **inputs, **call)[0])
-        ordinary(pipe, **inputs, **call)
-        b = np.asarray(ordinary(pipe, **inputs, **call)[0])  # every output from the memo: the ordinary merge
+        merged = ordinary_merge(
+            ordinary, pipe, inputs["template_inputs"], inputs["negative_template_inputs"], 3.0
+        )
+        b = np.asarray(pipe(**call, **merged)[0])
         assert np.array_equal(a, b)
     assert streamed.merge_arenas["positive"].reuses == 2 and streamed.merge_arenas["negative"].reuses == 2
 
@@ -200,9 +196,7 @@ def test_memo_on_stage_merges_new_inputs_into_reused_memory(pipes, folders):
     tp, reference = stage(folders, 32), stage(folders, 32)
     for n in range(3):
         result = tp.prepare(pipe, shifted(POSITIVE, n), prompt="a", cfg_scale=1.0)["kv_cache"]
-        expected = ordinary_merge(reference, pipe, shifted(POSITIVE, n), prompt="a", cfg_scale=1.0)[
-            "kv_cache"
-        ]
+        expected = ordinary_merge(reference, pipe, shifted(POSITIVE, n))["kv_cache"]
         assert same_kv(result, expected)
         del result
     assert tp.merge_arenas["positive"].reuses == 2 and len(tp._merge_memo) == 0

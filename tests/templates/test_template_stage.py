@@ -14,7 +14,7 @@ from diffsynth_templates.loading.mapped import ALIGN, MappedWeights, save_aligne
 from diffsynth_templates.templates import TemplatePipeline
 from diffsynth_templates.templates.folder import DISK_READS, load_template_folder
 from diffsynth_templates.templates.residency import HostStore
-from tests.templates.helpers import ScalarKV, ScalarKVConfig, save_declarative
+from tests.templates.helpers import ScalarKV, ScalarKVConfig, ordinary_merge, save_declarative
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -159,8 +159,8 @@ def test_finite_check_fast_path_is_exact():
 
 
 def test_merging_as_outputs_arrive_equals_merging_at_the_end(pipes, tmp_path):
-    """Memo off, KV is merged as each output arrives: the caches equal the ordinary merge's (memo on)
-    bit for bit, with templates of other blocks and lengths, batched outputs, a step window, both CFG
+    """Memo off, KV is merged as each output arrives: the caches equal the ordinary merge's
+    (``merge_kv_caches``) bit for bit, with templates of other blocks and lengths, batched outputs, a step window, both CFG
     sides, and inputs listed out of order."""
     pipe = pipes["flux2"]
     cfg = pipe.dit.config
@@ -182,17 +182,12 @@ def test_merging_as_outputs_arrive_equals_merging_at_the_end(pipes, tmp_path):
     ]
     negative = [{"model_id": 1, "scale": 0.7}, {"model_id": 2, "scale": 0.8}]
     call = dict(prompt=["a", "b"], cfg_scale=3.0)
-    caches = []
-    for memo_size in (0, 32):
-        tp = TemplatePipeline.from_pretrained(
-            folders, torch_dtype=torch.float32, device="cpu", lazy_loading=True, memo_size=memo_size,
-            host_store=HostStore(),
-        )  # fmt: skip
-        if memo_size:  # a first call computes (and streams) its outputs; the second merges memoized ones
-            tp.prepare(pipe, positive, negative, **call)
-        caches.append(tp.prepare(pipe, positive, negative, **call))
-    streamed, ordinary = caches
-    assert streamed.keys() == ordinary.keys() >= {"kv_cache", "negative_kv_cache"}
+    tp = TemplatePipeline.from_pretrained(
+        folders, torch_dtype=torch.float32, device="cpu", lazy_loading=True, memo_size=0, host_store=HostStore(),
+    )  # fmt: skip
+    streamed = tp.prepare(pipe, positive, negative, **call)
+    ordinary = ordinary_merge(tp, pipe, positive, negative, call["cfg_scale"])
+    assert ordinary.keys() == {"kv_cache", "negative_kv_cache"} and streamed.keys() >= ordinary.keys()
     a, b = streamed["negative_kv_cache"], ordinary["negative_kv_cache"]
     assert a.keys() == b.keys() and all(torch.equal(x, y) for n in a for x, y in zip(a[n], b[n]))
     a, b = streamed["kv_cache"], ordinary["kv_cache"]  # a step window: scheduled caches, entry by entry
