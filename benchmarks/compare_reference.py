@@ -690,6 +690,7 @@ def run_benchmark(args) -> tuple[str, float]:
             "dtype": dtype,
         }
         (tmp / "spec.json").write_text(json.dumps(spec))
+        os.sync()  # the folders just written are flushed: no first call waits on their writeback
         print(
             f"built the model and {len(templates) + len(stage)} templates in {time.perf_counter() - t0:.1f} s",
             file=sys.stderr,
