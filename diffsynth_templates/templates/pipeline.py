@@ -52,7 +52,7 @@ from .residency import (
     stage_threads,
 )
 from .schema import RESERVED_KEYS, TemplateInputError, check_finite_inputs, read_strength
-from .stream_merge import KVOut, ReusedArena, StreamedKV
+from .stream_merge import MERGE_ARENAS, KVOut, StreamedKV
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ class TemplatePipeline:
             self.scheduler.max_resident = 1
         self.memo = OutputMemo(memo_size)
         self._merge_memo: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
-        # the merge memory of a call that ran templates, reused by the next once its result is dropped
-        self.merge_arenas = {side: ReusedArena() for side in ("positive", "negative")}
+        # the merge memory, reused by the next call (of any pipeline) once a call's result is dropped
+        self.merge_arenas = MERGE_ARENAS
         if not lazy_loading:  # eager: everything read now and kept on the device
             with self._threads():
                 for slot in slots:

@@ -19,6 +19,7 @@ templates.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -124,21 +125,33 @@ class ReusedArena:
     def __init__(self) -> None:
         self.kept: Tensor | None = None
         self.reuses = 0  # how many calls were served from kept memory (tests and benchmarks read it)
+        self._lock = threading.Lock()  # shared by pipelines: checking and handing out are one step
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        kept = self.kept
-        if (
-            kept is not None
-            and (kept.dtype, kept.device) == (dtype, torch.device(device))
-            and kept.numel() >= numel
-            and _unreferenced(kept)
-        ):
-            self.reuses += 1
-            return kept[:numel]
-        arena = torch.empty(numel, dtype=dtype, device=device)
+        with self._lock:
+            kept = self.kept
+            if (
+                kept is not None
+                and (kept.dtype, kept.device) == (dtype, torch.device(device))
+                and kept.numel() >= numel
+                and _unreferenced(kept)
+            ):
+                self.reuses += 1
+                return kept[:numel]  # the view is a reference: the next check sees it in use
+            arena = torch.empty(numel, dtype=dtype, device=device)
+            self.kept = arena if arena.device.type == "cpu" else None
         prefault(arena)  # every byte of it is written: page it in at once, not fault by fault
-        self.kept = arena if arena.device.type == "cpu" else None
         return arena
+
+
+def merge_arenas() -> dict[str, ReusedArena]:
+    """One arena per CFG side (both sides' results live through the same denoising call)."""
+    return {side: ReusedArena() for side in ("positive", "negative")}
+
+
+#: the merge memory of every template pipeline of this process (like the host store): what is kept
+#: between calls is one call's merged KV per side, however many pipelines there are
+MERGE_ARENAS = merge_arenas()
 
 
 def _unreferenced(tensor: Tensor) -> bool:
@@ -183,8 +196,7 @@ class StreamedKV:
         self.remaining = dict(counts)  # outputs still to come per side (sizes the buffers)
         self.validate = validate  # checks an output against the pipeline before it is merged
         self.blocks: dict[str, dict[str, BlockBuffer]] = {side: {} for side in counts}
-        # one arena per side: both sides' results live through the same denoising call
-        self.arenas = arenas if arenas is not None else {side: ReusedArena() for side in counts}
+        self.arenas = arenas if arenas is not None else merge_arenas()
 
     def kv_out(self, side: str) -> KVOut:
         """Where the next output of ``side`` will be merged (for models that write there)."""

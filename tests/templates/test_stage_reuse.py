@@ -10,7 +10,13 @@ import torch
 
 from diffsynth_templates.templates import TemplatePipeline, build_architecture, save_template_folder
 from diffsynth_templates.templates.residency import HostStore
-from diffsynth_templates.templates.stream_merge import BlockBuffer, KVOut, ReusedArena
+from diffsynth_templates.templates.stream_merge import (
+    MERGE_ARENAS,
+    BlockBuffer,
+    KVOut,
+    ReusedArena,
+    merge_arenas,
+)
 from diffsynth_templates.templates.zoo import template_spec
 from diffsynth_templates.templates.zoo.value_kv import ValueKVConfig
 from tests.templates.helpers import ordinary_merge
@@ -36,10 +42,12 @@ def folders(tmp_path):
 
 
 def stage(folders, memo_size):
-    return TemplatePipeline.from_pretrained(
+    tp = TemplatePipeline.from_pretrained(
         folders, torch_dtype=torch.float32, device="cpu", lazy_loading=True, memo_size=memo_size,
         host_store=HostStore(),
     )  # fmt: skip
+    tp.merge_arenas = merge_arenas()  # its own, not the process's: the counts below are this test's
+    return tp
 
 
 def same_kv(a, b) -> bool:
@@ -204,3 +212,29 @@ def test_memo_on_stage_merges_new_inputs_into_reused_memory(pipes, folders):
     assert len(tp._merge_memo) == 1 and same_kv(repeat, expected)
     again = tp.prepare(pipe, shifted(POSITIVE, 2), prompt="a", cfg_scale=1.0)["kv_cache"]
     assert all(again[n][0] is repeat[n][0] for n in again)  # the kept merge itself
+
+
+def test_pipelines_share_the_process_merge_memory(pipes, folders):
+    """By default every template pipeline of a process merges into the same kept memory: what stays
+    between calls is one call's merged KV, however many pipelines there are."""
+    pipe = pipes["flux2"]
+    make = lambda memo: TemplatePipeline.from_pretrained(  # noqa: E731
+        folders,
+        torch_dtype=torch.float32,
+        device="cpu",
+        lazy_loading=True,
+        memo_size=memo,
+        host_store=HostStore(),
+    )
+    first, second = make(0), make(32)
+    assert first.merge_arenas is second.merge_arenas is MERGE_ARENAS
+    inputs = [item for item in POSITIVE if item.get("strength") != 0.0]
+    held = first.prepare(pipe, shifted(inputs, 0), prompt="a", cfg_scale=1.0)["kv_cache"]
+    reuses = MERGE_ARENAS["positive"].reuses
+    other = second.prepare(pipe, shifted(inputs, 1), prompt="a", cfg_scale=1.0)["kv_cache"]
+    assert MERGE_ARENAS["positive"].reuses == reuses  # the first result is held: fresh memory
+    assert same_kv(held, ordinary_merge(first, pipe, shifted(inputs, 0))["kv_cache"])
+    del held, other
+    again = first.prepare(pipe, shifted(inputs, 2), prompt="a", cfg_scale=1.0)["kv_cache"]
+    assert MERGE_ARENAS["positive"].reuses == reuses + 1  # the second pipeline's memory, used again
+    assert same_kv(again, ordinary_merge(first, pipe, shifted(inputs, 2))["kv_cache"])
