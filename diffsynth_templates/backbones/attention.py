@@ -82,15 +82,24 @@ def _logit_bias(mask: Tensor | None, extra: Tensor, batch: int, length: int, dty
 
 
 @contextlib.contextmanager
-def kv_cache_prevalidated(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Inside, ``model``'s forward trusts its ``kv_cache``: the caller (a sampler) validated it once,
-    before its loop. A flag on the module, not global state, so ``torch.compile`` traces it."""
-    previous = getattr(model, "kv_cache_prevalidated", False)
-    model.kv_cache_prevalidated = enabled
+def module_attribute(
+    module: torch.nn.Module, name: str, value: object, default: object = None
+) -> Iterator[None]:
+    """``module.<name> = value`` inside, its previous value (``default`` where it had none) restored
+    after: how a caller hands a forward per-call state (a flag or an object on the module, not global
+    state, so ``torch.compile`` traces it)."""
+    previous = getattr(module, name, default)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        model.kv_cache_prevalidated = previous
+        setattr(module, name, previous)
+
+
+def kv_cache_prevalidated(model: torch.nn.Module, enabled: bool = True):
+    """Inside, ``model``'s forward trusts its ``kv_cache``: the caller (a sampler) validated it once,
+    before its loop."""
+    return module_attribute(model, "kv_cache_prevalidated", enabled, default=False)
 
 
 def validate_kv_cache(

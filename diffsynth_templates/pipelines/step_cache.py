@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
+from ..backbones.attention import module_attribute
 from ..errors import DiffSynthTemplatesError
 
 if TYPE_CHECKING:  # infer.py reads the presets before it imports torch
@@ -240,9 +241,5 @@ class StepCacheSession:
         if cache is None:
             cache = self.caches[name] = BlockCache(self.config, self.stats, name)
         cache.begin(self.step, self.num_steps, self.sigmas[self.step], condition_key)
-        previous = getattr(model, "block_cache", None)
-        model.block_cache = cache
-        try:
+        with module_attribute(model, "block_cache", cache):
             yield
-        finally:
-            model.block_cache = previous

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones.attention import module_attribute
 from ..loading.tensor_tree import move_tensors
 from ..pipelines.families import Family, family_of_dit
 from ..pipelines.flow_match import TRAINING_MU
@@ -211,12 +212,8 @@ def _recomputed_with(dit: nn.Module, scope) -> Iterator[None]:
     """Gradient checkpointing recomputes blocks in backward, after ``scope`` closed: the DiT reopens
     it around each recomputation (``backbones.checkpointing``), so the LoRA branches are there too."""
     module = getattr(dit, "module", dit)  # under DDP the wrapper holds the DiT
-    previous = getattr(module, "recompute_context", None)
-    module.recompute_context = scope
-    try:
+    with module_attribute(module, "recompute_context", scope):
         yield
-    finally:
-        module.recompute_context = previous
 
 
 def _batchable_groups(samples: list[PreparedSample]) -> list[list[PreparedSample]]:
