@@ -21,18 +21,6 @@ PROMPT = "a photo of a cat sitting on a windowsill"
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_klein_root):
-    return Flux2ImagePipeline.from_pretrained(tiny_klein_root, torch_dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_klein_root):
-    from tests.tiny_klein import diffusers_klein_pipeline
-
-    return diffusers_klein_pipeline(tiny_klein_root)
-
-
 def noise(batch=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 128, H // 16, W // 16, generator=g)

@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 
 from diffsynth_templates.pipelines.families import FAMILIES
 from diffsynth_templates.pipelines.families.checkpoint_layout import linear_modules
-from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline
 from diffsynth_templates.pipelines.lora import LoRAError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,18 +24,6 @@ STEPS = 3
 RANK = 4
 # the modules every converter of diffusers reads (its kohya one skips the modulation layers)
 SKIP = ("_modulation", "guidance_in", "final_layer.adaLN_modulation")
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_klein_root):
-    return Flux2ImagePipeline.from_pretrained(tiny_klein_root, torch_dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_klein_root):
-    from tests.tiny_klein import diffusers_klein_pipeline
-
-    return diffusers_klein_pipeline(tiny_klein_root)
 
 
 def bfl_lora(dit, seed=0, skip=SKIP) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffsynth_templates.pipelines.flux2_pipeline import Flux2ImagePipeline
 from diffsynth_templates.pipelines.lora import LoRAError
 from diffsynth_templates.templates.zoo.lora_bank import LoRABank, LoRABankConfig
 from diffsynth_templates.training.config import DEFAULT_LORA_TARGETS
@@ -17,18 +16,6 @@ from diffsynth_templates.training.dit_lora import DiTLoRA, export_dit_lora
 from tests.pipelines.test_lora_files import ours, theirs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_klein_root):
-    return Flux2ImagePipeline.from_pretrained(tiny_klein_root, torch_dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_klein_root):
-    from tests.tiny_klein import diffusers_klein_pipeline
-
-    return diffusers_klein_pipeline(tiny_klein_root)
 
 
 def trained_dit_lora(dit) -> dict[str, torch.Tensor]:
